@@ -1,0 +1,546 @@
+"""The Zebra-Llama post-training pipeline: teacher -> students -> ILD -> SMART -> hybrid -> KD -> DPO -> eval.
+
+Stages (paper.md §1, one checkpoint file each under out/<size>/, skipped when finished, resumed when not):
+  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students   convert.make_student
+  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer        §10  ild_loss
+  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows) §9   smart_scores/select
+  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher    §1   convert.compose_hybrid
+  kd.pt                     end-to-end KL(p_teacher || p_student) distillation               §11  kd_loss
+  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model                                   §12  dpo_loss
+  eval.json                 held-out perplexity, KL and top-1 agreement to the teacher, KV cache per token
+
+  python distill.py                      # 135m: SmolLM2-135M-Instruct + chitchat corpus, CPU
+  python distill.py --size tiny          # random tiny teacher, every stage in about a minute
+  python distill.py --size 1b --teacher /path/to/Llama-3.2-1B-Instruct
+  torchrun --nproc_per_node 8 distill.py --size 8b --teacher PATH   # DDP; FSDP2 for 8b
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import convert
+from generate import reply
+from model import load_checkpoint, save_checkpoint
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class DistillConfig:
+    size: str = "135m"
+    teacher: str = ""  # size key or path to a Llama directory / GGUF; default: the size itself
+    out_dir: str = "out"
+    data: str = ""  # chat JSONL ({"messages": [...]} per line); default: the chitchat corpus
+    dpo_data: str = ""  # JSONL {prompt, chosen, rejected}; default: built from teacher vs KD student replies
+    cache_dir: str = ""  # downloads (teacher, corpus); default $ZEBRA_CACHE or ~/.cache/zebra
+    max_chats: int = 0  # use only the first N conversations (0 = all)
+    seq_len: int = 2048
+    batch_size: int = 8  # sequences per optimizer step, summed over ranks
+    grad_accum: int = 1
+    ild_steps: int = 1000
+    kd_steps: int = 4000
+    dpo_steps: int = 100
+    ild_lr: float = 2e-4  # paper.md §10
+    kd_lr: float = 8e-5  # §11
+    dpo_lr: float = 5e-7  # §12
+    warmup: float = 0.01  # fraction of steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ce_weight: float = 0.0  # KD loss = KL + ce_weight * CE (the paper uses pure KL)
+    dpo_beta: float = 0.01
+    dpo_pairs: int = 64
+    dpo_max_new: int = 64
+    smart_batches: int = 4
+    eval_batches: int = 8
+    mla_layers: str = ""  # e.g. "0,6,12,18,24,28": skip SMART
+    rope_rule: str = "2norm"  # MLA rope pairs: 2norm (calibrated) or high
+    stage: str = ""  # rerun only this stage
+    force: bool = False  # rerun every stage
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 42
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# per-size defaults; 1b/3b/8b keep the paper's hyper-parameters (paper.md §10-§12)
+PRESETS = {
+    "tiny": dict(seq_len=64, batch_size=4, ild_steps=30, kd_steps=40, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3,
+                 dpo_lr=1e-5, dpo_pairs=8, dpo_max_new=12, smart_batches=2, eval_batches=2, max_chats=400,
+                 ckpt_every=10, log_every=10, rope_rule="high"),
+    "135m": dict(seq_len=256, batch_size=4, ild_steps=120, kd_steps=260, dpo_steps=10, ild_lr=1e-3, kd_lr=2e-4,
+                 dpo_lr=2e-6, dpo_pairs=16, dpo_max_new=40, smart_batches=2, eval_batches=6, ckpt_every=20),
+    "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5, grad_accum=2),
+    "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5, grad_accum=2),
+    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, grad_accum=2),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(DistillConfig):
+        kw = dict(type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type)
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"default {f.default!r} (per-size presets apply)", **kw)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    size = given.get("size", DistillConfig.size)
+    if size not in PRESETS:
+        raise ValueError(f"unknown --size {size!r}: choose one of {', '.join(PRESETS)}")
+    return DistillConfig(**{**PRESETS[size], **given})
+
+
+# ----------------------------------------------------------------------------- distributed
+def setup_distributed(cfg):
+    """(rank, world). Under torchrun: one process per device, gloo on CPU, nccl on GPU."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(cfg.device)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wrap_model(model, cfg, world):
+    """DDP for sizes that fit one device; FSDP2 (fully_shard per block, then the root) for 8b."""
+    if world == 1:
+        return model
+    if cfg.size == "8b":
+        from torch.distributed.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------- data
+def load_chats(path):
+    """Chat JSONL -> list of message lists; malformed lines are reported with their line numbers."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no data file at {path}: pass --data with a chat JSONL ({{'messages': [...]}} per line)")
+    chats, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                msgs = json.loads(line)["messages"]
+                assert isinstance(msgs, list) and msgs and all(isinstance(m["content"], str) and m["role"] for m in msgs)
+                chats.append(msgs)
+            except Exception:
+                bad.append(n)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be "
+                         '{"messages": [{"role": ..., "content": ...}, ...]}')
+    return chats
+
+
+def chitchat_chats(cache_dir=None):
+    """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
+    path = convert.download_wheel("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir)
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    chats = []
+    for conv in raw.values():
+        turns = ["\n".join(m["text"] for m in turn) for turn in conv["messages"]]
+        chats.append([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
+    return chats
+
+
+def prepare_data(cfg, tok, out):
+    """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 memmaps.
+    Split by conversation: the last 5 % are held out (never trained on); of the rest the first 20 % feed
+    ILD and the other 80 % KD (paper.md §13). Reused on the next run when source and tokenizer match."""
+    meta_path = os.path.join(out, "data.json")
+    source = cfg.data or "chitchat-dataset==0.9.0"
+    key = dict(source=source, max_chats=cfg.max_chats, seq_len=cfg.seq_len, tokenizer=tok.name, n_vocab=tok.n_vocab)
+    if os.path.isfile(meta_path):
+        meta = json.load(open(meta_path))
+        if meta["key"]["source"] == source and meta["key"] != key:
+            raise ValueError(f"{out} holds data prepared with {meta['key']}, not {key} (another teacher vocabulary or "
+                             f"length); use another --out-dir or delete {meta_path}")
+        if meta["key"] == key:
+            return meta
+    chats = load_chats(cfg.data) if cfg.data else chitchat_chats(cfg.cache_dir or None)
+    chats = chats[:cfg.max_chats] if cfg.max_chats else chats
+    n_held = max(1, len(chats) // 20)
+    n_ild = (len(chats) - n_held) // 5
+    splits = {"ild": chats[:n_ild], "kd": chats[n_ild:-n_held], "heldout": chats[-n_held:]}
+    meta = dict(key=key, prompts=[c[0]["content"] for c in splits["kd"][:512] if c[0]["role"] == "user"], n={})
+    for name, part in splits.items():
+        ids = []
+        for msgs in tqdm(part, desc=f"tokenize {name}", leave=False):
+            ids.extend(tok.chat(msgs, add_generation_prompt=False))
+        n = len(ids) // cfg.seq_len
+        if n == 0:
+            raise ValueError(f"the {name} split has {len(ids)} tokens, fewer than one sequence of {cfg.seq_len}: "
+                             "give more data (--data, --max-chats) or a shorter --seq-len")
+        arr = np.memmap(os.path.join(out, f"data_{name}.bin"), dtype=np.uint32, mode="w+", shape=(n, cfg.seq_len))
+        arr[:] = np.asarray(ids[:n * cfg.seq_len], dtype=np.uint32).reshape(n, cfg.seq_len)
+        arr.flush()
+        meta["n"][name] = n
+    json.dump(meta, open(meta_path + ".tmp", "w"))
+    os.replace(meta_path + ".tmp", meta_path)
+    return meta
+
+
+def get_batch(out, meta, split, step, cfg, rank=0, world=1):
+    """The step-th global batch of a split (a fixed shuffle, so resuming at a step gives the same data);
+    each rank takes its slice of the global batch."""
+    arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(-1, cfg.seq_len)
+    order = np.random.default_rng(cfg.seed).permutation(len(arr))
+    idx = order[(step * cfg.batch_size + np.arange(cfg.batch_size)) % len(arr)][rank::world]
+    return torch.from_numpy(arr[np.sort(idx)].astype(np.int64)).to(cfg.device)
+
+
+# ----------------------------------------------------------------------------- losses
+def ild_loss(student, teacher, idx):
+    """Teacher-forced layer loss of the official code (paper.md §10): every student block gets the teacher's
+    input to that block; sum over layers of the per-token L2 distance (not squared) of block outputs (the
+    last after the final norm) plus that of mixer outputs, averaged over tokens. We follow the code, not the
+    paper's MSE: the code is what produced the published models."""
+    with torch.no_grad():
+        _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
+    _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
+    dist_ = lambda a, b: (a.float() - b.float()).norm(dim=-1).mean()
+    hid = sum(dist_(s, t) for s, t in zip(s_out, t_out))
+    mix = sum(dist_(s, t) for s, t in zip(s_mix, t_mix))
+    return hid + mix, dict(hid=hid.item(), mix=mix.item())
+
+
+def kd_loss(s_logits, t_logits, chunk=1024):
+    """KL(p_T || p_S) per token at temperature 1, averaged over all positions (the official code sums per
+    sequence: the same up to scale, paper.md §11). Computed over chunks of positions in fp32."""
+    s, t = s_logits.flatten(0, -2), t_logits.flatten(0, -2)  # (B*T, V)
+    total = 0.0
+    for i in range(0, s.shape[0], chunk):
+        ls, lt = F.log_softmax(s[i:i + chunk].float(), -1), F.log_softmax(t[i:i + chunk].float(), -1)
+        total = total + (lt.exp() * (lt - ls)).sum()
+    return total / s.shape[0]
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO (paper.md §12): -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))), over sequence log-probs."""
+    return -F.logsigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))).mean()
+
+
+def seq_logprobs(model, idx, mask):
+    """Sum of log p(token) over the positions where mask is 1 (the response), per sequence."""
+    logp = F.log_softmax(model(idx[:, :-1]).float(), -1).gather(-1, idx[:, 1:, None])[..., 0]  # (B, T-1)
+    return (logp * mask[:, 1:]).sum(-1)
+
+
+# ----------------------------------------------------------------------------- SMART (paper.md §9)
+def smart_select(scores, n_mla):
+    """Choose n_mla layers: layer 0 and L-2 forced (the published lists' terminal MLA layers), the rest one per
+    near-equal window of the layers between them, the best-scoring layer of each window (paper.md §9)."""
+    L = len(scores)
+    if n_mla < 2 or n_mla > L - 1:
+        raise ValueError(f"SMART needs 2 <= N_MLA <= L-1 = {L - 1}, got {n_mla}")
+    inner = list(range(1, L - 2))
+    windows = np.array_split(inner, n_mla - 2)
+    chosen = [0] + [int(w[np.argmax([scores[i] for i in w])]) for w in windows if len(w)] + [L - 2]
+    return sorted(set(chosen))
+
+
+@torch.no_grad()
+def smart_scores(teacher, m2, mla, batches):
+    """s_i = KL(all-M2) - KL(all-M2 with layer i from the all-MLA student): how much one MLA layer helps."""
+    kls = np.zeros(teacher.cfg.n_layer + 1)
+    for idx in tqdm(batches, desc="SMART batches", leave=False):
+        t = teacher(idx)
+        kls[-1] += kd_loss(m2(idx), t).item()
+        for i in range(teacher.cfg.n_layer):
+            keep, m2.layers[i] = m2.layers[i], mla.layers[i]
+            kls[i] += kd_loss(m2(idx), t).item()
+            m2.layers[i] = keep
+    return (kls[-1] - kls[:-1]) / len(batches), kls[-1] / len(batches)
+
+
+# ----------------------------------------------------------------------------- training loop
+def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
+    """AdamW + warmup/cosine + clipping + grad accumulation (+ bf16 autocast on GPU), tqdm and a log line,
+    an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    start, history = 0, []
+    if os.path.isfile(path):  # an unfinished checkpoint of this stage: resume
+        _, ck = load_checkpoint(path)
+        unwrap(model).load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, history = ck["step"], ck["history"]
+        torch.set_rng_state(ck["rng"])
+        if rank == 0:
+            tqdm.write(f"[{stage}] resuming from step {start}/{steps}")
+    model.train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda"))
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=rank != 0)
+    t0, tokens = time.time(), 0
+    for step in bar:
+        terms = {}
+        for micro in range(cfg.grad_accum):
+            with amp:
+                loss, terms = step_loss(model, step * cfg.grad_accum + micro)
+            (loss / cfg.grad_accum).backward()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}: stopped; the last good checkpoint "
+                                     f"{path} is kept (lower --{stage.split('_')[0]}-lr and rerun)")
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append(round(loss.item(), 6))
+        tokens += cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+            eta = (time.time() - t0) / (step + 1 - start) * (steps - step - 1)
+            tqdm.write(f"[{stage}] step {step + 1}/{steps} loss {loss.item():.4f} "
+                       + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                       + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s")
+        if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            save_checkpoint(path, unwrap(model), stage, step + 1, tok, optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), history=history, rng=torch.get_rng_state())
+    model.eval()
+    if rank == 0:
+        save_checkpoint(path, unwrap(model), stage, steps, tok, done=True, history=history)
+    if world > 1:
+        dist.barrier()
+    return unwrap(model)
+
+
+# ----------------------------------------------------------------------------- DPO pairs and evaluation
+def build_dpo_pairs(teacher, student, tok, prompts, cfg):
+    """Default preference pairs (paper.md §12 [project]): chosen = the teacher's greedy reply, rejected = the
+    student's own reply before DPO, for prompts from the training split."""
+    pairs = []
+    for i in tqdm(range(0, len(prompts), 8), desc="DPO pairs", leave=False):
+        ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts[i:i + 8]]
+        chosen = reply(teacher, tok, ids, max_new_tokens=cfg.dpo_max_new)
+        rejected = reply(student, tok, ids, max_new_tokens=cfg.dpo_max_new)
+        pairs += [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts[i:i + 8], chosen, rejected) if c != r]
+    return pairs
+
+
+def load_pairs(path):
+    pairs, bad = [], []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        try:
+            d = json.loads(line)
+            assert all(isinstance(d[k], str) for k in ("prompt", "chosen", "rejected"))
+            pairs.append(d)
+        except Exception:
+            bad.append(n)
+    if bad or not pairs:
+        raise ValueError(f"{path}: {'no pairs' if not bad else f'malformed line(s) {bad[:5]}'}; each line must be "
+                         '{"prompt": ..., "chosen": ..., "rejected": ...}')
+    return pairs
+
+
+def pair_batch(tok, pairs, device):
+    """Prompt (chat template) + response + end-of-turn, right-padded -> (idx, response mask) for chosen then rejected."""
+    seqs, masks = [], []
+    for key in ("chosen", "rejected"):
+        for d in pairs:
+            p, r = tok.chat([{"role": "user", "content": d["prompt"]}]), tok.encode(d[key]) + [tok.eos_id]
+            seqs.append(p + r)
+            masks.append([0] * len(p) + [1] * len(r))
+    T = max(map(len, seqs))
+    idx = torch.tensor([s + [tok.eos_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.float32)
+    return idx, mask
+
+
+@torch.no_grad()
+def evaluate(models, teacher, batches):
+    """Per model: held-out perplexity, KL(p_T || p_S) per token, top-1 agreement with the teacher, KV cache."""
+    acc = {name: np.zeros(3) for name in models}
+    for idx in tqdm(batches, desc="evaluate", leave=False):
+        t = teacher(idx)
+        for name, m in models.items():
+            s = t if m is teacher else m(idx)
+            ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+            agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
+            acc[name] += [ce.item(), kd_loss(s, t).item(), agree.item()]
+    t_kv = teacher.cfg.kv_bytes_per_token()
+    rows = {}
+    for name, m in models.items():
+        ce, kl, agree = acc[name] / len(batches)
+        kv = m.cfg.kv_bytes_per_token()
+        rows[name] = dict(ppl=math.exp(ce), kl=kl, top1=agree, kv_bytes_per_token_bf16=kv, kv_pct=100 * kv / t_kv,
+                          params=m.num_params())
+    return rows
+
+
+def print_table(rows):
+    print(f"{'model':<22}{'ppl':>9}{'KL to T':>10}{'top-1':>8}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
+    for name, r in rows.items():
+        print(f"{name:<22}{r['ppl']:>9.2f}{r['kl']:>10.4f}{r['top1']:>8.3f}{r['kv_bytes_per_token_bf16']:>10}"
+              f"{r['kv_pct']:>7.2f}%{r['params']:>13,}")
+
+
+# ----------------------------------------------------------------------------- the stage runner
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = os.path.join(cfg.out_dir, cfg.size)
+    os.makedirs(out, exist_ok=True)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes {world}")
+    stages = ["init", "ild_mla", "ild_m2", "smart", "hybrid_init", "kd", "dpo", "eval"]
+    if cfg.stage and cfg.stage not in stages:
+        raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(stages)}")
+    teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cfg.cache_dir or None)
+    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size,
+                                             [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None)
+    teacher = teacher.to(cfg.device).eval().requires_grad_(False)
+    meta = prepare_data(cfg, tok, out) if rank == 0 else None
+    if world > 1:
+        holder = [meta]
+        dist.broadcast_object_list(holder)
+        meta = holder[0]
+    path = lambda name: os.path.join(out, name)
+
+    def todo(stage, file):  # run a stage when asked to, or when its file is missing or unfinished
+        if cfg.force or cfg.stage == stage:
+            if os.path.isfile(path(file)) and rank == 0:
+                os.remove(path(file))
+            if world > 1:
+                dist.barrier()
+            return True
+        if cfg.stage:
+            return False
+        if not os.path.isfile(path(file)):
+            return True
+        return file.endswith((".json", ".jsonl")) or not torch.load(path(file), weights_only=True, mmap=True).get("done")
+
+    heldout = lambda n: [get_batch(out, meta, "heldout", i, cfg) for i in range(min(n, meta["n"]["heldout"]))]
+    load = lambda name: load_checkpoint(path(name), cfg.device)[0].eval()
+
+    # 1. the two students, initialised from the teacher's weights (paper.md §4, §6)
+    if todo("init", "init_m2.pt"):
+        pairs = None
+        if cfg.rope_rule == "2norm":  # calibrate the MLA rope pairs on held-in tokens (paper.md §3.4)
+            with torch.no_grad():
+                _, ins, _, _ = teacher(get_batch(out, meta, "ild", 0, cfg), return_layers=True, logits=False)
+            pairs = {i: convert.select_rope_pairs(teacher.cfg, "2norm", b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
+                                                  b.input_layernorm(ins[i]).flatten(0, 1)) for i, b in enumerate(teacher.layers)}
+        for kind, name in (("mla", "init_mla.pt"), ("m2", "init_m2.pt")):
+            student = convert.make_student(teacher, kind, pairs, rule=cfg.rope_rule)
+            if rank == 0:
+                save_checkpoint(path(name), student, "init_" + kind, 0, tok, done=True)
+    if world > 1:
+        dist.barrier()
+
+    # 2. ILD of each student against the teacher, on the ILD split (paper.md §10)
+    for kind in ("mla", "m2"):
+        if todo(f"ild_{kind}", f"ild_{kind}.pt"):
+            student = load(f"init_{kind}.pt").train()
+            student.embed_tokens.requires_grad_(False)  # embeddings and head get no gradient in ILD
+            student.lm_head.requires_grad_(False)
+            model = wrap_model(student, cfg, world)
+            step_loss = lambda m, s: ild_loss(m, teacher, get_batch(out, meta, "ild", s, cfg, rank, world))
+            train(f"ild_{kind}", model, step_loss, cfg, path(f"ild_{kind}.pt"), cfg.ild_steps, cfg.ild_lr, rank, world, tok)
+
+    # 3. SMART: which layers stay MLA (paper.md §9); --mla-layers overrides
+    if todo("smart", "smart.json"):
+        if cfg.mla_layers:
+            res = dict(rule="given by --mla-layers", chosen=teacher.cfg.mla_layers)
+        else:
+            m2, mla = load("ild_m2.pt"), load("ild_mla.pt")
+            scores, base_kl = smart_scores(teacher, m2, mla, heldout(cfg.smart_batches))
+            n = len(teacher.cfg.mla_layers)
+            res = dict(rule=f"layers 0 and L-2 forced, then the best score in each of {n - 2} near-equal windows",
+                       kl_all_m2=base_kl, scores=scores.tolist(), chosen=smart_select(scores, n))
+        if rank == 0:
+            json.dump(res, open(path("smart.json"), "w"), indent=1)
+            print(f"SMART: MLA layers {res['chosen']}")
+    if world > 1:
+        dist.barrier()
+    mla_layers = json.load(open(path("smart.json")))["chosen"]
+
+    # 4. compose the hybrid from the ILD students and the teacher (paper.md §1 step 4)
+    if todo("hybrid_init", "hybrid_init.pt") and rank == 0:
+        hybrid = convert.compose_hybrid(teacher, load("ild_mla.pt"), load("ild_m2.pt"), mla_layers)
+        save_checkpoint(path("hybrid_init.pt"), hybrid, "hybrid_init", 0, tok, done=True)
+    if world > 1:
+        dist.barrier()
+
+    # 5. end-to-end KL distillation on the KD split (paper.md §11)
+    if todo("kd", "kd.pt"):
+        student = load("hybrid_init.pt")  # train() resumes from an unfinished kd.pt itself
+
+        def kd_step(m, s):
+            idx = get_batch(out, meta, "kd", s, cfg, rank, world)
+            with torch.no_grad():
+                t = teacher(idx)
+            logits = m(idx)
+            kl = kd_loss(logits, t)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten()) if cfg.ce_weight else 0.0
+            return kl + cfg.ce_weight * ce, dict(kl=kl.item())
+        train("kd", wrap_model(student.train(), cfg, world), kd_step, cfg, path("kd.pt"), cfg.kd_steps, cfg.kd_lr, rank, world, tok)
+
+    # 6. DPO against the frozen KD model (paper.md §12)
+    if todo("dpo", "dpo.pt"):
+        ref = load("kd.pt")
+        if cfg.dpo_data:
+            pairs = load_pairs(cfg.dpo_data)
+        else:
+            if not os.path.isfile(path("dpo_pairs.jsonl")):
+                pairs = build_dpo_pairs(teacher, ref, tok, meta["prompts"][:cfg.dpo_pairs], cfg)
+                if rank == 0:
+                    with open(path("dpo_pairs.jsonl.tmp"), "w") as f:
+                        f.writelines(json.dumps(p) + "\n" for p in pairs)
+                    os.replace(path("dpo_pairs.jsonl.tmp"), path("dpo_pairs.jsonl"))
+            pairs = load_pairs(path("dpo_pairs.jsonl"))
+        idx, mask = pair_batch(tok, pairs, cfg.device)
+        with torch.no_grad():
+            ref_lp = seq_logprobs(ref, idx, mask)
+        n = len(pairs)
+        half = max(1, cfg.batch_size // 2)
+
+        def dpo_step(m, s):
+            sel = [(s * half + j) % n for j in range(half)][rank::world]
+            rows = torch.tensor(sel + [n + i for i in sel], device=idx.device)
+            lp = seq_logprobs(m, idx[rows], mask[rows])
+            k = len(sel)
+            loss = dpo_loss(lp[:k], lp[k:], ref_lp[rows][:k], ref_lp[rows][k:], cfg.dpo_beta)
+            return loss, dict(margin=((lp[:k] - ref_lp[rows][:k]) - (lp[k:] - ref_lp[rows][k:])).mean().item())
+        train("dpo", wrap_model(load("kd.pt").train(), cfg, world), dpo_step, cfg, path("dpo.pt"), cfg.dpo_steps, cfg.dpo_lr, rank, world, tok)
+
+    # 7. evaluation on the held-out split
+    if rank == 0 and todo("eval", "eval.json"):
+        fresh = convert.compose_hybrid(teacher, load("init_mla.pt"), load("init_m2.pt"), mla_layers)
+        models = {"teacher": teacher, "hybrid (no training)": fresh, "hybrid after ILD": load("hybrid_init.pt"),
+                  "after KD": load("kd.pt"), "after DPO": load("dpo.pt")}
+        rows = evaluate(models, teacher, heldout(cfg.eval_batches))
+        json.dump(dict(size=cfg.size, mla_layers=mla_layers, config=asdict(cfg), results=rows), open(path("eval.json"), "w"), indent=1)
+    if rank == 0:
+        print_table(json.load(open(path("eval.json")))["results"])
+        print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {path('dpo.pt')}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        sys.exit(f"error: {e}")
