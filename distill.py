@@ -147,18 +147,6 @@ def load_chats(path):
     return chats
 
 
-def chitchat_chats(cache_dir=None):
-    """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
-    path = convert.download_wheel("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir)
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    chats = []
-    for conv in raw.values():
-        turns = ["\n".join(m["text"] for m in turn) for turn in conv["messages"]]
-        chats.append([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)])
-    return chats
-
-
 def prepare_data(cfg, tok, out):
     """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 memmaps.
     Split by conversation: the last 5 % are held out (never trained on); of the rest the first 20 % feed
@@ -173,8 +161,10 @@ def prepare_data(cfg, tok, out):
                              f"length); use another --out-dir or delete {meta_path}")
         if meta["key"] == key:
             return meta
-    chats = load_chats(cfg.data) if cfg.data else chitchat_chats(cfg.cache_dir or None)
+    chats = load_chats(cfg.data) if cfg.data else convert.chitchat_chats(cfg.cache_dir or None)
     chats = chats[:cfg.max_chats] if cfg.max_chats else chats
+    if not chats:
+        raise ValueError(f"{source} holds no conversations: give a chat JSONL with one {{'messages': [...]}} per line")
     n_held = max(1, len(chats) // 20)
     n_ild = (len(chats) - n_held) // 5
     splits = {"ild": chats[:n_ild], "kd": chats[n_ild:-n_held], "heldout": chats[-n_held:]}
@@ -206,18 +196,21 @@ def get_batch(out, meta, split, step, cfg, rank=0, world=1):
 
 
 # ----------------------------------------------------------------------------- losses
-def ild_loss(student, teacher, idx):
-    """Teacher-forced layer loss of the official code (paper.md §10): every student block gets the teacher's
-    input to that block; sum over layers of the per-token L2 distance (not squared) of block outputs (the
-    last after the final norm) plus that of mixer outputs, averaged over tokens. We follow the code, not the
-    paper's MSE: the code is what produced the published models."""
+def ild_layer_losses(student, teacher, idx):
+    """Teacher-forced layer losses of the official code (paper.md §10), one per layer: every student block gets
+    the teacher's input to that block; per-token L2 distance (not squared) of the block outputs (the last one
+    after the final norm) plus that of the mixer outputs, averaged over tokens. We follow the code rather than
+    the paper's MSE: the code produced the published models."""
     with torch.no_grad():
         _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
     _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
-    dist_ = lambda a, b: (a.float() - b.float()).norm(dim=-1).mean()
-    hid = sum(dist_(s, t) for s, t in zip(s_out, t_out))
-    mix = sum(dist_(s, t) for s, t in zip(s_mix, t_mix))
-    return hid + mix, dict(hid=hid.item(), mix=mix.item())
+    l2 = lambda a, b: (a.float() - b.float()).norm(dim=-1).mean()
+    return torch.stack([l2(so, to) + l2(sm, tm) for so, to, sm, tm in zip(s_out, t_out, s_mix, t_mix)])
+
+
+def ild_loss(student, teacher, idx):
+    per_layer = ild_layer_losses(student, teacher, idx)
+    return per_layer.sum(), dict(first=per_layer[0].item(), last=per_layer[-1].item())
 
 
 def kd_loss(s_logits, t_logits, chunk=1024):
@@ -244,15 +237,22 @@ def seq_logprobs(model, idx, mask):
 
 # ----------------------------------------------------------------------------- SMART (paper.md §9)
 def smart_select(scores, n_mla):
-    """Choose n_mla layers: layer 0 and L-2 forced (the published lists' terminal MLA layers), the rest one per
-    near-equal window of the layers between them, the best-scoring layer of each window (paper.md §9)."""
+    """Choose n_mla layers (paper.md §9): layers 0 and L-2 forced (the published lists' terminal MLA layers), every gap
+    within one of the uniform gap (L-2)/(n_mla-1) (all published lists obey this), and the largest total score among such
+    sets, found by dynamic programming over (k-th chosen layer, its index). E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
     L = len(scores)
-    if n_mla < 2 or n_mla > L - 1:
+    if not 2 <= n_mla <= L - 1:
         raise ValueError(f"SMART needs 2 <= N_MLA <= L-1 = {L - 1}, got {n_mla}")
-    inner = list(range(1, L - 2))
-    windows = np.array_split(inner, n_mla - 2)
-    chosen = [0] + [int(w[np.argmax([scores[i] for i in w])]) for w in windows if len(w)] + [L - 2]
-    return sorted(set(chosen))
+    t = (L - 2) / (n_mla - 1)
+    lo, hi = max(1, math.ceil(t) - 1), math.floor(t) + 1
+    best = {(0, 0): (scores[0], [0])}  # (k, i) -> (total, layers) with the k-th MLA layer at i
+    for k in range(1, n_mla):
+        for i in range(1, L - 1):
+            prev = [best[k - 1, j] for j in range(i - hi, i - lo + 1) if (k - 1, j) in best]
+            if prev:
+                total, layers = max(prev, key=lambda p: p[0])
+                best[k, i] = (total + scores[i], layers + [i])
+    return best[n_mla - 1, L - 2][1]
 
 
 @torch.no_grad()
@@ -333,7 +333,7 @@ def build_dpo_pairs(teacher, student, tok, prompts, cfg):
         ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts[i:i + 8]]
         chosen = reply(teacher, tok, ids, max_new_tokens=cfg.dpo_max_new)
         rejected = reply(student, tok, ids, max_new_tokens=cfg.dpo_max_new)
-        pairs += [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts[i:i + 8], chosen, rejected) if c != r]
+        pairs += [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts[i:i + 8], chosen, rejected)]
     return pairs
 
 
@@ -429,23 +429,18 @@ def main(argv=None):
             return False
         if not os.path.isfile(path(file)):
             return True
-        return file.endswith((".json", ".jsonl")) or not torch.load(path(file), weights_only=True, mmap=True).get("done")
+        return not file.endswith(".json") and not torch.load(path(file), weights_only=True, mmap=True).get("done")
 
     heldout = lambda n: [get_batch(out, meta, "heldout", i, cfg) for i in range(min(n, meta["n"]["heldout"]))]
     load = lambda name: load_checkpoint(path(name), cfg.device)[0].eval()
 
     # 1. the two students, initialised from the teacher's weights (paper.md §4, §6)
     if todo("init", "init_m2.pt"):
-        pairs = None
-        if cfg.rope_rule == "2norm":  # calibrate the MLA rope pairs on held-in tokens (paper.md §3.4)
-            with torch.no_grad():
-                _, ins, _, _ = teacher(get_batch(out, meta, "ild", 0, cfg), return_layers=True, logits=False)
-            pairs = {i: convert.select_rope_pairs(teacher.cfg, "2norm", b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
-                                                  b.input_layernorm(ins[i]).flatten(0, 1)) for i, b in enumerate(teacher.layers)}
-        for kind, name in (("mla", "init_mla.pt"), ("m2", "init_m2.pt")):
-            student = convert.make_student(teacher, kind, pairs, rule=cfg.rope_rule)
+        calib = get_batch(out, meta, "ild", 0, cfg)  # held-in tokens to choose the MLA rope pairs (paper.md §3.4)
+        for kind in ("mla", "m2"):
+            student = convert.make_student(teacher, kind, cfg.rope_rule, calib)
             if rank == 0:
-                save_checkpoint(path(name), student, "init_" + kind, 0, tok, done=True)
+                save_checkpoint(path(f"init_{kind}.pt"), student, "init_" + kind, 0, tok, done=True)
     if world > 1:
         dist.barrier()
 
@@ -467,7 +462,7 @@ def main(argv=None):
             m2, mla = load("ild_m2.pt"), load("ild_mla.pt")
             scores, base_kl = smart_scores(teacher, m2, mla, heldout(cfg.smart_batches))
             n = len(teacher.cfg.mla_layers)
-            res = dict(rule=f"layers 0 and L-2 forced, then the best score in each of {n - 2} near-equal windows",
+            res = dict(rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
                        kl_all_m2=base_kl, scores=scores.tolist(), chosen=smart_select(scores, n))
         if rank == 0:
             json.dump(res, open(path("smart.json"), "w"), indent=1)

