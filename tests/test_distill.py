@@ -70,7 +70,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     for f in ("init_mla", "init_m2", "ild_mla", "ild_m2", "hybrid_init", "kd", "dpo"):
         assert torch.load(tmp_path / "tiny" / f"{f}.pt", weights_only=True)["done"]
     r2 = run([], tmp_path)  # everything is done: nothing reruns
-    assert r2.returncode == 0 and "resuming" not in r2.stderr and "[kd]" not in r2.stderr
+    assert r2.returncode == 0 and "resuming" not in r2.stdout and "[kd]" not in r2.stdout
 
 
 def test_killed_kd_resumes_where_it_stopped(tmp_path):
@@ -87,7 +87,7 @@ def test_killed_kd_resumes_where_it_stopped(tmp_path):
     assert not before.get("done") and before["step"] < 400
     r = run(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"[kd] resuming from step {before['step']}/400" in r.stderr
+    assert f"[kd] resuming from step {before['step']}/400" in r.stdout
     after = torch.load(kd, weights_only=True)
     assert after["done"] and after["history"][:before["step"]] == before["history"] and len(after["history"]) == 400
 
