@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -69,6 +68,7 @@ class DistillConfig:
     ckpt_every: int = 100
     log_every: int = 10
     seed: int = 42
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (8b: a student plus the teacher exceed one GPU)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -81,7 +81,7 @@ PRESETS = {
                  dpo_lr=2e-6, dpo_pairs=16, dpo_max_new=32, smart_batches=1, eval_batches=4, ckpt_every=10),
     "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5, grad_accum=2),
     "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5, grad_accum=2),
-    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, grad_accum=2),
+    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, grad_accum=2, fsdp=True),
 }
 
 
@@ -110,10 +110,10 @@ def setup_distributed(cfg):
 
 
 def wrap_model(model, cfg, world):
-    """DDP for sizes that fit one device; FSDP2 (fully_shard per block, then the root) for 8b."""
+    """DDP for sizes that fit one device; FSDP2 (fully_shard per block, then the root) with --fsdp (8b)."""
     if world == 1:
         return model
-    if cfg.size == "8b":
+    if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in model.layers:
             fully_shard(block)
@@ -123,6 +123,14 @@ def wrap_model(model, cfg, world):
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+def full_state_dict(model):
+    """The unwrapped model's full state dict; under FSDP2 every rank joins the gather and rank 0 receives it."""
+    if not hasattr(model, "reshard"):  # plain or DDP
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ----------------------------------------------------------------------------- data
@@ -316,12 +324,14 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
             tqdm.write(f"[{stage}] step {step + 1}/{steps} loss {loss.item():.4f} "
                        + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                        + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s")
-        if rank == 0 and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+        # FSDP2 runs keep only finished stages: resuming sharded optimizer state is not implemented
+        if rank == 0 and not cfg.fsdp and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             save_checkpoint(path, unwrap(model), stage, step + 1, tok, optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), history=history, rng=torch.get_rng_state())
     model.eval()
+    sd = full_state_dict(model)
     if rank == 0:
-        save_checkpoint(path, unwrap(model), stage, steps, tok, done=True, history=history)
+        save_checkpoint(path, unwrap(model), stage, steps, tok, state_dict=sd, done=True, history=history)
     if world > 1:
         dist.barrier()
     return unwrap(model)
@@ -381,13 +391,9 @@ def evaluate(models, teacher, batches):
             agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
             acc[name] += [ce.item(), kd_loss(s, t).item(), agree.item()]
     t_kv = teacher.cfg.kv_bytes_per_token()
-    rows = {}
-    for name, m in models.items():
-        ce, kl, agree = acc[name] / len(batches)
-        kv = m.cfg.kv_bytes_per_token()
-        rows[name] = dict(ppl=math.exp(ce), kl=kl, top1=agree, kv_bytes_per_token_bf16=kv, kv_pct=100 * kv / t_kv,
-                          params=m.num_params())
-    return rows
+    row = lambda m, ce, kl, agree: dict(ppl=math.exp(ce), kl=kl, top1=agree, kv_bytes_per_token_bf16=m.cfg.kv_bytes_per_token(),
+                                        kv_pct=100 * m.cfg.kv_bytes_per_token() / t_kv, params=m.num_params())
+    return {name: row(m, *(acc[name] / len(batches))) for name, m in models.items()}
 
 
 def print_table(rows):
@@ -402,7 +408,6 @@ def main(argv=None):
     cfg = parse_args(argv)
     rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     out = os.path.join(cfg.out_dir, cfg.size)
     os.makedirs(out, exist_ok=True)
     if cfg.batch_size % world:

@@ -411,9 +411,10 @@ class Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, stage, step=0, tokenizer=None, **extra):
-    """One format for every stage (style.md rule 19), written atomically: temp file, then os.replace."""
-    ckpt = dict(config=model.cfg.to_dict(), model=model.state_dict(), stage=stage, step=step,
+def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None, **extra):
+    """One format for every stage (style.md rule 19), written atomically: temp file, then os.replace.
+    state_dict: an already gathered one (FSDP2), else the model's own."""
+    ckpt = dict(config=model.cfg.to_dict(), model=model.state_dict() if state_dict is None else state_dict, stage=stage, step=step,
                 tokenizer=tokenizer.spec() if tokenizer is not None else None, **extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"

@@ -92,13 +92,14 @@ def test_killed_kd_resumes_where_it_stopped(tmp_path):
     assert after["done"] and after["history"][:before["step"]] == before["history"] and len(after["history"]) == 400
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
-    args = ["--ild-steps", "4", "--kd-steps", "4", "--dpo-steps", "1", "--stage", "", "--seed", "3"]
+@pytest.mark.parametrize("fsdp", ["false", "true"])
+def test_torchrun_two_processes_match_one(tmp_path, fsdp):
+    args = ["--ild-steps", "4", "--kd-steps", "4", "--dpo-steps", "1", "--seed", "3"]
     single = run(args, tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(tmp_path / "two"), *args],
-                         capture_output=True, text=True, cwd=ROOT)
+                          os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(tmp_path / "two"), *args,
+                          "--fsdp", fsdp], capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     for f in ("ild_mla", "kd"):
         a = torch.load(tmp_path / "one" / "tiny" / f"{f}.pt", weights_only=True)["history"]
