@@ -136,12 +136,15 @@ def mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_r
     Example: one cached row [c ; k] gives out_latent = c and lse = τ·q·[c ; k]. An empty row gives 0 and -inf.
     """
     dt = torch.promote_types(q.dtype, torch.float32)
-    valid = torch.arange(kv_cache.shape[1], device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S)
-    kv = torch.where(valid[..., None], kv_cache.to(dt), 0)  # (B, S, r + d_R); 0·NaN would still be NaN
+    S = int(cache_seqlens.max()) if cache_seqlens.numel() else 0  # slots past every row's length are never read
+    valid = torch.arange(S, device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S)
+    kv = kv_cache[:, :S].to(dt)  # (B, S, r + d_R)
+    if not bool(valid.all()):  # ragged rows: zero the slots past each length, as 0·NaN would still be NaN
+        kv = torch.where(valid[..., None], kv, 0)
     s = torch.einsum("bhd,bsd->bhs", q.to(dt), kv) * softmax_scale  # (B, H, S)
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(s, -1)  # (B, H)
-    p = torch.where(valid[:, None, :], torch.exp(s - lse[..., None]), 0)  # (B, H, S); no -inf - -inf NaN
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # (B, H, S); an empty row gives 0, not NaN
     return torch.einsum("bhs,bsr->bhr", p, kv[..., :kv_lora_rank]), lse
 
 
