@@ -433,10 +433,8 @@ def main(argv=None):
                 os.remove(path(file))
             sync()
             return True
-        if cfg.stage:
-            return False
-        if not os.path.isfile(path(file)):
-            return True
+        if cfg.stage or not os.path.isfile(path(file)):
+            return not cfg.stage
         return not file.endswith(".json") and not torch.load(path(file), weights_only=True, mmap=True).get("done")
 
     heldout = lambda n: [get_batch(out, meta, "heldout", i, cfg) for i in range(min(n, meta["n"]["heldout"]))]
@@ -475,11 +473,15 @@ def main(argv=None):
             json.dump(res, open(path("smart.json"), "w"), indent=1)
             print(f"SMART: MLA layers {res['chosen']}")
     sync()
-    mla_layers = json.load(open(path("smart.json")))["chosen"]
+
+    def chosen():  # the MLA layers picked by SMART
+        if not os.path.isfile(path("smart.json")):
+            raise ValueError(f"{path('smart.json')} is missing: run the smart stage first (python distill.py --stage smart)")
+        return json.load(open(path("smart.json")))["chosen"]
 
     # 4. compose the hybrid from the ILD students and the teacher (paper.md §1 step 4)
     if todo("hybrid_init", "hybrid_init.pt") and rank == 0:
-        hybrid = convert.compose_hybrid(teacher, load("ild_mla.pt"), load("ild_m2.pt"), mla_layers)
+        hybrid = convert.compose_hybrid(teacher, load("ild_mla.pt"), load("ild_m2.pt"), chosen())
         save_checkpoint(path("hybrid_init.pt"), hybrid, "hybrid_init", 0, tok, done=True)
     sync()
 
@@ -528,12 +530,12 @@ def main(argv=None):
 
     # 7. evaluation on the held-out split
     if rank == 0 and todo("eval", "eval.json"):
-        fresh = convert.compose_hybrid(teacher, load("init_mla.pt"), load("init_m2.pt"), mla_layers)
+        fresh = convert.compose_hybrid(teacher, load("init_mla.pt"), load("init_m2.pt"), chosen())
         models = {"teacher": teacher, "hybrid (no training)": fresh, "hybrid after ILD": load("hybrid_init.pt"),
                   "after KD": load("kd.pt"), "after DPO": load("dpo.pt")}
         rows = evaluate(models, teacher, heldout(cfg.eval_batches))
-        json.dump(dict(size=cfg.size, mla_layers=mla_layers, config=asdict(cfg), results=rows), open(path("eval.json"), "w"), indent=1)
-    if rank == 0:
+        json.dump(dict(size=cfg.size, mla_layers=chosen(), config=asdict(cfg), results=rows), open(path("eval.json"), "w"), indent=1)
+    if rank == 0 and os.path.isfile(path("eval.json")):
         print_table(json.load(open(path("eval.json")))["results"])
         print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {path('dpo.pt')}")
     if world > 1:

@@ -120,3 +120,31 @@ def test_big_size_without_weights_says_where_to_get_them(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "distill.py"), "--size", "1b", "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "--teacher" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_of_another_vocabulary_is_refused(tmp_path):
+    """Data prepared with the tiny byte tokenizer, then a teacher (same dims, Meta format) with a Llama-3 style vocabulary."""
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i} " * 20},
+                                                    {"role": "assistant", "content": f"hi {i} " * 20}]}) + "\n" for i in range(60)))
+    assert run(["--data", str(data), "--stage", "init"], tmp_path / "o").returncode == 0
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "tokenizer.model").write_text("".join(f"{__import__('base64').b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    (meta / "params.json").write_text(json.dumps(dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                                                      norm_eps=1e-5, rope_theta=1e4)))
+    names = {"embed_tokens": "tok_embeddings", "lm_head": "output", "norm": "norm", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
+    sd = M.Model(M.size_config("tiny", vocab_size=512, d_ff=192, tie_embeddings=False)).state_dict()
+    meta_sd = {}
+    for k, v in sd.items():
+        base = k.removesuffix(".weight")
+        layer = base.split(".")[1] if base.startswith("layers.") else None
+        rest = base.split(".", 2)[2] if layer else base
+        meta_sd[(f"layers.{layer}." if layer else "") + names[rest] + ".weight"] = v
+    torch.save(meta_sd, meta / "consolidated.00.pth")
+    r = run(["--data", str(data), "--teacher", str(meta)], tmp_path / "o")
+    assert r.returncode != 0 and "vocabulary" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "tiny" / "ild_mla.pt").exists()
