@@ -40,10 +40,10 @@ def mamba_state_bytes(cfg, batch=1):
     return batch * cfg.kinds.count("m2") * (conv + ssm)
 
 
-def zebra_config(size, mla_layers=None):
+def zebra_config(size):
+    """The size's Zebra hybrid: its published MLA layers, Mamba2 everywhere else."""
     c = size_config(size)
-    layers = c.mla_layers if mla_layers is None else mla_layers
-    return size_config(size, kinds=["mla" if i in layers else "m2" for i in range(c.n_layer)])
+    return size_config(size, kinds=["mla" if i in c.mla_layers else "m2" for i in range(c.n_layer)])
 
 
 def kv_section():

@@ -134,25 +134,33 @@ def full_state_dict(model):
 
 
 # ----------------------------------------------------------------------------- data
-def load_chats(path):
-    """Chat JSONL -> list of message lists; malformed lines are reported with their line numbers."""
+def read_jsonl(path, record, form):
+    """The records of a JSONL file; malformed lines are reported with their line numbers (record() asserts the form)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no data file at {path}: pass --data with a chat JSONL ({{'messages': [...]}} per line)")
-    chats, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                msgs = json.loads(line)["messages"]
-                assert isinstance(msgs, list) and msgs and all(isinstance(m["content"], str) and m["role"] for m in msgs)
-                chats.append(msgs)
-            except Exception:
-                bad.append(n)
+        raise FileNotFoundError(f"no data file at {path}: pass a JSONL file with one {form} per line")
+    rows, bad = [], []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        try:
+            rows += [record(json.loads(line))] if line.strip() else []
+        except Exception:
+            bad.append(n)
     if bad:
-        raise ValueError(f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be "
-                         '{"messages": [{"role": ..., "content": ...}, ...]}')
-    return chats
+        raise ValueError(f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be {form}")
+    return rows
+
+
+def chat_record(d):
+    assert isinstance(d["messages"], list) and d["messages"]
+    assert all(isinstance(m["content"], str) and m["role"] in ("system", "user", "assistant") for m in d["messages"])
+    return d["messages"]
+
+
+PAIR_FORM = '{"prompt": ..., "chosen": ..., "rejected": ...}'
+
+
+def pair_record(d):
+    assert all(isinstance(d[k], str) for k in ("prompt", "chosen", "rejected"))
+    return d
 
 
 def prepare_data(cfg, tok, out):
@@ -169,7 +177,8 @@ def prepare_data(cfg, tok, out):
                              f"length); use another --out-dir or delete {meta_path}")
         if meta["key"] == key:
             return meta
-    chats = load_chats(cfg.data) if cfg.data else convert.chitchat_chats(cfg.cache_dir or None)
+    chat_form = '{"messages": [{"role": ..., "content": ...}, ...]}'
+    chats = read_jsonl(cfg.data, chat_record, chat_form) if cfg.data else convert.chitchat_chats(cfg.cache_dir or None)
     chats = chats[:cfg.max_chats] if cfg.max_chats else chats
     if not chats:
         raise ValueError(f"{source} holds no conversations: give a chat JSONL with one {{'messages': [...]}} per line")
@@ -302,16 +311,19 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
     t0, tokens = time.time(), 0
     for step in bar:
         terms = {}
+        stop = f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
         for micro in range(cfg.grad_accum):
-            with amp:
-                loss, terms = step_loss(model, step * cfg.grad_accum + micro)
+            try:
+                with amp:
+                    loss, terms = step_loss(model, step * cfg.grad_accum + micro)
+            except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
+                raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
             (loss / cfg.grad_accum).backward()
         if world > 1:  # log the loss of the global batch: the mean over ranks
             dist.all_reduce(loss := loss.detach().clone())
             loss /= world
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}: stopped; the last good checkpoint "
-                                     f"{path} is kept (lower --{stage.split('_')[0]}-lr and rerun)")
+            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}: {stop}")
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
@@ -347,21 +359,6 @@ def build_dpo_pairs(teacher, student, tok, prompts, cfg):
         chosen = reply(teacher, tok, ids, max_new_tokens=cfg.dpo_max_new)
         rejected = reply(student, tok, ids, max_new_tokens=cfg.dpo_max_new)
         pairs += [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts[i:i + 8], chosen, rejected)]
-    return pairs
-
-
-def load_pairs(path):
-    pairs, bad = [], []
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
-        try:
-            d = json.loads(line)
-            assert all(isinstance(d[k], str) for k in ("prompt", "chosen", "rejected"))
-            pairs.append(d)
-        except Exception:
-            bad.append(n)
-    if bad or not pairs:
-        raise ValueError(f"{path}: {'no pairs' if not bad else f'malformed line(s) {bad[:5]}'}; each line must be "
-                         '{"prompt": ..., "chosen": ..., "rejected": ...}')
     return pairs
 
 
@@ -415,6 +412,8 @@ def main(argv=None):
     stages = ["init", "ild_mla", "ild_m2", "smart", "hybrid_init", "kd", "dpo", "eval"]
     if cfg.stage and cfg.stage not in stages:
         raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(stages)}")
+    if cfg.dpo_data and not read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM):  # checked now, not after hours of KD
+        raise ValueError(f"{cfg.dpo_data} holds no DPO pairs: give one {PAIR_FORM} per line")
     teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cfg.cache_dir or None)
     teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size,
                                              [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None)
@@ -503,7 +502,7 @@ def main(argv=None):
     if todo("dpo", "dpo.pt"):
         ref = load("kd.pt")
         if cfg.dpo_data:
-            pairs = load_pairs(cfg.dpo_data)
+            pairs = read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM)
         else:
             if not os.path.isfile(path("dpo_pairs.jsonl")):
                 pairs = build_dpo_pairs(teacher, ref, tok, meta["prompts"][:cfg.dpo_pairs], cfg)
@@ -512,7 +511,7 @@ def main(argv=None):
                         f.writelines(json.dumps(p) + "\n" for p in pairs)
                     os.replace(path("dpo_pairs.jsonl.tmp"), path("dpo_pairs.jsonl"))
             sync()
-            pairs = load_pairs(path("dpo_pairs.jsonl"))
+            pairs = read_jsonl(path("dpo_pairs.jsonl"), pair_record, PAIR_FORM)
         idx, mask = pair_batch(tok, pairs, cfg.device)
         with torch.no_grad():
             ref_lp = seq_logprobs(ref, idx, mask)

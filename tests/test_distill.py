@@ -107,11 +107,13 @@ def test_torchrun_two_processes_match_one(tmp_path, fsdp):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(map(abs, a)), (f, a, b)
 
 
-@pytest.mark.parametrize("content,expect", [("", "no conversations"), ('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', "line")])
-def test_bad_corpus_is_one_clear_error_and_no_checkpoint(tmp_path, content, expect):
+@pytest.mark.parametrize("flag,content,expect", [("--data", "", "no conversations"), ("--dpo-data", "", "no DPO pairs"),
+                                                  ("--data", '{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', "line(s) [2]"),
+                                                  ("--dpo-data", '{"prompt": "a", "chosen": "b"}\n', "line(s) [1]")])
+def test_bad_corpus_is_one_clear_error_and_no_checkpoint(tmp_path, flag, content, expect):
     data = tmp_path / "c.jsonl"
     data.write_text(content)
-    r = run(["--data", str(data)], tmp_path / "o")
+    r = run([flag, str(data)], tmp_path / "o")
     assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr
     assert not any(str(p).endswith(".pt") for p in (tmp_path / "o").rglob("*"))
 
@@ -148,3 +150,11 @@ def test_data_of_another_vocabulary_is_refused(tmp_path):
     r = run(["--data", str(data), "--teacher", str(meta)], tmp_path / "o")
     assert r.returncode != 0 and "vocabulary" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "tiny" / "ild_mla.pt").exists()
+
+
+def test_diverging_training_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = run(["--kd-lr", "1e30", "--kd-steps", "20", "--ckpt-every", "1"], tmp_path)
+    assert r.returncode != 0 and "last good checkpoint" in r.stderr and "Traceback" not in r.stderr
+    kd = torch.load(tmp_path / "tiny" / "kd.pt", weights_only=True)
+    assert not kd.get("done") and all(math.isfinite(x) for x in kd["history"])
+    assert all(torch.isfinite(v).all() for v in kd["model"].values() if v.is_floating_point())
