@@ -123,9 +123,17 @@ def run_peer(path, contexts, batches, prefills, steps, repeats, device, dtype):
             out["decode"].append(dict(context=S, batch=b, tok_s=b / sec, kv_bytes=kv))
     for T in prefills:
         out["prefill"].append(dict(tokens=T, seconds=time_prefill(model, T, device)))
-    out["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss()
     return out
+
+
+def peak_rss():
+    """Peak resident bytes of this process. Linux's VmHWM starts afresh at exec; ru_maxrss would carry over the
+    parent's peak (the parent holds all three peers when it starts this process)."""
+    try:
+        return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ----------------------------------------------------------------------------- report
