@@ -33,9 +33,10 @@ def kv_cache_bytes(cfg, S, batch=1, elt=2):
     return cfg.kv_bytes_per_token(elt) * S * batch
 
 
-def mamba_state_bytes(cfg, batch=1):
-    """The constant Mamba2 state per sequence: conv state (fp elt 2) + fp32 SSM state, over all m2 layers."""
-    conv = (cfg.d_inner + 2 * cfg.d_xb) * (cfg.d_conv - 1) * 2
+def mamba_state_bytes(cfg, batch=1, elt=2):
+    """The constant Mamba2 state per sequence over all m2 layers: conv state (d_conv-1 inputs of the
+    x/B/C channels, elt bytes each) + the fp32 SSM state (H, P, N)."""
+    conv = (cfg.d_inner + 2 * cfg.d_xb) * (cfg.d_conv - 1) * elt
     ssm = cfg.n_head * cfg.head_dim * cfg.head_dim * 4
     return batch * cfg.kinds.count("m2") * (conv + ssm)
 

@@ -297,7 +297,7 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
     start, history = 0, []
     if os.path.isfile(path):  # an unfinished checkpoint of this stage: resume
-        _, ck = load_checkpoint(path)
+        ck = torch.load(path, map_location=cfg.device, weights_only=True)
         unwrap(model).load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

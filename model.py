@@ -140,9 +140,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 so bf16 activations keep their precision (as HF Llama)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_freqs(cfg, device=None):
@@ -295,9 +293,8 @@ class Mamba2(nn.Module):
                                     initial_state=init, return_final_state=True, backend=backend)
             if cache is not None:
                 cache[1].copy_(final)
-        y = y.reshape(B, T, H, P) * F.silu(z.float()).view(B, T, H, P)  # gate before the norm (norm_before_gate=False)
-        yf = y.float()
-        y = (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.norm.eps)).reshape(B, T, -1)  # per-head RMSNorm
+        y = y.reshape(B, T, H, P).float() * F.silu(z.float()).view(B, T, H, P)  # gate before the norm (norm_before_gate=False)
+        y = F.rms_norm(y, (P,), eps=self.norm.eps).reshape(B, T, -1)  # RMSNorm per head group of P channels
         return self.out_proj((y * self.norm.weight.float()).to(u.dtype))
 
 
