@@ -12,6 +12,7 @@ random contents (decode speed does not depend on the values); prefill is timed s
   python bench.py --size 1b --teacher PATH # on a GPU, bf16, contexts up to 32k
   python bench.py --plot bench.png         # also draw throughput and memory (needs matplotlib)
 """
+
 import argparse
 import json
 import os
@@ -51,14 +52,23 @@ def kv_section():
     rows = []
     for size in ("135m", "1b", "3b", "8b"):
         t, z = size_config(size), zebra_config(size)
-        rows.append(dict(size=size, mla_layers=z.mla_layers, teacher_bytes=t.kv_bytes_per_token(),
-                         zebra_bytes=z.kv_bytes_per_token(), pct=100 * z.kv_bytes_per_token() / t.kv_bytes_per_token(),
-                         mamba_state_bytes=mamba_state_bytes(z)))
+        rows.append(
+            dict(
+                size=size,
+                mla_layers=z.mla_layers,
+                teacher_bytes=t.kv_bytes_per_token(),
+                zebra_bytes=z.kv_bytes_per_token(),
+                pct=100 * z.kv_bytes_per_token() / t.kv_bytes_per_token(),
+                mamba_state_bytes=mamba_state_bytes(z),
+            )
+        )
     print("\n== KV cache per token (bf16) ==")
     print(f"{'size':<6}{'MLA layers':<34}{'teacher B':>10}{'zebra B':>9}{'% of T':>9}{'M2 state/seq':>14}")
     for r in rows:
-        print(f"{r['size']:<6}{str(r['mla_layers']):<34}{r['teacher_bytes']:>10}{r['zebra_bytes']:>9}{r['pct']:>8.3f}%"
-              f"{r['mamba_state_bytes'] / 2**20:>11.2f} MiB")
+        print(
+            f"{r['size']:<6}{str(r['mla_layers']):<34}{r['teacher_bytes']:>10}{r['zebra_bytes']:>9}{r['pct']:>8.3f}%"
+            f"{r['mamba_state_bytes'] / 2**20:>11.2f} MiB"
+        )
     return rows
 
 
@@ -68,9 +78,11 @@ def make_peers(teacher, folder):
     cfg = teacher.cfg
     mla = convert.make_student(teacher, "mla")
     m2 = convert.make_student(teacher, "m2")
-    peers = {"teacher": teacher,
-             "mambainllama": convert.compose_hybrid(teacher, mla, m2, [], attn_layers=range(0, cfg.n_layer, 2)),
-             "zebra": convert.compose_hybrid(teacher, mla, m2, cfg.mla_layers)}
+    peers = {
+        "teacher": teacher,
+        "mambainllama": convert.compose_hybrid(teacher, mla, m2, [], attn_layers=range(0, cfg.n_layer, 2)),
+        "zebra": convert.compose_hybrid(teacher, mla, m2, cfg.mla_layers),
+    }
     paths = {}
     for name, m in peers.items():
         paths[name] = os.path.join(folder, f"{name}.pt")
@@ -120,7 +132,9 @@ def run_peer(path, contexts, batches, prefills, steps, repeats, device, dtype):
     for S in contexts:
         for b in batches:
             sec, kv = time_decode(model, S, b, steps, repeats, device)
-            assert kv == kv_cache_bytes(model.cfg, S + steps * (repeats + 1), b, dtype.itemsize), "KV formula != allocation"
+            assert kv == kv_cache_bytes(model.cfg, S + steps * (repeats + 1), b, dtype.itemsize), (
+                "KV formula != allocation"
+            )
             out["decode"].append(dict(context=S, batch=b, tok_s=b / sec, kv_bytes=kv))
     for T in prefills:
         out["prefill"].append(dict(tokens=T, seconds=time_prefill(model, T, device)))
@@ -141,6 +155,7 @@ def peak_rss():
 def plot(path, results, contexts, batch):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -164,19 +179,26 @@ def main(argv=None):
     p.add_argument("--size", default="135m", choices=[s for s in SIZES if s != "tiny"] + ["tiny"])
     p.add_argument("--teacher", help="teacher source (default: the size key; 1b/3b/8b need a path)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--contexts", default=None, help="comma list (default CPU 512,2048,8192,16384; GPU up to 32768)")
+    p.add_argument(
+        "--contexts", default=None, help="comma list (default CPU 512,2048,8192,16384; GPU up to 32768)"
+    )
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prefills", default=None, help="prefill lengths timed for real (default CPU 512,2048)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timed round")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--kernels", default="true", choices=["true", "false"], help="also run the kernel self-timings")
+    p.add_argument(
+        "--kernels", default="true", choices=["true", "false"], help="also run the kernel self-timings"
+    )
     p.add_argument("--plot", help="PNG file for throughput and memory against context")
     p.add_argument("--peer", help=argparse.SUPPRESS)  # internal: time one saved peer in this process
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
-    contexts = [int(x) for x in (a.contexts or ("1024,4096,8192,16384,32768" if gpu else "512,2048,8192,16384")).split(",")]
+    contexts = [
+        int(x)
+        for x in (a.contexts or ("1024,4096,8192,16384,32768" if gpu else "512,2048,8192,16384")).split(",")
+    ]
     batches = [int(x) for x in a.batches.split(",")]
     prefills = [int(x) for x in (a.prefills or ("1024,4096" if gpu else "512,2048")).split(",")]
     torch.set_num_threads(a.threads)
@@ -193,22 +215,53 @@ def main(argv=None):
         del teacher
         for name, path in paths.items():
             print(f"timing {name} ...", flush=True)
-            cmd = [sys.executable, __file__, "--peer", path, "--device", a.device, "--contexts", ",".join(map(str, contexts)),
-                   "--batches", a.batches, "--prefills", ",".join(map(str, prefills)), "--steps", str(a.steps),
-                   "--repeats", str(a.repeats), "--threads", str(a.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--peer",
+                path,
+                "--device",
+                a.device,
+                "--contexts",
+                ",".join(map(str, contexts)),
+                "--batches",
+                a.batches,
+                "--prefills",
+                ",".join(map(str, prefills)),
+                "--steps",
+                str(a.steps),
+                "--repeats",
+                str(a.repeats),
+                "--threads",
+                str(a.threads),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"timing {name} failed:\n{res.stderr[-2000:]}")
             results[name] = json.loads(res.stdout.strip().splitlines()[-1])
     print("\n== Decode throughput (tokens/s; caches pre-filled with random contents) ==")
-    print(f"{'context':>8}{'batch':>6}" + "".join(f"{n:>14}" for n in results) + f"{'zebra/T':>9}{'zebra/MiL':>10}")
+    print(
+        f"{'context':>8}{'batch':>6}"
+        + "".join(f"{n:>14}" for n in results)
+        + f"{'zebra/T':>9}{'zebra/MiL':>10}"
+    )
     ratios = []
     for i, d in enumerate(results["teacher"]["decode"]):
         tps = {n: r["decode"][i]["tok_s"] for n, r in results.items()}
-        ratios.append(dict(context=d["context"], batch=d["batch"], **{f"{n}_tok_s": v for n, v in tps.items()},
-                           zebra_vs_teacher=tps["zebra"] / tps["teacher"], zebra_vs_mambainllama=tps["zebra"] / tps["mambainllama"]))
-        print(f"{d['context']:>8}{d['batch']:>6}" + "".join(f"{v:>14.1f}" for v in tps.values())
-              + f"{ratios[-1]['zebra_vs_teacher']:>8.2f}x{ratios[-1]['zebra_vs_mambainllama']:>9.2f}x")
+        ratios.append(
+            dict(
+                context=d["context"],
+                batch=d["batch"],
+                **{f"{n}_tok_s": v for n, v in tps.items()},
+                zebra_vs_teacher=tps["zebra"] / tps["teacher"],
+                zebra_vs_mambainllama=tps["zebra"] / tps["mambainllama"],
+            )
+        )
+        print(
+            f"{d['context']:>8}{d['batch']:>6}"
+            + "".join(f"{v:>14.1f}" for v in tps.values())
+            + f"{ratios[-1]['zebra_vs_teacher']:>8.2f}x{ratios[-1]['zebra_vs_mambainllama']:>9.2f}x"
+        )
     print("\n== Prefill (seconds, batch 1) and peak memory ==")
     for n, r in results.items():
         pre = "  ".join(f"{q['tokens']}: {q['seconds']:.2f}s" for q in r["prefill"])
@@ -216,13 +269,30 @@ def main(argv=None):
     if a.kernels == "true":
         print("\n== Kernels (the files' own self-timings) ==", flush=True)
         for f in ("ssm_scan.py", "mla.py"):
-            res = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), f)],
-                                 capture_output=True, text=True)
-            print(res.stdout[-3000:] + (f"{f} self-test FAILED:\n{res.stderr[-2000:]}" if res.returncode else ""))
+            res = subprocess.run(
+                [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), f)],
+                capture_output=True,
+                text=True,
+            )
+            print(
+                res.stdout[-3000:]
+                + (f"{f} self-test FAILED:\n{res.stderr[-2000:]}" if res.returncode else "")
+            )
     if a.plot:
         plot(a.plot, results, contexts, max(batches))
-    print(json.dumps(dict(size=a.size, device=a.device, dtype=str(dtype), threads=a.threads, kv=kv_rows,
-                          decode=ratios, peers=results)))
+    print(
+        json.dumps(
+            dict(
+                size=a.size,
+                device=a.device,
+                dtype=str(dtype),
+                threads=a.threads,
+                kv=kv_rows,
+                decode=ratios,
+                peers=results,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

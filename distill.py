@@ -14,6 +14,7 @@ Stages (paper.md §1, one checkpoint file each under out/<size>/, skipped when f
   python distill.py --size 1b --teacher /path/to/Llama-3.2-1B-Instruct
   torchrun --nproc_per_node 8 distill.py --size 8b --teacher PATH   # DDP; FSDP2 for 8b
 """
+
 import argparse
 import json
 import math
@@ -74,11 +75,39 @@ class DistillConfig:
 
 # per-size defaults; 1b/3b/8b keep the paper's hyper-parameters (paper.md §10-§12)
 PRESETS = {
-    "tiny": dict(seq_len=64, batch_size=4, ild_steps=30, kd_steps=40, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3,
-                 dpo_lr=1e-5, dpo_pairs=8, dpo_max_new=12, smart_batches=2, eval_batches=2, max_chats=400,
-                 ckpt_every=10, log_every=10, rope_rule="high"),
-    "135m": dict(seq_len=256, batch_size=4, ild_steps=30, kd_steps=80, dpo_steps=8, ild_lr=1e-3, kd_lr=2e-4,
-                 dpo_lr=2e-6, dpo_pairs=16, dpo_max_new=32, smart_batches=1, eval_batches=4, ckpt_every=10),
+    "tiny": dict(
+        seq_len=64,
+        batch_size=4,
+        ild_steps=30,
+        kd_steps=40,
+        dpo_steps=6,
+        ild_lr=2e-3,
+        kd_lr=1e-3,
+        dpo_lr=1e-5,
+        dpo_pairs=8,
+        dpo_max_new=12,
+        smart_batches=2,
+        eval_batches=2,
+        max_chats=400,
+        ckpt_every=10,
+        log_every=10,
+        rope_rule="high",
+    ),
+    "135m": dict(
+        seq_len=256,
+        batch_size=4,
+        ild_steps=30,
+        kd_steps=80,
+        dpo_steps=8,
+        ild_lr=1e-3,
+        kd_lr=2e-4,
+        dpo_lr=2e-6,
+        dpo_pairs=16,
+        dpo_max_new=32,
+        smart_batches=1,
+        eval_batches=4,
+        ckpt_every=10,
+    ),
     "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5, grad_accum=2),
     "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5, grad_accum=2),
     "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, grad_accum=2, fsdp=True),
@@ -86,10 +115,17 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in fields(DistillConfig):
         kw = dict(type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"default {f.default!r} (per-size presets apply)", **kw)
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            default=None,
+            help=f"default {f.default!r} (per-size presets apply)",
+            **kw,
+        )
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     size = given.get("size", DistillConfig.size)
     if size not in PRESETS:
@@ -115,6 +151,7 @@ def wrap_model(model, cfg, world):
         return model
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
+
         for block in model.layers:
             fully_shard(block)
         return fully_shard(model)
@@ -130,6 +167,7 @@ def full_state_dict(model):
     if not hasattr(model, "reshard"):  # plain or DDP
         return unwrap(model).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -145,13 +183,17 @@ def read_jsonl(path, record, form):
         except Exception:
             bad.append(n)
     if bad:
-        raise ValueError(f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be {form}")
+        raise ValueError(
+            f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be {form}"
+        )
     return rows
 
 
 def chat_record(d):
     assert isinstance(d["messages"], list) and d["messages"]
-    assert all(isinstance(m["content"], str) and m["role"] in ("system", "user", "assistant") for m in d["messages"])
+    assert all(
+        isinstance(m["content"], str) and m["role"] in ("system", "user", "assistant") for m in d["messages"]
+    )
     return d["messages"]
 
 
@@ -169,33 +211,49 @@ def prepare_data(cfg, tok, out):
     ILD and the other 80 % KD (paper.md §13). Reused on the next run when source and tokenizer match."""
     meta_path = os.path.join(out, "data.json")
     source = cfg.data or "chitchat-dataset==0.9.0"
-    key = dict(source=source, max_chats=cfg.max_chats, seq_len=cfg.seq_len, tokenizer=tok.name, n_vocab=tok.n_vocab)
+    key = dict(
+        source=source, max_chats=cfg.max_chats, seq_len=cfg.seq_len, tokenizer=tok.name, n_vocab=tok.n_vocab
+    )
     if os.path.isfile(meta_path):
         meta = json.load(open(meta_path))
         if meta["key"]["source"] == source and meta["key"] != key:
-            raise ValueError(f"{out} holds data prepared with {meta['key']}, not {key} (another teacher vocabulary or "
-                             f"length); use another --out-dir or delete {meta_path}")
+            raise ValueError(
+                f"{out} holds data prepared with {meta['key']}, not {key} (another teacher vocabulary or "
+                f"length); use another --out-dir or delete {meta_path}"
+            )
         if meta["key"] == key:
             return meta
     chat_form = '{"messages": [{"role": ..., "content": ...}, ...]}'
-    chats = read_jsonl(cfg.data, chat_record, chat_form) if cfg.data else convert.chitchat_chats(cfg.cache_dir or None)
-    chats = chats[:cfg.max_chats] if cfg.max_chats else chats
+    chats = (
+        read_jsonl(cfg.data, chat_record, chat_form)
+        if cfg.data
+        else convert.chitchat_chats(cfg.cache_dir or None)
+    )
+    chats = chats[: cfg.max_chats] if cfg.max_chats else chats
     if not chats:
-        raise ValueError(f"{source} holds no conversations: give a chat JSONL with one {{'messages': [...]}} per line")
+        raise ValueError(
+            f"{source} holds no conversations: give a chat JSONL with one {{'messages': [...]}} per line"
+        )
     n_held = max(1, len(chats) // 20)
     n_ild = (len(chats) - n_held) // 5
     splits = {"ild": chats[:n_ild], "kd": chats[n_ild:-n_held], "heldout": chats[-n_held:]}
-    meta = dict(key=key, prompts=[c[0]["content"] for c in splits["kd"][:512] if c[0]["role"] == "user"], n={})
+    meta = dict(
+        key=key, prompts=[c[0]["content"] for c in splits["kd"][:512] if c[0]["role"] == "user"], n={}
+    )
     for name, part in splits.items():
         ids = []
         for msgs in tqdm(part, desc=f"tokenize {name}", leave=False):
             ids.extend(tok.chat(msgs, add_generation_prompt=False))
         n = len(ids) // cfg.seq_len
         if n == 0:
-            raise ValueError(f"the {name} split has {len(ids)} tokens, fewer than one sequence of {cfg.seq_len}: "
-                             "give more data (--data, --max-chats) or a shorter --seq-len")
-        arr = np.memmap(os.path.join(out, f"data_{name}.bin"), dtype=np.uint32, mode="w+", shape=(n, cfg.seq_len))
-        arr[:] = np.asarray(ids[:n * cfg.seq_len], dtype=np.uint32).reshape(n, cfg.seq_len)
+            raise ValueError(
+                f"the {name} split has {len(ids)} tokens, fewer than one sequence of {cfg.seq_len}: "
+                "give more data (--data, --max-chats) or a shorter --seq-len"
+            )
+        arr = np.memmap(
+            os.path.join(out, f"data_{name}.bin"), dtype=np.uint32, mode="w+", shape=(n, cfg.seq_len)
+        )
+        arr[:] = np.asarray(ids[: n * cfg.seq_len], dtype=np.uint32).reshape(n, cfg.seq_len)
         arr.flush()
         meta["n"][name] = n
     json.dump(meta, open(meta_path + ".tmp", "w"))
@@ -206,7 +264,9 @@ def prepare_data(cfg, tok, out):
 def get_batch(out, meta, split, step, cfg, rank=0, world=1):
     """The step-th global batch of a split (a fixed shuffle, so resuming at a step gives the same data);
     each rank takes its slice of the global batch."""
-    arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(-1, cfg.seq_len)
+    arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(
+        -1, cfg.seq_len
+    )
     order = np.random.default_rng(cfg.seed).permutation(len(arr))
     idx = order[(step * cfg.batch_size + np.arange(cfg.batch_size)) % len(arr)][rank::world]
     return torch.from_numpy(arr[np.sort(idx)].astype(np.int64)).to(cfg.device)
@@ -236,7 +296,7 @@ def kd_loss(s_logits, t_logits, chunk=1024):
     s, t = s_logits.flatten(0, -2), t_logits.flatten(0, -2)  # (B*T, V)
     total = 0.0
     for i in range(0, s.shape[0], chunk):
-        ls, lt = F.log_softmax(s[i:i + chunk].float(), -1), F.log_softmax(t[i:i + chunk].float(), -1)
+        ls, lt = F.log_softmax(s[i : i + chunk].float(), -1), F.log_softmax(t[i : i + chunk].float(), -1)
         total = total + (lt.exp() * (lt - ls)).sum()
     return total / s.shape[0]
 
@@ -294,7 +354,8 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
     start, history = 0, []
     if os.path.isfile(path):  # an unfinished checkpoint of this stage: resume
         ck = torch.load(path, map_location=cfg.device, weights_only=True)
@@ -311,12 +372,16 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
     t0, tokens = time.time(), 0
     for step in bar:
         terms = {}
-        stop = f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
+        stop = (
+            f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
+        )
         for micro in range(cfg.grad_accum):
             try:
                 with amp:
                     loss, terms = step_loss(model, step * cfg.grad_accum + micro)
-            except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
+            except (
+                ValueError
+            ) as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
                 raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
             (loss / cfg.grad_accum).backward()
         if world > 1:  # log the loss of the global batch: the mean over ranks
@@ -330,16 +395,31 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
         opt.zero_grad(set_to_none=True)
         history.append(round(loss.item(), 6))
         tokens += cfg.batch_size * cfg.grad_accum * cfg.seq_len
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+        bar.set_postfix(
+            loss=f"{loss.item():.4f}",
+            lr=f"{sched.get_last_lr()[0]:.2e}",
+            tok_s=f"{tokens / (time.time() - t0):.0f}",
+        )
         if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
             eta = (time.time() - t0) / (step + 1 - start) * (steps - step - 1)
-            tqdm.write(f"[{stage}] step {step + 1}/{steps} loss {loss.item():.4f} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                       + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s")
+            tqdm.write(
+                f"[{stage}] step {step + 1}/{steps} loss {loss.item():.4f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s"
+            )
         # FSDP2 runs keep only finished stages: resuming sharded optimizer state is not implemented
         if rank == 0 and not cfg.fsdp and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            save_checkpoint(path, unwrap(model), stage, step + 1, tok, optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), history=history, rng=torch.get_rng_state())
+            save_checkpoint(
+                path,
+                unwrap(model),
+                stage,
+                step + 1,
+                tok,
+                optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(),
+                history=history,
+                rng=torch.get_rng_state(),
+            )
     model.eval()
     sd = full_state_dict(model)
     if rank == 0:
@@ -355,10 +435,12 @@ def build_dpo_pairs(teacher, student, tok, prompts, cfg):
     student's own reply before DPO, for prompts from the training split."""
     pairs = []
     for i in tqdm(range(0, len(prompts), 8), desc="DPO pairs", leave=False):
-        ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts[i:i + 8]]
+        ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts[i : i + 8]]
         chosen = reply(teacher, tok, ids, max_new_tokens=cfg.dpo_max_new)
         rejected = reply(student, tok, ids, max_new_tokens=cfg.dpo_max_new)
-        pairs += [dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts[i:i + 8], chosen, rejected)]
+        pairs += [
+            dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts[i : i + 8], chosen, rejected)
+        ]
     return pairs
 
 
@@ -388,16 +470,24 @@ def evaluate(models, teacher, batches):
             agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
             acc[name] += [ce.item(), kd_loss(s, t).item(), agree.item()]
     t_kv = teacher.cfg.kv_bytes_per_token()
-    row = lambda m, ce, kl, agree: dict(ppl=math.exp(ce), kl=kl, top1=agree, kv_bytes_per_token_bf16=m.cfg.kv_bytes_per_token(),
-                                        kv_pct=100 * m.cfg.kv_bytes_per_token() / t_kv, params=m.num_params())
+    row = lambda m, ce, kl, agree: dict(
+        ppl=math.exp(ce),
+        kl=kl,
+        top1=agree,
+        kv_bytes_per_token_bf16=m.cfg.kv_bytes_per_token(),
+        kv_pct=100 * m.cfg.kv_bytes_per_token() / t_kv,
+        params=m.num_params(),
+    )
     return {name: row(m, *(acc[name] / len(batches))) for name, m in models.items()}
 
 
 def print_table(rows):
     print(f"{'model':<22}{'ppl':>9}{'KL to T':>10}{'top-1':>8}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
     for name, r in rows.items():
-        print(f"{name:<22}{r['ppl']:>9.2f}{r['kl']:>10.4f}{r['top1']:>8.3f}{r['kv_bytes_per_token_bf16']:>10}"
-              f"{r['kv_pct']:>7.2f}%{r['params']:>13,}")
+        print(
+            f"{name:<22}{r['ppl']:>9.2f}{r['kl']:>10.4f}{r['top1']:>8.3f}{r['kv_bytes_per_token_bf16']:>10}"
+            f"{r['kv_pct']:>7.2f}%{r['params']:>13,}"
+        )
 
 
 # ----------------------------------------------------------------------------- the stage runner
@@ -408,15 +498,20 @@ def main(argv=None):
     out = os.path.join(cfg.out_dir, cfg.size)
     os.makedirs(out, exist_ok=True)
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes {world}")
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be a multiple of the number of processes {world}"
+        )
     stages = ["init", "ild_mla", "ild_m2", "smart", "hybrid_init", "kd", "dpo", "eval"]
     if cfg.stage and cfg.stage not in stages:
         raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(stages)}")
-    if cfg.dpo_data and not read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM):  # checked now, not after hours of KD
+    if cfg.dpo_data and not read_jsonl(
+        cfg.dpo_data, pair_record, PAIR_FORM
+    ):  # checked now, not after hours of KD
         raise ValueError(f"{cfg.dpo_data} holds no DPO pairs: give one {PAIR_FORM} per line")
     teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cfg.cache_dir or None)
-    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size,
-                                             [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None)
+    teacher.cfg = convert.with_hybrid_fields(
+        teacher.cfg, cfg.size, [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
+    )
     teacher = teacher.to(cfg.device).eval().requires_grad_(False)
     meta = prepare_data(cfg, tok, out) if rank == 0 else None
     if world > 1:
@@ -434,14 +529,18 @@ def main(argv=None):
             return True
         if cfg.stage or not os.path.isfile(path(file)):
             return not cfg.stage
-        return not file.endswith(".json") and not torch.load(path(file), weights_only=True, mmap=True).get("done")
+        return not file.endswith(".json") and not torch.load(path(file), weights_only=True, mmap=True).get(
+            "done"
+        )
 
     heldout = lambda n: [get_batch(out, meta, "heldout", i, cfg) for i in range(min(n, meta["n"]["heldout"]))]
     load = lambda name: load_checkpoint(path(name), cfg.device)[0].eval()
 
     # 1. the two students, initialised from the teacher's weights (paper.md §4, §6)
     if todo("init", "init_m2.pt"):
-        calib = get_batch(out, meta, "ild", 0, cfg)  # held-in tokens to choose the MLA rope pairs (paper.md §3.4)
+        calib = get_batch(
+            out, meta, "ild", 0, cfg
+        )  # held-in tokens to choose the MLA rope pairs (paper.md §3.4)
         for kind in ("mla", "m2"):
             student = convert.make_student(teacher, kind, cfg.rope_rule, calib)
             if rank == 0:
@@ -456,7 +555,18 @@ def main(argv=None):
             student.lm_head.requires_grad_(False)
             model = wrap_model(student, cfg, world)
             step_loss = lambda m, s: ild_loss(m, teacher, get_batch(out, meta, "ild", s, cfg, rank, world))
-            train(f"ild_{kind}", model, step_loss, cfg, path(f"ild_{kind}.pt"), cfg.ild_steps, cfg.ild_lr, rank, world, tok)
+            train(
+                f"ild_{kind}",
+                model,
+                step_loss,
+                cfg,
+                path(f"ild_{kind}.pt"),
+                cfg.ild_steps,
+                cfg.ild_lr,
+                rank,
+                world,
+                tok,
+            )
 
     # 3. SMART: which layers stay MLA (paper.md §9); --mla-layers overrides
     if todo("smart", "smart.json"):
@@ -466,8 +576,12 @@ def main(argv=None):
             m2, mla = load("ild_m2.pt"), load("ild_mla.pt")
             scores, base_kl = smart_scores(teacher, m2, mla, heldout(cfg.smart_batches))
             n = len(teacher.cfg.mla_layers)
-            res = dict(rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
-                       kl_all_m2=base_kl, scores=scores.tolist(), chosen=smart_select(scores, n))
+            res = dict(
+                rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
+                kl_all_m2=base_kl,
+                scores=scores.tolist(),
+                chosen=smart_select(scores, n),
+            )
         if rank == 0:
             json.dump(res, open(path("smart.json"), "w"), indent=1)
             print(f"SMART: MLA layers {res['chosen']}")
@@ -475,7 +589,9 @@ def main(argv=None):
 
     def chosen():  # the MLA layers picked by SMART
         if not os.path.isfile(path("smart.json")):
-            raise ValueError(f"{path('smart.json')} is missing: run the smart stage first (python distill.py --stage smart)")
+            raise ValueError(
+                f"{path('smart.json')} is missing: run the smart stage first (python distill.py --stage smart)"
+            )
         return json.load(open(path("smart.json")))["chosen"]
 
     # 4. compose the hybrid from the ILD students and the teacher (paper.md §1 step 4)
@@ -494,9 +610,25 @@ def main(argv=None):
                 t = teacher(idx)
             logits = m(idx)
             kl = kd_loss(logits, t)
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten()) if cfg.ce_weight else 0.0
+            ce = (
+                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+                if cfg.ce_weight
+                else 0.0
+            )
             return kl + cfg.ce_weight * ce, dict(kl=kl.item())
-        train("kd", wrap_model(student.train(), cfg, world), kd_step, cfg, path("kd.pt"), cfg.kd_steps, cfg.kd_lr, rank, world, tok)
+
+        train(
+            "kd",
+            wrap_model(student.train(), cfg, world),
+            kd_step,
+            cfg,
+            path("kd.pt"),
+            cfg.kd_steps,
+            cfg.kd_lr,
+            rank,
+            world,
+            tok,
+        )
 
     # 6. DPO against the frozen KD model (paper.md §12)
     if todo("dpo", "dpo.pt"):
@@ -505,7 +637,7 @@ def main(argv=None):
             pairs = read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM)
         else:
             if not os.path.isfile(path("dpo_pairs.jsonl")):
-                pairs = build_dpo_pairs(teacher, ref, tok, meta["prompts"][:cfg.dpo_pairs], cfg)
+                pairs = build_dpo_pairs(teacher, ref, tok, meta["prompts"][: cfg.dpo_pairs], cfg)
                 if rank == 0:
                     with open(path("dpo_pairs.jsonl.tmp"), "w") as f:
                         f.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -524,16 +656,39 @@ def main(argv=None):
             lp = seq_logprobs(m, idx[rows], mask[rows])
             k = len(sel)
             loss = dpo_loss(lp[:k], lp[k:], ref_lp[rows][:k], ref_lp[rows][k:], cfg.dpo_beta)
-            return loss, dict(margin=((lp[:k] - ref_lp[rows][:k]) - (lp[k:] - ref_lp[rows][k:])).mean().item())
-        train("dpo", wrap_model(load("kd.pt").train(), cfg, world), dpo_step, cfg, path("dpo.pt"), cfg.dpo_steps, cfg.dpo_lr, rank, world, tok)
+            return loss, dict(
+                margin=((lp[:k] - ref_lp[rows][:k]) - (lp[k:] - ref_lp[rows][k:])).mean().item()
+            )
+
+        train(
+            "dpo",
+            wrap_model(load("kd.pt").train(), cfg, world),
+            dpo_step,
+            cfg,
+            path("dpo.pt"),
+            cfg.dpo_steps,
+            cfg.dpo_lr,
+            rank,
+            world,
+            tok,
+        )
 
     # 7. evaluation on the held-out split
     if rank == 0 and todo("eval", "eval.json"):
         fresh = convert.compose_hybrid(teacher, load("init_mla.pt"), load("init_m2.pt"), chosen())
-        models = {"teacher": teacher, "hybrid (no training)": fresh, "hybrid after ILD": load("hybrid_init.pt"),
-                  "after KD": load("kd.pt"), "after DPO": load("dpo.pt")}
+        models = {
+            "teacher": teacher,
+            "hybrid (no training)": fresh,
+            "hybrid after ILD": load("hybrid_init.pt"),
+            "after KD": load("kd.pt"),
+            "after DPO": load("dpo.pt"),
+        }
         rows = evaluate(models, teacher, heldout(cfg.eval_batches))
-        json.dump(dict(size=cfg.size, mla_layers=chosen(), config=asdict(cfg), results=rows), open(path("eval.json"), "w"), indent=1)
+        json.dump(
+            dict(size=cfg.size, mla_layers=chosen(), config=asdict(cfg), results=rows),
+            open(path("eval.json"), "w"),
+            indent=1,
+        )
     if rank == 0 and os.path.isfile(path("eval.json")):
         print_table(json.load(open(path("eval.json")))["results"])
         print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {path('dpo.pt')}")

@@ -10,6 +10,7 @@ prefilled into its own cache row and the rows then decode together at their own 
   python generate.py --ckpt out/135m/kd.pt --prompt "Hi" --prompt "Name a color" --temperature 0.7 --top-p 0.9
   python generate.py --teacher 135m --chat false --prompt "The capital of Spain is"
 """
+
 import argparse
 import os
 import sys
@@ -31,8 +32,10 @@ def load_model(ckpt=None, teacher=None, size="135m", out_dir="out", device="cpu"
             found = [os.path.join(out_dir, size, f"{s}.pt") for s in STAGES_NEWEST_FIRST]
             ckpt = next((p for p in found if os.path.isfile(p)), None)
             if ckpt is None:
-                raise FileNotFoundError(f"no distilled model in {os.path.join(out_dir, size)}: run `python distill.py "
-                                        f"--size {size}` first, or pass --ckpt PATH or --teacher {size}")
+                raise FileNotFoundError(
+                    f"no distilled model in {os.path.join(out_dir, size)}: run `python distill.py "
+                    f"--size {size}` first, or pass --ckpt PATH or --teacher {size}"
+                )
         model, meta = load_checkpoint(ckpt)
         if meta.get("tokenizer") is None:
             raise ValueError(f"{ckpt} carries no tokenizer; rewrite it with convert.py or distill.py")
@@ -63,8 +66,10 @@ def prefill(model, prompts, max_len):
     """Prefill each prompt into its own row of one batch cache -> (cache, last-token logits (B, V))."""
     device = model.embed_tokens.weight.device
     cache = model.allocate_cache(len(prompts), max_len)
-    last = [model(torch.tensor([p], device=device), cache=cache.rows(slice(b, b + 1)))[0, -1]
-            for b, p in enumerate(prompts)]
+    last = [
+        model(torch.tensor([p], device=device), cache=cache.rows(slice(b, b + 1)))[0, -1]
+        for b, p in enumerate(prompts)
+    ]
     return cache, torch.stack(last)
 
 
@@ -81,8 +86,10 @@ def generate(model, prompts, max_new_tokens=256, stop_ids=(), temperature=0.0, t
         raise ValueError("every prompt needs at least one token")
     max_len = max(len(p) for p in prompts) + max_new_tokens
     if max_len > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens exceeds the "
-                         f"model's context of {model.cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens")
+        raise ValueError(
+            f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens exceeds the "
+            f"model's context of {model.cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens"
+        )
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache, logits = prefill(model, prompts, max_len)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=logits.device)
@@ -115,7 +122,9 @@ def main(argv=None):
     p.add_argument("--teacher", help="chat with the teacher itself: a size key (135m, tiny) or a Llama path")
     p.add_argument("--size", default="135m", help="size whose newest distilled model to load (default 135m)")
     p.add_argument("--out-dir", default="out", help="where distill.py wrote its checkpoints")
-    p.add_argument("--prompt", action="append", help="one reply per prompt (repeat for a batch); none = interactive chat")
+    p.add_argument(
+        "--prompt", action="append", help="one reply per prompt (repeat for a batch); none = interactive chat"
+    )
     p.add_argument("--chat", default="true", choices=["true", "false"], help="false = raw text completion")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -126,7 +135,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     model, tok = load_model(a.ckpt, a.teacher, a.size, a.out_dir, a.device, dtype)
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    kw = dict(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+    )
     chat = a.chat == "true"
 
     def encode(history_or_text):
@@ -139,8 +150,9 @@ def main(argv=None):
 
         def show(text):  # print only the new suffix; held back while a multi-byte character is incomplete
             if not text.endswith("\ufffd"):
-                print(text[shown[0]:], end="", flush=True)
+                print(text[shown[0] :], end="", flush=True)
                 shown[0] = len(text)
+
         return show
 
     if a.prompt:

@@ -15,6 +15,7 @@ Training/prefill decompresses K and V instead and calls SDPA. The Triton kernels
 Run: `python mla.py` (torch check + CPU timings), `TRITON_INTERPRET=1 python mla.py` (also the kernel on CPU),
 on a GPU it also times the kernel; tests: `python -m pytest tests/test_mla.py`.
 """
+
 import os
 import time
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+
     HAS_TRITON = True
 except ImportError:  # the torch paths need no triton
     HAS_TRITON = False
@@ -50,15 +52,29 @@ class MLA(nn.Module):
     The cache is a plain tensor from `allocate_cache` (no cache class); the caller owns and advances `pos`.
     """
 
-    def __init__(self, d_model, n_heads, n_kv_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim,
-                 qk_rope_head_dim, v_head_dim, rope_pairs):
+    def __init__(
+        self,
+        d_model,
+        n_heads,
+        n_kv_heads,
+        q_lora_rank,
+        kv_lora_rank,
+        qk_nope_head_dim,
+        qk_rope_head_dim,
+        v_head_dim,
+        rope_pairs,
+    ):
         super().__init__()
         _check(n_heads % n_kv_heads == 0, f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
-        _check(qk_rope_head_dim % 2 == 0 and len(rope_pairs) == qk_rope_head_dim // 2,
-               f"need d_R even and d_R/2 = {qk_rope_head_dim // 2} rope pairs, got {len(rope_pairs)}")
+        _check(
+            qk_rope_head_dim % 2 == 0 and len(rope_pairs) == qk_rope_head_dim // 2,
+            f"need d_R even and d_R/2 = {qk_rope_head_dim // 2} rope pairs, got {len(rope_pairs)}",
+        )
         self.H, self.G, self.r = n_heads, n_kv_heads, kv_lora_rank
         self.dN, self.dR, self.dV = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
-        self.scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5  # per-head width, not r_kv (kernels.md §4.1)
+        self.scale = (
+            qk_nope_head_dim + qk_rope_head_dim
+        ) ** -0.5  # per-head width, not r_kv (kernels.md §4.1)
         self.q_a_proj = nn.Linear(d_model, q_lora_rank, bias=False)
         self.q_b_proj = nn.Linear(q_lora_rank, n_heads * (self.dN + self.dR), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d_model, kv_lora_rank + self.dR, bias=False)
@@ -69,7 +85,9 @@ class MLA(nn.Module):
     def allocate_cache(self, batch, max_len, dtype=None, device=None):
         """Zeroed (B, S_max, r_kv + d_R) rows (the official code uses randn: slots past a row's length are never read)."""
         w = self.kv_a_proj_with_mqa.weight
-        return torch.zeros(batch, max_len, self.r + self.dR, dtype=dtype or w.dtype, device=device or w.device)
+        return torch.zeros(
+            batch, max_len, self.r + self.dR, dtype=dtype or w.dtype, device=device or w.device
+        )
 
     def cache_bytes_per_token(self, dtype=None):
         """Per layer: (r_kv + d_R) · element size, e.g. (128 + 32) · 2 = 320 B in bf16 at 1B (paper.md §8.2)."""
@@ -78,12 +96,23 @@ class MLA(nn.Module):
     def _attend(self, q_nope, q_pe, c, k_pe, attn_mask):
         """Decompressed attention: q (B, T, H, ·), latents c (B, S, r), k_pe (B, S, d_R); mask None = causal."""
         (B, T, H, _), S, G = q_nope.shape, c.shape[1], self.G
-        k_nope, v = self.kv_b_proj(c).view(B, S, G, self.dN + self.dV).split([self.dN, self.dV], -1)  # (B,S,G,·)
+        k_nope, v = (
+            self.kv_b_proj(c).view(B, S, G, self.dN + self.dV).split([self.dN, self.dV], -1)
+        )  # (B,S,G,·)
         q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)  # (B, H, T, d_N + d_R)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, G, self.dR)], -1).transpose(1, 2)  # (B, G, S, d_N + d_R)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, G, self.dR)], -1).transpose(
+            1, 2
+        )  # (B, G, S, d_N + d_R)
         # enable_gqa maps head h to group h // (H/G), the repeat-interleave of paper.md §3.5, without copying K/V
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           scale=self.scale, enable_gqa=True)  # (B, H, T, d_V)
+        o = F.scaled_dot_product_attention(
+            q,
+            k,
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            scale=self.scale,
+            enable_gqa=True,
+        )  # (B, H, T, d_V)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, H * self.dV))
 
     def forward(self, x, cos, sin, kv_cache=None, pos=None, backend="auto"):
@@ -95,38 +124,60 @@ class MLA(nn.Module):
         """
         _check(x.dim() == 3, f"x must be (B, T, d), got {tuple(x.shape)}")
         B, T, _ = x.shape
-        _check(cos.dim() == 3 and cos.shape == sin.shape and cos.shape[1] == T and cos.shape[0] in (1, B),
-               f"cos/sin must be (B or 1, T={T}, d_h/2), got {tuple(cos.shape)} / {tuple(sin.shape)}")
+        _check(
+            cos.dim() == 3 and cos.shape == sin.shape and cos.shape[1] == T and cos.shape[0] in (1, B),
+            f"cos/sin must be (B or 1, T={T}, d_h/2), got {tuple(cos.shape)} / {tuple(sin.shape)}",
+        )
         q = self.q_b_proj(self.q_a_proj(x)).view(B, T, self.H, self.dN + self.dR)  # (B, T, H, d_N + d_R)
         q_nope, q_pe = q.split([self.dN, self.dR], -1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.dR], -1)  # (B, T, r_kv), (B, T, d_R)
-        cos, sin = cos[..., self.rope_pairs].to(x.dtype), sin[..., self.rope_pairs].to(x.dtype)  # (B|1, T, d_R/2)
+        cos, sin = (
+            cos[..., self.rope_pairs].to(x.dtype),
+            sin[..., self.rope_pairs].to(x.dtype),
+        )  # (B|1, T, d_R/2)
         q_pe = _rope(q_pe, cos[:, :, None], sin[:, :, None])  # same pairs for every head: k^R is shared
         k_pe = _rope(k_pe, cos, sin)
         if kv_cache is None:
             return self._attend(q_nope, q_pe, c, k_pe, None)
-        _check(kv_cache.dim() == 3 and kv_cache.shape[0] == B and kv_cache.shape[2] == self.r + self.dR,
-               f"kv_cache must be (B={B}, S_max, {self.r + self.dR}), got {tuple(kv_cache.shape)}")
+        _check(
+            kv_cache.dim() == 3 and kv_cache.shape[0] == B and kv_cache.shape[2] == self.r + self.dR,
+            f"kv_cache must be (B={B}, S_max, {self.r + self.dR}), got {tuple(kv_cache.shape)}",
+        )
         _check(kv_cache.dtype == x.dtype, f"kv_cache dtype {kv_cache.dtype} != x dtype {x.dtype}")
-        _check(pos is not None and pos.shape == (B,) and not pos.is_floating_point(), "pos must be a (B,) int tensor")
+        _check(
+            pos is not None and pos.shape == (B,) and not pos.is_floating_point(),
+            "pos must be a (B,) int tensor",
+        )
         lo, hi = torch.stack(torch.aminmax(pos)).tolist()  # one host sync for both bounds
-        _check(lo >= 0 and hi + T <= kv_cache.shape[1],
-               f"positions up to {hi + T} exceed the allocated cache length {kv_cache.shape[1]}")
+        _check(
+            lo >= 0 and hi + T <= kv_cache.shape[1],
+            f"positions up to {hi + T} exceed the allocated cache length {kv_cache.shape[1]}",
+        )
         idx = pos[:, None] + torch.arange(T, device=x.device)  # (B, T) cache slot of each new token
-        kv_cache[torch.arange(B, device=x.device)[:, None], idx] = torch.cat([c, k_pe], -1)  # (B, T, r_kv + d_R)
+        kv_cache[torch.arange(B, device=x.device)[:, None], idx] = torch.cat(
+            [c, k_pe], -1
+        )  # (B, T, r_kv + d_R)
         if T == 1:
             # kv_b_proj rows are [k_nope ; v] per group, so W_UK and W_UV are views, no copy (paper.md §16)
             W = self.kv_b_proj.weight.view(self.G, self.dN + self.dV, self.r)  # (G, d_N + d_V, r_kv)
             # cache_seqlens = pos + 1: the new token, just written, attends to itself
-            o = mla_decode_full(q_nope[:, 0], q_pe[:, 0], kv_cache, pos + 1, W[:, :self.dN], W[:, self.dN:],
-                                self.scale, backend=backend)  # (B, H, d_V)
+            o = mla_decode_full(
+                q_nope[:, 0],
+                q_pe[:, 0],
+                kv_cache,
+                pos + 1,
+                W[:, : self.dN],
+                W[:, self.dN :],
+                self.scale,
+                backend=backend,
+            )  # (B, H, d_V)
             return self.out_proj(o.reshape(B, 1, self.H * self.dV))
         S = hi + T
         s = torch.arange(S, device=x.device)
         # (B, S, r_kv + d_R); slots past a row's length are zeroed, as they may hold anything (NaN included)
         rows = torch.where((s < (pos[:, None] + T))[..., None], kv_cache[:, :S], 0)
         mask = s[None, None, :] <= idx[:, :, None]  # (B, T, S) causal within each row's own length
-        return self._attend(q_nope, q_pe, rows[..., :self.r], rows[..., self.r:], mask[:, None])
+        return self._attend(q_nope, q_pe, rows[..., : self.r], rows[..., self.r :], mask[:, None])
 
 
 # ----------------------------------------------------------------------------- torch references for decode
@@ -136,7 +187,9 @@ def mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_r
     Example: one cached row [c ; k] gives out_latent = c and lse = τ·q·[c ; k]. An empty row gives 0 and -inf.
     """
     dt = torch.promote_types(q.dtype, torch.float32)
-    S = int(cache_seqlens.max()) if cache_seqlens.numel() else 0  # slots past every row's length are never read
+    S = (
+        int(cache_seqlens.max()) if cache_seqlens.numel() else 0
+    )  # slots past every row's length are never read
     valid = torch.arange(S, device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S)
     kv = kv_cache[:, :S].to(dt)  # (B, S, r + d_R)
     if not bool(valid.all()):  # ragged rows: zero the slots past each length, as 0·NaN would still be NaN
@@ -144,7 +197,9 @@ def mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_r
     s = torch.einsum("bhd,bsd->bhs", q.to(dt), kv) * softmax_scale  # (B, H, S)
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(s, -1)  # (B, H)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # (B, H, S); an empty row gives 0, not NaN
+    p = torch.exp(
+        s - lse.masked_fill(lse == float("-inf"), 0)[..., None]
+    )  # (B, H, S); an empty row gives 0, not NaN
     return torch.einsum("bhs,bsr->bhr", p, kv[..., :kv_lora_rank]), lse
 
 
@@ -157,9 +212,14 @@ def mla_decode_ref_naive(q_nope, q_pe, kv_cache, cache_seqlens, W_UK, W_UV, soft
     for b in range(B):
         n = int(cache_seqlens[b])
         c, k_pe = kv_cache[b, :n, :r].to(dt), kv_cache[b, :n, r:].to(dt)  # (n, r), (n, d_R)
-        k = torch.cat([torch.einsum("sr,gdr->gsd", c, W_UK), k_pe.expand(G, n, k_pe.shape[1])], -1)  # (G, n, d_N+d_R)
+        k = torch.cat(
+            [torch.einsum("sr,gdr->gsd", c, W_UK), k_pe.expand(G, n, k_pe.shape[1])], -1
+        )  # (G, n, d_N+d_R)
         v = torch.einsum("sr,gvr->gsv", c, W_UV)  # (G, n, d_V)
-        k, v = k.repeat_interleave(H // G, 0), v.repeat_interleave(H // G, 0)  # (H, n, ·): head h → group h // (H/G)
+        k, v = (
+            k.repeat_interleave(H // G, 0),
+            v.repeat_interleave(H // G, 0),
+        )  # (H, n, ·): head h → group h // (H/G)
         q = torch.cat([q_nope[b], q_pe[b]], -1).to(dt)  # (H, d_N + d_R)
         p = torch.softmax(torch.einsum("hd,hsd->hs", q, k) * softmax_scale, -1)  # (H, n)
         out[b] = torch.einsum("hs,hsv->hv", p, v)
@@ -168,11 +228,38 @@ def mla_decode_ref_naive(q_nope, q_pe, kv_cache, cache_seqlens, W_UK, W_UV, soft
 
 # ----------------------------------------------------------------------------- Triton kernels (forward only)
 if HAS_TRITON:
+
     @triton.jit
-    def _mla_decode_split_kernel(Q, KV, Seqlens, O_part, LSE_part, H, R, DR, split_len, scale,
-                                 s_qb, s_qh, s_qd, s_kb, s_ks, s_kd, s_ob, s_oh, s_os, s_or, s_lb, s_lh, s_ls,
-                                 BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                                 BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr):
+    def _mla_decode_split_kernel(
+        Q,
+        KV,
+        Seqlens,
+        O_part,
+        LSE_part,
+        H,
+        R,
+        DR,
+        split_len,
+        scale,
+        s_qb,
+        s_qh,
+        s_qd,
+        s_kb,
+        s_ks,
+        s_kd,
+        s_ob,
+        s_oh,
+        s_os,
+        s_or,
+        s_lb,
+        s_lh,
+        s_ls,
+        BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_DR: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Stage 1, grid (B, cdiv(H, BLOCK_H), splits): BLOCK_H heads over one slice of one row's cache."""
         pid_b = tl.program_id(0).to(tl.int64)  # int64 before any stride math
         pid_h, pid_s = tl.program_id(1), tl.program_id(2)
@@ -184,8 +271,12 @@ if HAS_TRITON:
         mask_h, mask_r, mask_p = offs_h < H, offs_r < R, offs_p < DR  # r need not be a power of 2 (48, 160)
         # q is loaded once and reused for every cache block; all BLOCK_H heads share each loaded cache row
         q_ptr = Q + pid_b * s_qb + offs_h[:, None] * s_qh
-        q_lat = tl.load(q_ptr + offs_r[None, :] * s_qd, mask=mask_h[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        q_pe = tl.load(q_ptr + (R + offs_p)[None, :] * s_qd, mask=mask_h[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+        q_lat = tl.load(q_ptr + offs_r[None, :] * s_qd, mask=mask_h[:, None] & mask_r[None, :], other=0.0).to(
+            tl.float32
+        )
+        q_pe = tl.load(
+            q_ptr + (R + offs_p)[None, :] * s_qd, mask=mask_h[:, None] & mask_p[None, :], other=0.0
+        ).to(tl.float32)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
@@ -194,11 +285,15 @@ if HAS_TRITON:
             mask_n = offs_n < end
             kv_ptr = KV + pid_b * s_kb + offs_n.to(tl.int64)[:, None] * s_ks
             # masked loads read 0 for slots >= seqlen, so NaN there cannot reach the P·c dot
-            c = tl.load(kv_ptr + offs_r[None, :] * s_kd, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            k_pe = tl.load(kv_ptr + (R + offs_p)[None, :] * s_kd, mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+            c = tl.load(
+                kv_ptr + offs_r[None, :] * s_kd, mask=mask_n[:, None] & mask_r[None, :], other=0.0
+            ).to(tl.float32)
+            k_pe = tl.load(
+                kv_ptr + (R + offs_p)[None, :] * s_kd, mask=mask_n[:, None] & mask_p[None, :], other=0.0
+            ).to(tl.float32)
             # two dots, latent block + rope block, instead of padding r + d_R to a power of 2 (kernels.md §4.5)
             s = tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
-            s = (tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=PRECISION) * scale)  # (BLOCK_H, BLOCK_N)
+            s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=PRECISION) * scale  # (BLOCK_H, BLOCK_N)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds >= 1 valid token
             alpha = tl.exp(m_i - m_new)  # rescales what was summed under the old max (0 on the first block)
@@ -212,18 +307,41 @@ if HAS_TRITON:
         tl.store(LSE_part + pid_b * s_lb + pid_s * s_ls + offs_h * s_lh, m_i + tl.log(l_safe), mask=mask_h)
 
     @triton.jit
-    def _mla_decode_reduce_kernel(O_part, LSE_part, Seqlens, Out, LSE, R, split_len,
-                                  s_ob, s_oh, s_os, s_or, s_lb, s_lh, s_ls, s_yb, s_yh, s_yr, s_eb, s_eh,
-                                  BLOCK_R: tl.constexpr):
+    def _mla_decode_reduce_kernel(
+        O_part,
+        LSE_part,
+        Seqlens,
+        Out,
+        LSE,
+        R,
+        split_len,
+        s_ob,
+        s_oh,
+        s_os,
+        s_or,
+        s_lb,
+        s_lh,
+        s_ls,
+        s_yb,
+        s_yh,
+        s_yr,
+        s_eb,
+        s_eh,
+        BLOCK_R: tl.constexpr,
+    ):
         """Stage 2, grid (B, H): LSE-weighted merge of the non-empty splits of one (row, head)."""
         pid_b, pid_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         seqlen = tl.load(Seqlens + pid_b)
         offs_r = tl.arange(0, BLOCK_R)
         # the same online softmax, one split at a time: a partial is already normalised, so its weight is exp(lse_s)
         m, l, acc = float("-inf"), 0.0, tl.zeros([BLOCK_R], tl.float32)
-        for sp in range(0, tl.cdiv(seqlen, split_len)):  # only splits that hold tokens; the rest are never read
+        for sp in range(
+            0, tl.cdiv(seqlen, split_len)
+        ):  # only splits that hold tokens; the rest are never read
             lse_s = tl.load(LSE_part + pid_b * s_lb + pid_h * s_lh + sp * s_ls)
-            o_s = tl.load(O_part + pid_b * s_ob + pid_h * s_oh + sp * s_os + offs_r * s_or, mask=offs_r < R, other=0.0)
+            o_s = tl.load(
+                O_part + pid_b * s_ob + pid_h * s_oh + sp * s_os + offs_r * s_or, mask=offs_r < R, other=0.0
+            )
             m_new = tl.maximum(m, lse_s)
             alpha, w = tl.exp(m - m_new), tl.exp(lse_s - m_new)
             acc, l, m = acc * alpha + w * o_s, l * alpha + w, m_new
@@ -249,14 +367,44 @@ def _mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, 
     lse_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # bf16/fp16 values are exact in tf32
     _mla_decode_split_kernel[(B, triton.cdiv(H, BLOCK_H), num_splits)](
-        q, kv_cache, seqlens, o_part, lse_part, H, r, D - r, split_len, softmax_scale,
-        *q.stride(), *kv_cache.stride(), *o_part.stride(), *lse_part.stride(),
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_DR=BLOCK_DR, PRECISION=precision,
-        num_warps=num_warps, num_stages=2)
+        q,
+        kv_cache,
+        seqlens,
+        o_part,
+        lse_part,
+        H,
+        r,
+        D - r,
+        split_len,
+        softmax_scale,
+        *q.stride(),
+        *kv_cache.stride(),
+        *o_part.stride(),
+        *lse_part.stride(),
+        BLOCK_H=BLOCK_H,
+        BLOCK_N=BLOCK_N,
+        BLOCK_R=BLOCK_R,
+        BLOCK_DR=BLOCK_DR,
+        PRECISION=precision,
+        num_warps=num_warps,
+        num_stages=2,
+    )
     out = torch.empty(B, H, r, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, dtype=torch.float32, device=q.device)
-    _mla_decode_reduce_kernel[(B, H)](o_part, lse_part, seqlens, out, lse, r, split_len, *o_part.stride(),
-                                      *lse_part.stride(), *out.stride(), *lse.stride(), BLOCK_R=BLOCK_R)
+    _mla_decode_reduce_kernel[(B, H)](
+        o_part,
+        lse_part,
+        seqlens,
+        out,
+        lse,
+        r,
+        split_len,
+        *o_part.stride(),
+        *lse_part.stride(),
+        *out.stride(),
+        *lse.stride(),
+        BLOCK_R=BLOCK_R,
+    )
     return out, lse
 
 
@@ -264,38 +412,69 @@ def mla_decode(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, num_spli
     """One query token per row: q (B, H, r + d_R), kv_cache (B, S_max, r + d_R), cache_seqlens (B,) ints ≥ 0
     → (out_latent (B, H, r) in q's dtype, lse (B, H) fp32). backend "auto": Triton for CUDA tensors without grad.
     num_splits=None picks ~2 programs per SM; a fixed count fixes the summation order (run-to-run determinism)."""
-    _check(softmax_scale is not None and softmax_scale > 0, "softmax_scale is required: pass (d_nope + d_rope) ** -0.5")
-    _check(q.dim() == 3 and kv_cache.dim() == 3, f"q must be (B, H, D) and kv_cache (B, S, D), got "
-           f"{tuple(q.shape)} and {tuple(kv_cache.shape)}")
-    _check(q.shape[0] == kv_cache.shape[0] and q.shape[2] == kv_cache.shape[2] and 0 < kv_lora_rank < q.shape[2],
-           f"q {tuple(q.shape)} and kv_cache {tuple(kv_cache.shape)} disagree (kv_lora_rank {kv_lora_rank})")
+    _check(
+        softmax_scale is not None and softmax_scale > 0,
+        "softmax_scale is required: pass (d_nope + d_rope) ** -0.5",
+    )
+    _check(
+        q.dim() == 3 and kv_cache.dim() == 3,
+        f"q must be (B, H, D) and kv_cache (B, S, D), got {tuple(q.shape)} and {tuple(kv_cache.shape)}",
+    )
+    _check(
+        q.shape[0] == kv_cache.shape[0] and q.shape[2] == kv_cache.shape[2] and 0 < kv_lora_rank < q.shape[2],
+        f"q {tuple(q.shape)} and kv_cache {tuple(kv_cache.shape)} disagree (kv_lora_rank {kv_lora_rank})",
+    )
     _check(q.dtype == kv_cache.dtype, f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
-    _check(q.device == kv_cache.device == cache_seqlens.device, "q, kv_cache and cache_seqlens must share a device")
-    _check(cache_seqlens.shape == (q.shape[0],) and not cache_seqlens.is_floating_point(), "cache_seqlens must be (B,) ints")
+    _check(
+        q.device == kv_cache.device == cache_seqlens.device,
+        "q, kv_cache and cache_seqlens must share a device",
+    )
+    _check(
+        cache_seqlens.shape == (q.shape[0],) and not cache_seqlens.is_floating_point(),
+        "cache_seqlens must be (B,) ints",
+    )
     lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one host sync for both bounds
-    _check(lo >= 0 and hi <= kv_cache.shape[1], f"cache_seqlens up to {hi} exceed the allocated cache length {kv_cache.shape[1]}")
+    _check(
+        lo >= 0 and hi <= kv_cache.shape[1],
+        f"cache_seqlens up to {hi} exceed the allocated cache length {kv_cache.shape[1]}",
+    )
     _check(num_splits is None or num_splits >= 1, "num_splits must be >= 1")
     _check(backend in ("auto", "torch", "triton"), f"unknown backend {backend!r}")
     if backend == "auto":
-        backend = "triton" if HAS_TRITON and q.is_cuda and not (torch.is_grad_enabled() and q.requires_grad) else "torch"
+        backend = (
+            "triton"
+            if HAS_TRITON and q.is_cuda and not (torch.is_grad_enabled() and q.requires_grad)
+            else "torch"
+        )
     if backend == "torch":
         out, lse = mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank)
         return out.to(q.dtype), lse.float()
-    _check(HAS_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"),
-           "backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    _check(
+        HAS_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"),
+        "backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)",
+    )
     return _mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, num_splits, hi)
 
 
-def mla_decode_full(q_nope, q_pe, kv_cache, cache_seqlens, W_UK, W_UV, softmax_scale, num_splits=None, backend="auto"):
+def mla_decode_full(
+    q_nope, q_pe, kv_cache, cache_seqlens, W_UK, W_UV, softmax_scale, num_splits=None, backend="auto"
+):
     """Absorbed decode around `mla_decode`: q_nope (B, H, d_N), q_pe (B, H, d_R) rotated, W_UK (G, d_N, r),
     W_UV (G, d_V, r) → (B, H, d_V). Head h uses group h // (H/G); the repeat is never materialised."""
     (B, H, dN), (G, _, r) = q_nope.shape, W_UK.shape
-    _check(H % G == 0 and W_UK.shape[1] == dN and W_UV.shape[0] == G and W_UV.shape[2] == r,
-           f"W_UK {tuple(W_UK.shape)} / W_UV {tuple(W_UV.shape)} do not fit q_nope {tuple(q_nope.shape)}")
-    q_lat = torch.einsum("bgmd,gdr->bgmr", q_nope.reshape(B, G, H // G, dN), W_UK).reshape(B, H, r)  # (B, H, r)
-    out_lat, _ = mla_decode(torch.cat([q_lat, q_pe], -1), kv_cache, cache_seqlens, softmax_scale, r,
-                            num_splits, backend)  # (B, H, r)
-    return torch.einsum("bgmr,gvr->bgmv", out_lat.reshape(B, G, H // G, r), W_UV).reshape(B, H, -1)  # (B, H, d_V)
+    _check(
+        H % G == 0 and W_UK.shape[1] == dN and W_UV.shape[0] == G and W_UV.shape[2] == r,
+        f"W_UK {tuple(W_UK.shape)} / W_UV {tuple(W_UV.shape)} do not fit q_nope {tuple(q_nope.shape)}",
+    )
+    q_lat = torch.einsum("bgmd,gdr->bgmr", q_nope.reshape(B, G, H // G, dN), W_UK).reshape(
+        B, H, r
+    )  # (B, H, r)
+    out_lat, _ = mla_decode(
+        torch.cat([q_lat, q_pe], -1), kv_cache, cache_seqlens, softmax_scale, r, num_splits, backend
+    )  # (B, H, r)
+    return torch.einsum("bgmr,gvr->bgmv", out_lat.reshape(B, G, H // G, r), W_UV).reshape(
+        B, H, -1
+    )  # (B, H, d_V)
 
 
 # ----------------------------------------------------------------------------- self-test and timings
@@ -309,33 +488,52 @@ if __name__ == "__main__":
     kv[torch.arange(320, device=dev)[None] >= lens[:, None]] = float("nan")  # unused slots must never be read
     q_nope, q_pe = torch.randn(B, H, dN, device=dev), torch.randn(B, H, dR, device=dev)
     W_UK, W_UV = torch.randn(G, dN, r, device=dev) / 6, torch.randn(G, dV, r, device=dev) / 6
-    ref = mla_decode_ref_naive(q_nope.double(), q_pe.double(), kv.double(), lens, W_UK.double(), W_UV.double(), scale)
+    ref = mla_decode_ref_naive(
+        q_nope.double(), q_pe.double(), kv.double(), lens, W_UK.double(), W_UV.double(), scale
+    )
     for be, splits in [("torch", None)] + [("triton", None), ("triton", 1), ("triton", 7)] * kernel:
-        err = (mla_decode_full(q_nope, q_pe, kv, lens, W_UK, W_UV, scale, splits, be).double() - ref).abs().max().item()
-        print(f"{be:6s} splits={splits}: max abs diff vs decompressed fp64 {err:.1e} {'OK' if err < 1e-4 else 'NOT OK'}")
+        err = (
+            (mla_decode_full(q_nope, q_pe, kv, lens, W_UK, W_UV, scale, splits, be).double() - ref)
+            .abs()
+            .max()
+            .item()
+        )
+        print(
+            f"{be:6s} splits={splits}: max abs diff vs decompressed fp64 {err:.1e} {'OK' if err < 1e-4 else 'NOT OK'}"
+        )
         assert err < 1e-4
     if not kernel:
         print("kernel check skipped: no CUDA and TRITON_INTERPRET != 1")
     # CPU timing, 135m sizes: the absorbed form reads r + d_R per token once; naive first decompresses H keys/values
     S, qn, qp, W_UK, W_UV = 4096, q_nope[:1].cpu(), q_pe[:1].cpu(), W_UK.cpu(), W_UV.cpu()
     kv, lens1 = torch.randn(1, S, r + dR), torch.tensor([S])
-    for name, fn in [("torch absorbed", lambda: mla_decode_full(qn, qp, kv, lens1, W_UK, W_UV, scale, backend="torch")),
-                     ("torch naive", lambda: mla_decode_ref_naive(qn, qp, kv, lens1, W_UK, W_UV, scale))]:
+    for name, fn in [
+        ("torch absorbed", lambda: mla_decode_full(qn, qp, kv, lens1, W_UK, W_UV, scale, backend="torch")),
+        ("torch naive", lambda: mla_decode_ref_naive(qn, qp, kv, lens1, W_UK, W_UV, scale)),
+    ]:
         fn()
         t0 = time.perf_counter()
         for _ in range(10):
             fn()
-        print(f"{name:15s} B=1 H={H} S={S} fp32 cpu ({torch.get_num_threads()} threads): "
-              f"{(time.perf_counter() - t0) / 10 * 1e3:.2f} ms")
+        print(
+            f"{name:15s} B=1 H={H} S={S} fp32 cpu ({torch.get_num_threads()} threads): "
+            f"{(time.perf_counter() - t0) / 10 * 1e3:.2f} ms"
+        )
     if dev == "cuda" and HAS_TRITON:
         p = torch.cuda.get_device_properties(0)
-        bw = getattr(p, "memory_clock_rate", 0) * 1e3 * getattr(p, "memory_bus_width", 0) / 4  # DDR: 2 transfers/clock
-        peak = bw or 3.35e12  # H100 SXM datasheet (kernels.md §6) when torch does not report clock and bus width
+        bw = (
+            getattr(p, "memory_clock_rate", 0) * 1e3 * getattr(p, "memory_bus_width", 0) / 4
+        )  # DDR: 2 transfers/clock
+        peak = (
+            bw or 3.35e12
+        )  # H100 SXM datasheet (kernels.md §6) when torch does not report clock and bus width
         for b, S, h in [(1, 16384, 16), (64, 4096, 16), (64, 4096, 32)]:
             kv = torch.randn(b, S, 128 + 32, device=dev, dtype=torch.bfloat16)
             q = torch.randn(b, h, 128 + 32, device=dev, dtype=torch.bfloat16)
             lens_b = torch.full((b,), S, device=dev)
             # the launch wrapper alone: mla_decode's input checks add a host sync that is not kernel time
             ms = triton.testing.do_bench(lambda: _mla_decode_triton(q, kv, lens_b, 0.125, 128, None, S))
-            print(f"triton bf16 b={b} S={S} h={h} r=128 d_R=32: {ms * 1e3:.1f} us, cache read "
-                  f"{kv.nbytes / ms / 1e6:.0f} GB/s = {kv.nbytes / ms / 1e-3 / peak:.0%} of {peak / 1e9:.0f} GB/s peak")
+            print(
+                f"triton bf16 b={b} S={S} h={h} r=128 d_R=32: {ms * 1e3:.1f} us, cache read "
+                f"{kv.nbytes / ms / 1e6:.0f} GB/s = {kv.nbytes / ms / 1e-3 / peak:.0%} of {peak / 1e9:.0f} GB/s peak"
+            )

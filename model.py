@@ -12,6 +12,7 @@ Glossary (shape letters used in the comments):
 
 Run the tests: python -m pytest tests/test_model.py
 """
+
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,9 @@ class ModelConfig:
     d_ff: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_factor: float = 1.0  # Llama-3 rope scaling (1.0 = none): factor, low/high freq factor, original context
+    rope_factor: float = (
+        1.0  # Llama-3 rope scaling (1.0 = none): factor, low/high freq factor, original context
+    )
     rope_low_freq: float = 1.0
     rope_high_freq: float = 4.0
     rope_orig_ctx: int = 8192
@@ -70,9 +73,13 @@ class ModelConfig:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if "mla" in self.kinds or self.mla_layers:
             if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
-                raise ValueError(f"qk_rope_head_dim {self.qk_rope_head_dim} must be even and <= head_dim {self.head_dim}")
+                raise ValueError(
+                    f"qk_rope_head_dim {self.qk_rope_head_dim} must be even and <= head_dim {self.head_dim}"
+                )
             if self.v_head_dim != self.head_dim:
-                raise ValueError(f"v_head_dim {self.v_head_dim} must equal head_dim {self.head_dim} (out_proj is copied)")
+                raise ValueError(
+                    f"v_head_dim {self.v_head_dim} must equal head_dim {self.head_dim} (out_proj is copied)"
+                )
         # checkpoints store dicts as JSON-like data: layer keys may come back as strings
         pairs = self.rope_pairs or {}
         self.rope_pairs = {int(i): [int(j) for j in p] for i, p in pairs.items()}
@@ -90,7 +97,11 @@ class ModelConfig:
     def kv_bytes_per_token(self, elt=2):
         """Cache bytes that grow with each token (paper.md §8.2): 2*G*P per attention layer, r_kv + d_R per MLA
         layer, nothing for Mamba2 (its state is constant). elt = bytes per element (2 for bf16)."""
-        per = {"attn": 2 * self.n_kv_head * self.head_dim, "mla": self.kv_lora_rank + self.qk_rope_head_dim, "m2": 0}
+        per = {
+            "attn": 2 * self.n_kv_head * self.head_dim,
+            "mla": self.kv_lora_rank + self.qk_rope_head_dim,
+            "m2": 0,
+        }
         return elt * sum(per[k] for k in self.kinds)
 
     def to_dict(self):
@@ -106,22 +117,86 @@ def _llama(**kw):
 # Exact keys only (style.md rule 6). 1b/3b/8b: the paper's published configs (paper.md §3.6, §8.1);
 # 135m: the project's SmolLM2 config (§8.4); tiny: a random Llama for tests and the smoke run.
 SIZES = {
-    "tiny": dict(vocab_size=272, n_layer=4, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=128,
-                 max_seq_len=512, mla_layers=[0, 2], q_lora_rank=32, kv_lora_rank=16,
-                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, chunk_size=16),
-    "135m": dict(vocab_size=49152, n_layer=30, d_model=576, n_head=9, n_kv_head=3, head_dim=64, d_ff=1536,
-                 rope_theta=1e5, max_seq_len=8192, mla_layers=[0, 6, 12, 18, 24, 28], q_lora_rank=384,
-                 kv_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64),
-    "1b": _llama(n_layer=16, d_model=2048, n_head=32, n_kv_head=8, head_dim=64, d_ff=8192,
-                 mla_layers=[0, 5, 10, 14], q_lora_rank=1344, kv_lora_rank=128,
-                 qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64),
-    "3b": _llama(n_layer=28, d_model=3072, n_head=24, n_kv_head=8, head_dim=128, d_ff=8192,
-                 mla_layers=[0, 5, 10, 16, 21, 26], q_lora_rank=1536, kv_lora_rank=128,
-                 qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128),
-    "8b": dict(_llama(n_layer=32, d_model=4096, n_head=32, n_kv_head=8, head_dim=128, d_ff=14336,
-                      mla_layers=[0, 4, 8, 12, 16, 20, 25, 30], q_lora_rank=2048, kv_lora_rank=160,
-                      qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128),
-               rope_factor=8.0, tie_embeddings=False),
+    "tiny": dict(
+        vocab_size=272,
+        n_layer=4,
+        d_model=64,
+        n_head=4,
+        n_kv_head=2,
+        head_dim=16,
+        d_ff=128,
+        max_seq_len=512,
+        mla_layers=[0, 2],
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        chunk_size=16,
+    ),
+    "135m": dict(
+        vocab_size=49152,
+        n_layer=30,
+        d_model=576,
+        n_head=9,
+        n_kv_head=3,
+        head_dim=64,
+        d_ff=1536,
+        rope_theta=1e5,
+        max_seq_len=8192,
+        mla_layers=[0, 6, 12, 18, 24, 28],
+        q_lora_rank=384,
+        kv_lora_rank=48,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+    ),
+    "1b": _llama(
+        n_layer=16,
+        d_model=2048,
+        n_head=32,
+        n_kv_head=8,
+        head_dim=64,
+        d_ff=8192,
+        mla_layers=[0, 5, 10, 14],
+        q_lora_rank=1344,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+    ),
+    "3b": _llama(
+        n_layer=28,
+        d_model=3072,
+        n_head=24,
+        n_kv_head=8,
+        head_dim=128,
+        d_ff=8192,
+        mla_layers=[0, 5, 10, 16, 21, 26],
+        q_lora_rank=1536,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+    ),
+    "8b": dict(
+        _llama(
+            n_layer=32,
+            d_model=4096,
+            n_head=32,
+            n_kv_head=8,
+            head_dim=128,
+            d_ff=14336,
+            mla_layers=[0, 4, 8, 12, 16, 20, 25, 30],
+            q_lora_rank=2048,
+            kv_lora_rank=160,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+        ),
+        rope_factor=8.0,
+        tie_embeddings=False,
+    ),
 }
 
 
@@ -156,8 +231,11 @@ def rope_freqs(cfg, device=None):
         wavelen = 2 * math.pi / f
         u = (cfg.rope_orig_ctx / wavelen - cfg.rope_low_freq) / (cfg.rope_high_freq - cfg.rope_low_freq)
         smooth = (1 - u) * f / cfg.rope_factor + u * f
-        f = torch.where(wavelen < cfg.rope_orig_ctx / cfg.rope_high_freq, f,
-                        torch.where(wavelen > cfg.rope_orig_ctx / cfg.rope_low_freq, f / cfg.rope_factor, smooth))
+        f = torch.where(
+            wavelen < cfg.rope_orig_ctx / cfg.rope_high_freq,
+            f,
+            torch.where(wavelen > cfg.rope_orig_ctx / cfg.rope_low_freq, f / cfg.rope_factor, smooth),
+        )
     return f.float()
 
 
@@ -185,8 +263,10 @@ def write_rows(buf, new, pos):
     """Write new (B, T, ...) into buf (B, S, ...) at rows pos[b] .. pos[b]+T-1 of each sequence b."""
     B, T = new.shape[:2]
     if int(pos.max()) + T > buf.shape[1]:
-        raise ValueError(f"cache overflow: position {int(pos.max()) + T} > cache length {buf.shape[1]}; "
-                         "allocate a longer cache (max_len) or shorten the prompt")
+        raise ValueError(
+            f"cache overflow: position {int(pos.max()) + T} > cache length {buf.shape[1]}; "
+            "allocate a longer cache (max_len) or shorten the prompt"
+        )
     rows = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
     buf[torch.arange(B, device=pos.device)[:, None], rows] = new.to(buf.dtype)
 
@@ -222,7 +302,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, G, P)
         if cache is None:
             rep = H // G  # training/full forward: plain causal SDPA over T tokens
-            q, k, v = q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2)
+            q, k, v = (
+                q.transpose(1, 2),
+                k.repeat_interleave(rep, 2).transpose(1, 2),
+                v.repeat_interleave(rep, 2).transpose(1, 2),
+            )
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, P)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, H * P))
         kc, vc = cache
@@ -234,7 +318,9 @@ class Attention(nn.Module):
         rep = H // G
         q = q.view(B, T, G, rep, P).permute(0, 2, 3, 1, 4).reshape(B, G, rep * T, P)
         mask = causal_mask(pos, T, S)[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
-        y = F.scaled_dot_product_attention(q, kc[:, :S].transpose(1, 2), vc[:, :S].transpose(1, 2), attn_mask=mask)
+        y = F.scaled_dot_product_attention(
+            q, kc[:, :S].transpose(1, 2), vc[:, :S].transpose(1, 2), attn_mask=mask
+        )
         y = y.view(B, G, rep, T, P).permute(0, 3, 1, 2, 4).reshape(B, T, H * P)  # back to (B, T, H*P)
         return self.o_proj(y)
 
@@ -266,8 +352,10 @@ class Mamba2(nn.Module):
 
     def allocate_cache(self, batch, max_len, dtype, device):
         H, P = self.cfg.n_head, self.cfg.head_dim
-        return (torch.zeros(batch, self.conv_dim, self.cfg.d_conv - 1, dtype=dtype, device=device),
-                torch.zeros(batch, H, P, P, dtype=torch.float32, device=device))
+        return (
+            torch.zeros(batch, self.conv_dim, self.cfg.d_conv - 1, dtype=dtype, device=device),
+            torch.zeros(batch, H, P, P, dtype=torch.float32, device=device),
+        )
 
     def forward(self, u, cos=None, sin=None, cache=None, pos=None, backend="auto"):
         cfg = self.cfg
@@ -279,21 +367,45 @@ class Mamba2(nn.Module):
         ctx = cache[0] if cache is not None else xBC.new_zeros(B, self.conv_dim, cfg.d_conv - 1)
         xpad = torch.cat([ctx.to(xBC.dtype), xBC], dim=-1)  # (B, C_conv, d_conv-1+T)
         if cache is not None:
-            cache[0].copy_(xpad[..., -(cfg.d_conv - 1):])
-        xBC = F.silu(F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+            cache[0].copy_(xpad[..., -(cfg.d_conv - 1) :])
+        xBC = F.silu(F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(
+            1, 2
+        )
         x, Bm, C = xBC.split([cfg.d_xb, cfg.d_xb, cfg.d_inner], dim=-1)
         x, Bm, C = x.view(B, T, G, P), Bm.view(B, T, G, P), C.view(B, T, H, P)
         A = -torch.exp(self.A_log.float())  # (H,) < 0
         if cache is not None and T == 1:
-            y = ssm_scan.ssm_step(cache[1], x[:, 0], dt[:, 0], A, Bm[:, 0], C[:, 0], D=self.D,
-                                  dt_bias=self.dt_bias, backend=backend)[:, None]  # (B, 1, H, P)
+            y = ssm_scan.ssm_step(
+                cache[1],
+                x[:, 0],
+                dt[:, 0],
+                A,
+                Bm[:, 0],
+                C[:, 0],
+                D=self.D,
+                dt_bias=self.dt_bias,
+                backend=backend,
+            )[:, None]  # (B, 1, H, P)
         else:
             init = cache[1] if cache is not None else None
-            y, final = ssm_scan.ssd(x, dt, A, Bm, C, chunk_size=cfg.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                                    initial_state=init, return_final_state=True, backend=backend)
+            y, final = ssm_scan.ssd(
+                x,
+                dt,
+                A,
+                Bm,
+                C,
+                chunk_size=cfg.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                initial_state=init,
+                return_final_state=True,
+                backend=backend,
+            )
             if cache is not None:
                 cache[1].copy_(final)
-        y = y.reshape(B, T, H, P).float() * F.silu(z.float()).view(B, T, H, P)  # gate before the norm (norm_before_gate=False)
+        y = y.reshape(B, T, H, P).float() * F.silu(z.float()).view(
+            B, T, H, P
+        )  # gate before the norm (norm_before_gate=False)
         y = F.rms_norm(y, (P,), eps=self.norm.eps).reshape(B, T, -1)  # RMSNorm per head group of P channels
         return self.out_proj((y * self.norm.weight.float()).to(u.dtype))
 
@@ -310,8 +422,17 @@ class Block(nn.Module):
         if self.kind == "attn":
             self.self_attn = Attention(cfg)
         elif self.kind == "mla":
-            self.self_attn = mla_mod.MLA(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.q_lora_rank, cfg.kv_lora_rank,
-                                         cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.pairs_for(i))
+            self.self_attn = mla_mod.MLA(
+                cfg.d_model,
+                cfg.n_head,
+                cfg.n_kv_head,
+                cfg.q_lora_rank,
+                cfg.kv_lora_rank,
+                cfg.qk_nope_head_dim,
+                cfg.qk_rope_head_dim,
+                cfg.v_head_dim,
+                cfg.pairs_for(i),
+            )
         else:
             self.mamba = Mamba2(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -344,8 +465,12 @@ class Cache:
 
     def nbytes(self, kinds=KINDS):
         """Bytes held by the layers of the given kinds (("attn", "mla") = what grows with length)."""
-        return sum(t.nbytes for k, c in zip(self.kinds, self.layers) if k in kinds
-                   for t in (c if isinstance(c, tuple) else (c,)))
+        return sum(
+            t.nbytes
+            for k, c in zip(self.kinds, self.layers)
+            if k in kinds
+            for t in (c if isinstance(c, tuple) else (c,))
+        )
 
 
 class Model(nn.Module):
@@ -385,7 +510,13 @@ class Model(nn.Module):
         for i, block in enumerate(self.layers):
             h = h if layer_inputs is None else layer_inputs[i]
             ins.append(h)
-            h, a = block(h, cos, sin, cache.layers[i] if cache is not None else None, pos if cache is not None else None)
+            h, a = block(
+                h,
+                cos,
+                sin,
+                cache.layers[i] if cache is not None else None,
+                pos if cache is not None else None,
+            )
             outs.append(h)
             mixes.append(a)
         if cache is not None:
@@ -393,6 +524,7 @@ class Model(nn.Module):
         h = outs[-1] = self.norm(h)
         out = self.lm_head(h) if logits else None
         return (out, ins, outs, mixes) if return_layers else out
+
     @classmethod
     def from_state_dict(cls, cfg, sd):
         """Build on the meta device (no memory), then take the tensors of sd, strictly."""
@@ -411,8 +543,14 @@ class Model(nn.Module):
 def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None, **extra):
     """One format for every stage (style.md rule 19), written atomically: temp file, then os.replace.
     state_dict: an already gathered one (FSDP2), else the model's own."""
-    ckpt = dict(config=model.cfg.to_dict(), model=model.state_dict() if state_dict is None else state_dict, stage=stage, step=step,
-                tokenizer=tokenizer.spec() if tokenizer is not None else None, **extra)
+    ckpt = dict(
+        config=model.cfg.to_dict(),
+        model=model.state_dict() if state_dict is None else state_dict,
+        stage=stage,
+        step=step,
+        tokenizer=tokenizer.spec() if tokenizer is not None else None,
+        **extra,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(ckpt, tmp)
@@ -422,11 +560,15 @@ def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None,
 def load_checkpoint(path, device="cpu", dtype=None):
     """-> (model, ckpt dict). Built on the meta device and filled from the file (strict)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: run `python distill.py` or `python convert.py` first")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: run `python distill.py` or `python convert.py` first"
+        )
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
         cfg = ModelConfig(**ckpt["config"])
     except Exception as e:  # a truncated or foreign file: say which and what to do
-        raise ValueError(f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}); delete it and rerun") from None
+        raise ValueError(
+            f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}); delete it and rerun"
+        ) from None
     model = Model.from_state_dict(cfg, ckpt["model"])
     return model.to(device=device, dtype=dtype) if dtype else model, ckpt

@@ -4,6 +4,7 @@ Triton reads TRITON_INTERPRET at import, at each @triton.jit and at launch, so i
 anything imports triton: here, first thing (environment.md §2.4). On a GPU machine run with
 TRITON_INTERPRET=0 to test the compiled kernels instead.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

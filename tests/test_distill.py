@@ -1,5 +1,6 @@
 """distill.py: losses, SMART selection, ILD teacher forcing, the tiny pipeline end to end, resume after a
 kill, torchrun (gloo) = one process, bad input. Run: python -m pytest tests/test_distill.py"""
+
 import json
 import math
 import os
@@ -20,7 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_kd_loss_is_zero_on_identical_logits_and_the_kl_otherwise():
     t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     assert distill.kd_loss(t, t.clone()).abs() < 1e-6
-    want = torch.stack([(p * (p.log() - q.log())).sum() for p, q in zip(t.softmax(-1).flatten(0, 1), s.softmax(-1).flatten(0, 1))]).mean()
+    want = torch.stack(
+        [
+            (p * (p.log() - q.log())).sum()
+            for p, q in zip(t.softmax(-1).flatten(0, 1), s.softmax(-1).flatten(0, 1))
+        ]
+    ).mean()
     assert torch.allclose(distill.kd_loss(s, t, chunk=3), want, atol=1e-5)
 
 
@@ -57,8 +63,13 @@ def test_ild_feeds_each_student_layer_the_teachers_input():
 
 
 def run(args, out, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(out), *args],
-                          capture_output=True, text=True, cwd=ROOT, **kw)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(out), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
@@ -75,8 +86,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 
 def test_killed_kd_resumes_where_it_stopped(tmp_path):
     args = ["--kd-steps", "400", "--ckpt-every", "5", "--dpo-steps", "2"]
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(tmp_path), *args],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "distill.py"),
+            "--size",
+            "tiny",
+            "--out-dir",
+            str(tmp_path),
+            *args,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kd = tmp_path / "tiny" / "kd.pt"
     deadline = time.time() + 300
     while not (kd.exists() and torch.load(kd, weights_only=True)["step"] >= 10) and time.time() < deadline:
@@ -89,7 +112,11 @@ def test_killed_kd_resumes_where_it_stopped(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"[kd] resuming from step {before['step']}/400" in r.stdout
     after = torch.load(kd, weights_only=True)
-    assert after["done"] and after["history"][:before["step"]] == before["history"] and len(after["history"]) == 400
+    assert (
+        after["done"]
+        and after["history"][: before["step"]] == before["history"]
+        and len(after["history"]) == 400
+    )
 
 
 @pytest.mark.parametrize("fsdp", ["false", "true"])
@@ -97,9 +124,27 @@ def test_torchrun_two_processes_match_one(tmp_path, fsdp):
     args = ["--ild-steps", "4", "--kd-steps", "4", "--dpo-steps", "1", "--seed", "3"]
     single = run(args, tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(tmp_path / "two"), *args,
-                          "--fsdp", fsdp], capture_output=True, text=True, cwd=ROOT)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(ROOT, "distill.py"),
+            "--size",
+            "tiny",
+            "--out-dir",
+            str(tmp_path / "two"),
+            *args,
+            "--fsdp",
+            fsdp,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     for f in ("ild_mla", "kd"):
         a = torch.load(tmp_path / "one" / "tiny" / f"{f}.pt", weights_only=True)["history"]
@@ -107,9 +152,15 @@ def test_torchrun_two_processes_match_one(tmp_path, fsdp):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(map(abs, a)), (f, a, b)
 
 
-@pytest.mark.parametrize("flag,content,expect", [("--data", "", "no conversations"), ("--dpo-data", "", "no DPO pairs"),
-                                                  ("--data", '{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', "line(s) [2]"),
-                                                  ("--dpo-data", '{"prompt": "a", "chosen": "b"}\n', "line(s) [1]")])
+@pytest.mark.parametrize(
+    "flag,content,expect",
+    [
+        ("--data", "", "no conversations"),
+        ("--dpo-data", "", "no DPO pairs"),
+        ("--data", '{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', "line(s) [2]"),
+        ("--dpo-data", '{"prompt": "a", "chosen": "b"}\n', "line(s) [1]"),
+    ],
+)
 def test_bad_corpus_is_one_clear_error_and_no_checkpoint(tmp_path, flag, content, expect):
     data = tmp_path / "c.jsonl"
     data.write_text(content)
@@ -119,26 +170,66 @@ def test_bad_corpus_is_one_clear_error_and_no_checkpoint(tmp_path, flag, content
 
 
 def test_big_size_without_weights_says_where_to_get_them(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "distill.py"), "--size", "1b", "--out-dir", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "distill.py"), "--size", "1b", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode != 0 and "--teacher" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_data_of_another_vocabulary_is_refused(tmp_path):
     """Data prepared with the tiny byte tokenizer, then a teacher (same dims, Meta format) with a Llama-3 style vocabulary."""
     data = tmp_path / "c.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i} " * 20},
-                                                    {"role": "assistant", "content": f"hi {i} " * 20}]}) + "\n" for i in range(60)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"hello {i} " * 20},
+                        {"role": "assistant", "content": f"hi {i} " * 20},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(60)
+        )
+    )
     assert run(["--data", str(data), "--stage", "init"], tmp_path / "o").returncode == 0
     meta = tmp_path / "meta"
     meta.mkdir()
-    (meta / "tokenizer.model").write_text("".join(f"{__import__('base64').b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
-    (meta / "params.json").write_text(json.dumps(dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-                                                      norm_eps=1e-5, rope_theta=1e4)))
-    names = {"embed_tokens": "tok_embeddings", "lm_head": "output", "norm": "norm", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
-             "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
+    (meta / "tokenizer.model").write_text(
+        "".join(f"{__import__('base64').b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+    )
+    (meta / "params.json").write_text(
+        json.dumps(
+            dict(
+                dim=64,
+                n_layers=4,
+                n_heads=4,
+                n_kv_heads=2,
+                vocab_size=512,
+                multiple_of=32,
+                norm_eps=1e-5,
+                rope_theta=1e4,
+            )
+        )
+    )
+    names = {
+        "embed_tokens": "tok_embeddings",
+        "lm_head": "output",
+        "norm": "norm",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.up_proj": "feed_forward.w3",
+        "mlp.down_proj": "feed_forward.w2",
+    }
     sd = M.Model(M.size_config("tiny", vocab_size=512, d_ff=192, tie_embeddings=False)).state_dict()
     meta_sd = {}
     for k, v in sd.items():

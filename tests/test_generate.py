@@ -1,5 +1,6 @@
 """generate.py: cached greedy = recomputed greedy, batch = one by one, sampling uses its arguments.
 Run: python -m pytest tests/test_generate.py"""
+
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ def greedy_by_recompute(m, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_cached_greedy_equals_recomputing_the_full_sequence():

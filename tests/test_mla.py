@@ -1,6 +1,7 @@
 """mla.py: Triton decode = absorbed torch = decompressed attention (fp32, interpreter), module cache paths = one
 full forward, cache size, softmax-scale guard, project RoPE, bad input. Run: python -m pytest tests/test_mla.py -q
 """
+
 import os
 import subprocess
 import sys
@@ -23,9 +24,15 @@ def decode_case(lens, H, G, r=20, dR=16, dN=8, dV=12, S_max=None, seed=0):
     B, S_max = len(lens), S_max or max(1, int(lens.max()))
     kv = torch.randn(B, S_max, r + dR, generator=g)
     kv[torch.arange(S_max)[None] >= lens[:, None]] = NAN
-    return dict(q_nope=torch.randn(B, H, dN, generator=g), q_pe=torch.randn(B, H, dR, generator=g), kv_cache=kv,
-                cache_seqlens=lens, W_UK=torch.randn(G, dN, r, generator=g) / 3,
-                W_UV=torch.randn(G, dV, r, generator=g) / 3, softmax_scale=(dN + dR) ** -0.5)
+    return dict(
+        q_nope=torch.randn(B, H, dN, generator=g),
+        q_pe=torch.randn(B, H, dR, generator=g),
+        kv_cache=kv,
+        cache_seqlens=lens,
+        W_UK=torch.randn(G, dN, r, generator=g) / 3,
+        W_UV=torch.randn(G, dV, r, generator=g) / 3,
+        softmax_scale=(dN + dR) ** -0.5,
+    )
 
 
 def absorbed_q(c):
@@ -43,8 +50,9 @@ def check_kernel(c, num_splits=None):
     """Triton vs the fp64 absorbed ref (out_latent, lse); Triton and torch end to end vs the fp64 decompressed ref."""
     out, lse = decode(c, num_splits=num_splits, backend="triton")
     c64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in c.items()}
-    ref_out, ref_lse = mla_decode_ref_absorbed(absorbed_q(c64), c64["kv_cache"], c["cache_seqlens"],
-                                               c["softmax_scale"], c["W_UK"].shape[2])
+    ref_out, ref_lse = mla_decode_ref_absorbed(
+        absorbed_q(c64), c64["kv_cache"], c["cache_seqlens"], c["softmax_scale"], c["W_UK"].shape[2]
+    )
     assert out.dtype == lse.dtype == torch.float32 and rel_rms(out, ref_out) <= 1e-5
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
@@ -56,8 +64,10 @@ def check_kernel(c, num_splits=None):
 
 # ----------------------------------------------------------------------------- kernel and references
 def test_refs_absorbed_equal_naive_fp64():
-    c = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
-         for k, v in decode_case([0, 1, 17, 50], H=6, G=2).items()}
+    c = {
+        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in decode_case([0, 1, 17, 50], H=6, G=2).items()
+    }
     out, naive = mla_decode_full(**c, backend="torch"), mla_decode_ref_naive(**c)
     assert torch.isfinite(out).all() and (naive[0] == 0).all()
     torch.testing.assert_close(out, naive, atol=1e-12, rtol=1e-12)
@@ -71,7 +81,9 @@ def test_kernel_cache_lengths_and_groups(S, H, G):
 
 
 def test_kernel_ragged_nan_slots_do_not_change_output():
-    c = decode_case([1, 17, 64, 300], H=20, G=5, r=48, dR=32, S_max=320)  # two head blocks, r not a power of 2
+    c = decode_case(
+        [1, 17, 64, 300], H=20, G=5, r=48, dR=32, S_max=320
+    )  # two head blocks, r not a power of 2
     out, lse = check_kernel(c)
     out0, lse0 = decode(dict(c, kv_cache=c["kv_cache"].nan_to_num(0.0)), backend="triton")
     assert torch.equal(out, out0) and torch.equal(lse, lse0)
@@ -106,7 +118,9 @@ def test_kernel_peaked_flat_and_noncontiguous_q(q_scale):
     q = absorbed_q(c) * q_scale
     big = torch.zeros(2, 5, q.shape[-1] + 7)
     big[..., 3:-4] = q
-    ref_out, ref_lse = mla_decode_ref_absorbed(q.double(), c["kv_cache"].double(), c["cache_seqlens"], c["softmax_scale"], 20)
+    ref_out, ref_lse = mla_decode_ref_absorbed(
+        q.double(), c["kv_cache"].double(), c["cache_seqlens"], c["softmax_scale"], 20
+    )
     out, lse = decode(c, q=big[..., 3:-4], backend="triton")  # a non-contiguous view into a wider projection
     assert rel_rms(out, ref_out) <= 1e-5 and (lse.double() - ref_lse).abs().max() <= 1e-5
 
@@ -114,10 +128,14 @@ def test_kernel_peaked_flat_and_noncontiguous_q(q_scale):
 def test_kernel_bad_input():
     c = decode_case([4, 6], H=2, G=1)
     q, kv, lens, sc = absorbed_q(c), c["kv_cache"], c["cache_seqlens"], c["softmax_scale"]
-    bad = [((q, kv, lens, None, 20), "softmax_scale"), ((q[0], kv, lens, sc, 20), "must be"),
-           ((q[..., :-1], kv, lens, sc, 20), "disagree"), ((q, kv.double(), lens, sc, 20), "dtype"),
-           ((q, kv, torch.tensor([4, 7]), sc, 20), "exceed the allocated cache"),
-           ((q, kv, torch.tensor([4.0, 6.0]), sc, 20), "cache_seqlens")]
+    bad = [
+        ((q, kv, lens, None, 20), "softmax_scale"),
+        ((q[0], kv, lens, sc, 20), "must be"),
+        ((q[..., :-1], kv, lens, sc, 20), "disagree"),
+        ((q, kv.double(), lens, sc, 20), "dtype"),
+        ((q, kv, torch.tensor([4, 7]), sc, 20), "exceed the allocated cache"),
+        ((q, kv, torch.tensor([4.0, 6.0]), sc, 20), "cache_seqlens"),
+    ]
     for backend in ("torch", "triton"):
         for args, msg in bad:
             with pytest.raises(ValueError, match=msg):
@@ -127,12 +145,19 @@ def test_kernel_bad_input():
 
 
 def test_import_and_decode_without_triton():
-    code = ("import sys; sys.modules['triton'] = None\nimport torch, mla\nassert not mla.HAS_TRITON\n"
-            "q, kv, n = torch.randn(1, 2, 24), torch.randn(1, 5, 24), torch.tensor([5])\n"
-            "assert mla.mla_decode(q, kv, n, 0.2, 16)[0].shape == (1, 2, 16)\n"
-            "try:\n    mla.mla_decode(q, kv, n, 0.2, 16, backend='triton')\nexcept ValueError:\n    print('ok')\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; sys.modules['triton'] = None\nimport torch, mla\nassert not mla.HAS_TRITON\n"
+        "q, kv, n = torch.randn(1, 2, 24), torch.randn(1, 5, 24), torch.tensor([5])\n"
+        "assert mla.mla_decode(q, kv, n, 0.2, 16)[0].shape == (1, 2, 16)\n"
+        "try:\n    mla.mla_decode(q, kv, n, 0.2, 16, backend='triton')\nexcept ValueError:\n    print('ok')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
@@ -163,14 +188,19 @@ def ref_attention(m, x, cos, sin, scale):
     """Causal MLA written out head by head with an explicit softmax and rope_complex."""
     B, T, _ = x.shape
     q = m.q_b_proj(m.q_a_proj(x)).view(B, T, m.H, m.dN + m.dR)
-    q = torch.cat([q[..., :m.dN], rope_complex(q[..., m.dN:], cos[:, :, None], sin[:, :, None], m.rope_pairs)], -1)
+    q = torch.cat(
+        [q[..., : m.dN], rope_complex(q[..., m.dN :], cos[:, :, None], sin[:, :, None], m.rope_pairs)], -1
+    )
     ckv = m.kv_a_proj_with_mqa(x)
-    k_r, kv = rope_complex(ckv[..., m.r:], cos, sin, m.rope_pairs), m.kv_b_proj(ckv[..., :m.r]).view(B, T, m.G, -1)
+    k_r, kv = (
+        rope_complex(ckv[..., m.r :], cos, sin, m.rope_pairs),
+        m.kv_b_proj(ckv[..., : m.r]).view(B, T, m.G, -1),
+    )
     heads, future = [], torch.ones(T, T, dtype=torch.bool).triu(1)
     for h in range(m.H):
         g = h // (m.H // m.G)
-        s = torch.einsum("btd,bsd->bts", q[:, :, h], torch.cat([kv[:, :, g, :m.dN], k_r], -1)) * scale
-        heads.append(torch.softmax(s.masked_fill(future, float("-inf")), -1) @ kv[:, :, g, m.dN:])
+        s = torch.einsum("btd,bsd->bts", q[:, :, h], torch.cat([kv[:, :, g, : m.dN], k_r], -1)) * scale
+        heads.append(torch.softmax(s.masked_fill(future, float("-inf")), -1) @ kv[:, :, g, m.dN :])
     return m.out_proj(torch.cat(heads, -1))
 
 
@@ -185,9 +215,9 @@ def test_prefill_then_decode_equals_full_forward(backend):
         assert (pos == 0).all()  # the caller advances pos
         for t in range(T, T + k):
             pos += T if t == T else 1
-            outs.append(m(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], cache, pos, backend=backend))
+            outs.append(m(x[:, t : t + 1], cos[:, t : t + 1], sin[:, t : t + 1], cache, pos, backend=backend))
     assert rel_rms(torch.cat(outs, 1), full) <= 1e-5
-    assert (cache[:, T + k:] == 0).all() and (cache[:, :T + k] != 0).any(-1).all()
+    assert (cache[:, T + k :] == 0).all() and (cache[:, : T + k] != 0).any(-1).all()
 
 
 def test_ragged_rows_and_nan_cache_match_per_row_forwards():
@@ -198,15 +228,20 @@ def test_ragged_rows_and_nan_cache_match_per_row_forwards():
     cache, pos = m.allocate_cache(2, 12).fill_(NAN), torch.tensor(lens)
     with torch.no_grad():
         for b, n in enumerate(lens):  # per-row prefill through batch-1 views of the shared cache
-            m(xs[b][:, :n], *tables(torch.arange(n)[None], 16), cache[b:b + 1], torch.zeros(1, dtype=torch.long))
+            m(
+                xs[b][:, :n],
+                *tables(torch.arange(n)[None], 16),
+                cache[b : b + 1],
+                torch.zeros(1, dtype=torch.long),
+            )
         outs = []
         for off, T, backend in [(0, 2, "torch"), (2, 1, "triton"), (3, 1, "torch")]:
-            x = torch.cat([xs[b][:, n + off:n + off + T] for b, n in enumerate(lens)])
+            x = torch.cat([xs[b][:, n + off : n + off + T] for b, n in enumerate(lens)])
             outs.append(m(x, *tables(pos[:, None] + torch.arange(T), 16), cache, pos, backend=backend))
             pos += T
         for b, n in enumerate(lens):
             want = m(xs[b], *tables(torch.arange(n + 4)[None], 16))[:, n:]
-            assert rel_rms(torch.cat(outs, 1)[b:b + 1], want) <= 1e-5
+            assert rel_rms(torch.cat(outs, 1)[b : b + 1], want) <= 1e-5
     assert torch.isnan(cache[0, 7:]).all() and not torch.isnan(cache[1, :10]).any()
 
 
@@ -214,10 +249,18 @@ def test_cache_holds_latent_and_rotated_key_of_chosen_pairs():
     m, x, (cos, sin) = make_mla(r=12, dR=8), torch.randn(2, 5, 32), tables(torch.arange(5)[None], 16)
     cache = m.allocate_cache(2, 5)
     assert cache.shape == (2, 5, 12 + 8) and m.allocate_cache(1, 4, dtype=torch.bfloat16).shape == (1, 4, 20)
-    assert m.cache_bytes_per_token(torch.float32) == 80 == cache[0, 0].nbytes and m.cache_bytes_per_token(torch.bfloat16) == 40
+    assert (
+        m.cache_bytes_per_token(torch.float32) == 80 == cache[0, 0].nbytes
+        and m.cache_bytes_per_token(torch.bfloat16) == 40
+    )
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == {
-        "q_a_proj.weight": (24, 32), "q_b_proj.weight": (4 * 16, 24), "kv_a_proj_with_mqa.weight": (20, 32),
-        "kv_b_proj.weight": (2 * 16, 12), "out_proj.weight": (32, 4 * 8), "rope_pairs": (4,)}
+        "q_a_proj.weight": (24, 32),
+        "q_b_proj.weight": (4 * 16, 24),
+        "kv_a_proj_with_mqa.weight": (20, 32),
+        "kv_b_proj.weight": (2 * 16, 12),
+        "out_proj.weight": (32, 4 * 8),
+        "rope_pairs": (4,),
+    }
     with torch.no_grad():
         m(x, cos, sin, cache, torch.zeros(2, dtype=torch.long))
         ckv = m.kv_a_proj_with_mqa(x)
@@ -230,12 +273,14 @@ def test_scale_guard_uses_head_width_not_latent_width(G):
     m = make_mla(G=G, r=24, dN=8, dR=8)  # (d_N + d_R)^-1/2 = 1/4 vs (r_kv + d_R)^-1/2 = 1/sqrt(32)
     x, (cos, sin) = torch.randn(2, 7, 32), tables(torch.arange(7)[None], 16)
     with torch.no_grad():
-        right, wrong = ref_attention(m, x, cos, sin, 16 ** -0.5), ref_attention(m, x, cos, sin, 32 ** -0.5)
+        right, wrong = ref_attention(m, x, cos, sin, 16**-0.5), ref_attention(m, x, cos, sin, 32**-0.5)
         assert rel_rms(wrong, right) > 1e-2  # the two scales are distinguishable on this input
         assert rel_rms(m(x, cos, sin), right) <= 1e-5  # training/prefill path
         cache = m.allocate_cache(2, 7)
         m(x[:, :6], cos[:, :6], sin[:, :6], cache, torch.zeros(2, dtype=torch.long))
-        last = m(x[:, 6:], cos[:, 6:], sin[:, 6:], cache, torch.tensor([6, 6]), backend="torch")  # absorbed decode
+        last = m(
+            x[:, 6:], cos[:, 6:], sin[:, 6:], cache, torch.tensor([6, 6]), backend="torch"
+        )  # absorbed decode
     assert rel_rms(last, right[:, 6:]) <= 1e-5
 
 
@@ -245,13 +290,22 @@ def test_rope_with_all_pairs_is_standard_half_split_rope_of_full_head():
     cos, sin = tables(torch.arange(3, 9)[None], d_h)  # positions need not start at 0
 
     def hf_rope(u, cos, sin):  # transformers' apply_rotary_pos_emb on a whole head
-        return u * torch.cat([cos, cos], -1) + torch.cat([-u[..., 8:], u[..., :8]], -1) * torch.cat([sin, sin], -1)
+        return u * torch.cat([cos, cos], -1) + torch.cat([-u[..., 8:], u[..., :8]], -1) * torch.cat(
+            [sin, sin], -1
+        )
 
     with torch.no_grad():
-        q = hf_rope(m.q_b_proj(m.q_a_proj(x)).view(B, T, 4, d_h), cos[:, :, None], sin[:, :, None]).transpose(1, 2)
+        q = hf_rope(m.q_b_proj(m.q_a_proj(x)).view(B, T, 4, d_h), cos[:, :, None], sin[:, :, None]).transpose(
+            1, 2
+        )
         ckv = m.kv_a_proj_with_mqa(x)
-        k, v = hf_rope(ckv[..., 12:], cos, sin)[:, None], m.kv_b_proj(ckv[..., :12])[:, None]  # one shared KV head
-        o = torch.nn.functional.scaled_dot_product_attention(q, k.expand(B, 4, T, d_h), v.expand(B, 4, T, 8), is_causal=True)
+        k, v = (
+            hf_rope(ckv[..., 12:], cos, sin)[:, None],
+            m.kv_b_proj(ckv[..., :12])[:, None],
+        )  # one shared KV head
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k.expand(B, 4, T, d_h), v.expand(B, 4, T, 8), is_causal=True
+        )
         want, cache = m.out_proj(o.transpose(1, 2).reshape(B, T, 32)), m.allocate_cache(B, T)
         got = m(x, cos, sin, cache, torch.zeros(B, dtype=torch.long))
     assert rel_rms(got, want) <= 1e-5
@@ -261,10 +315,14 @@ def test_rope_with_all_pairs_is_standard_half_split_rope_of_full_head():
 def test_module_bad_input():
     m, x, (cos, sin) = make_mla(), torch.randn(2, 3, 32), tables(torch.arange(3)[None], 16)
     cache, pos = m.allocate_cache(2, 4), torch.zeros(2, dtype=torch.long)
-    bad = [((x[0], cos, sin), "x must be"), ((x, cos[:, :2], sin[:, :2]), "cos/sin"),
-           ((x, cos, sin, cache, torch.tensor([0, 2])), "exceed the allocated cache"),  # 2 + 3 > 4
-           ((x, cos, sin, cache.double(), pos), "dtype"), ((x, cos, sin, torch.zeros(2, 4, 19), pos), "kv_cache must be"),
-           ((x, cos, sin, cache, torch.zeros(3, dtype=torch.long)), "pos must be")]
+    bad = [
+        ((x[0], cos, sin), "x must be"),
+        ((x, cos[:, :2], sin[:, :2]), "cos/sin"),
+        ((x, cos, sin, cache, torch.tensor([0, 2])), "exceed the allocated cache"),  # 2 + 3 > 4
+        ((x, cos, sin, cache.double(), pos), "dtype"),
+        ((x, cos, sin, torch.zeros(2, 4, 19), pos), "kv_cache must be"),
+        ((x, cos, sin, cache, torch.zeros(3, dtype=torch.long)), "pos must be"),
+    ]
     for args, msg in bad:
         with pytest.raises(ValueError, match=msg):
             m(*args)
@@ -275,12 +333,18 @@ def test_module_bad_input():
         MLA(32, 4, 3, 24, 12, 8, 8, 8, [0, 1, 2, 3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="compiled kernel: needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="compiled kernel: needs CUDA and TRITON_INTERPRET=0",
+)
 def test_kernel_bf16_cuda():
     c = decode_case([1, 100, 1000, 4097], H=16, G=8, r=128, dR=32, dN=32, dV=64)
-    c = {k: (v.cuda().bfloat16() if v.is_floating_point() else v.cuda()) if torch.is_tensor(v) else v for k, v in c.items()}
+    c = {
+        k: (v.cuda().bfloat16() if v.is_floating_point() else v.cuda()) if torch.is_tensor(v) else v
+        for k, v in c.items()
+    }
     out, lse = decode(c, backend="triton")
-    ref, ref_lse = mla_decode_ref_absorbed(absorbed_q(c).double(), c["kv_cache"].double(), c["cache_seqlens"],
-                                           c["softmax_scale"], 128)
+    ref, ref_lse = mla_decode_ref_absorbed(
+        absorbed_q(c).double(), c["kv_cache"].double(), c["cache_seqlens"], c["softmax_scale"], 128
+    )
     assert rel_rms(out, ref) <= 1.6e-2 and (lse.double() - ref_lse).abs().max() <= 1e-3

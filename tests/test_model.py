@@ -1,5 +1,6 @@
 """model.py: cached decoding = full forward for every layer mix, checkpoints, the paper's numbers.
 Run: python -m pytest tests/test_model.py"""
+
 import math
 
 import pytest
@@ -20,7 +21,7 @@ def test_prefill_then_decode_equals_full_forward(kinds):
     with torch.no_grad():
         full = m(idx)
         cache = m.allocate_cache(2, 48)
-        steps = [m(idx[:, :8], cache=cache)] + [m(idx[:, t:t + 1], cache=cache) for t in range(8, 40)]
+        steps = [m(idx[:, :8], cache=cache)] + [m(idx[:, t : t + 1], cache=cache) for t in range(8, 40)]
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
     assert cache.pos.tolist() == [40, 40]
 
@@ -34,7 +35,9 @@ def test_ragged_rows_decode_at_their_own_positions():
         m(idx[:1, :5], cache=cache.rows(slice(0, 1)))
         m(idx[1:, :11], cache=cache.rows(slice(1, 2)))
         step = m(torch.stack([idx[0, 5], idx[1, 11]])[:, None], cache=cache)
-    assert torch.allclose(step[0, 0], full[0, 5], atol=1e-4) and torch.allclose(step[1, 0], full[1, 11], atol=1e-4)
+    assert torch.allclose(step[0, 0], full[0, 5], atol=1e-4) and torch.allclose(
+        step[1, 0], full[1, 11], atol=1e-4
+    )
     with pytest.raises(ValueError, match="cache"):
         m(torch.zeros(2, 30, dtype=torch.long), cache=cache)
 
@@ -72,8 +75,10 @@ def test_checkpoint_roundtrip_is_strict_and_atomic(tmp_path):
         M.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
-@pytest.mark.parametrize("size,params,teacher_params,kv_pct", [
-    ("1b", 1.286e9, 1.236e9, 3.906), ("3b", 3.390e9, 3.213e9, 2.009), ("8b", 8.379e9, 8.030e9, 2.734)])
+@pytest.mark.parametrize(
+    "size,params,teacher_params,kv_pct",
+    [("1b", 1.286e9, 1.236e9, 3.906), ("3b", 3.390e9, 3.213e9, 2.009), ("8b", 8.379e9, 8.030e9, 2.734)],
+)
 def test_paper_param_counts_and_kv_fractions(size, params, teacher_params, kv_pct):
     t = M.size_config(size)
     z = M.size_config(size, kinds=["mla" if i in t.mla_layers else "m2" for i in range(t.n_layer)])

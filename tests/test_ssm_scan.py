@@ -2,6 +2,7 @@
 initial/final states, chaining, prefill + decode, per-kernel steps, gradients, long sequences and bad input (kernels.md §7.1).
 Run: python -m pytest tests/test_ssm_scan.py -q   (on a GPU, TRITON_INTERPRET=0 runs the same cases on the compiled kernels)
 """
+
 import importlib.util
 import math
 import os
@@ -15,7 +16,7 @@ from ssm_scan import random_inputs, rel_rms, ssd, ssd_chunked, ssm_scan_ref, ssm
 
 BACKENDS = ["torch", "triton"]
 COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-DEV = "cuda" if COMPILED else "cpu"   # fp32 inputs live here; fp64 references stay on the CPU
+DEV = "cuda" if COMPILED else "cpu"  # fp32 inputs live here; fp64 references stay on the CPU
 LIMIT = (2e-3, 0.05)  # active on part of Mamba2's initial Δ range [1e-3, 0.1]
 
 
@@ -36,7 +37,12 @@ def check_scan(inp, chunk=16, backends=BACKENDS, tol=1e-5):
     y_ref, s_ref = ssm_scan_ref(**inp, return_final_state=True)
     for backend in backends:
         y, s = ssd(**f32(inp), chunk_size=chunk, return_final_state=True, backend=backend)
-        assert y.shape == y_ref.shape and y.dtype == torch.float32 and s.shape == s_ref.shape and s.dtype == torch.float32
+        assert (
+            y.shape == y_ref.shape
+            and y.dtype == torch.float32
+            and s.shape == s_ref.shape
+            and s.dtype == torch.float32
+        )
         for got, ref in ((y, y_ref), (s, s_ref)):
             assert rel_rms(got, ref) <= tol, (backend, rel_rms(got, ref))
             assert (got.double().cpu() - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), backend
@@ -45,38 +51,44 @@ def check_scan(inp, chunk=16, backends=BACKENDS, tol=1e-5):
 
 @pytest.mark.parametrize("extras", [False, True])
 @pytest.mark.parametrize("G", [1, 2])
-@pytest.mark.parametrize("L", [1, 7, 15, 16, 17, 53])  # 1, 7, chunk − 1, chunk, chunk + 1, 3·chunk + 5 with chunk 16
+@pytest.mark.parametrize(
+    "L", [1, 7, 15, 16, 17, 53]
+)  # 1, 7, chunk − 1, chunk, chunk + 1, 3·chunk + 5 with chunk 16
 def test_scan_lengths(L, G, extras):
     check_scan(case(L=L, h=2, groups=(G, G, G), extras=extras, seed=L))
 
 
-@pytest.mark.parametrize("groups", [(1, 1, 1), (2, 2, 2), (4, 4, 4), (2, 2, 4), (4, 1, 2)])  # (2, 2, 4): Zebra's x, B per KV group
+@pytest.mark.parametrize(
+    "groups", [(1, 1, 1), (2, 2, 2), (4, 4, 4), (2, 2, 4), (4, 1, 2)]
+)  # (2, 2, 4): Zebra's x, B per KV group
 def test_groups(groups):
     check_scan(case(h=4, groups=groups))
 
 
 def test_odd_sizes():
-    check_scan(case(L=37, p=20, n=24))        # non-power-of-2 p and n: masks
-    check_scan(case(L=5, p=20, n=24))         # shorter than one chunk
-    check_scan(case(b=1, L=16, h=1, p=16, n=16))   # exactly one chunk, one head
+    check_scan(case(L=37, p=20, n=24))  # non-power-of-2 p and n: masks
+    check_scan(case(L=5, p=20, n=24))  # shorter than one chunk
+    check_scan(case(b=1, L=16, h=1, p=16, n=16))  # exactly one chunk, one head
 
 
 def test_chunk_size_invariance():
     inp = case(b=1, L=130, groups=(1, 1, 2))
-    y_ref = check_scan(inp, chunk=128)[0]     # chunk 128: two row blocks and two sub-blocks in the kernels
+    y_ref = check_scan(inp, chunk=128)[0]  # chunk 128: two row blocks and two sub-blocks in the kernels
     for chunk in (16, 32, 64):
         for backend in BACKENDS:
             assert rel_rms(ssd(**f32(inp), chunk_size=chunk, backend=backend), y_ref) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("L1", [16, 21])      # split on and off a chunk boundary
+@pytest.mark.parametrize("L1", [16, 21])  # split on and off a chunk boundary
 def test_chaining(backend, L1):
     inp = f32(case(L=45, h=4, groups=(2, 2, 4)))
     part = lambda a, b: {k: v[:, a:b] if k in ("x", "dt", "B", "C") else v for k, v in inp.items()}
     y, s = ssd(**inp, chunk_size=16, return_final_state=True, backend=backend)
     y1, s1 = ssd(**part(0, L1), chunk_size=16, return_final_state=True, backend=backend)
-    y2, s2 = ssd(**dict(part(L1, 45), initial_state=s1), chunk_size=16, return_final_state=True, backend=backend)
+    y2, s2 = ssd(
+        **dict(part(L1, 45), initial_state=s1), chunk_size=16, return_final_state=True, backend=backend
+    )
     assert rel_rms(torch.cat([y1, y2], dim=1), y) <= 1e-5 and rel_rms(s2, s) <= 1e-5
 
 
@@ -85,10 +97,17 @@ def test_prefill_then_decode(backend):
     inp, L0 = case(L=45, h=4, groups=(2, 2, 4)), 39
     y_ref, s_ref = ssm_scan_ref(**inp, return_final_state=True)
     x = f32(inp)
-    _, state = ssd(**{k: v[:, :L0] if k in ("x", "dt", "B", "C") else v for k, v in x.items()}, chunk_size=16,
-                   return_final_state=True, backend=backend)
+    _, state = ssd(
+        **{k: v[:, :L0] if k in ("x", "dt", "B", "C") else v for k, v in x.items()},
+        chunk_size=16,
+        return_final_state=True,
+        backend=backend,
+    )
     step = {k: x[k] for k in ("A", "D", "dt_bias", "dt_limit")}
-    ys = [ssm_step(state, x["x"][:, t], x["dt"][:, t], B=x["B"][:, t], C=x["C"][:, t], backend=backend, **step) for t in range(L0, 45)]
+    ys = [
+        ssm_step(state, x["x"][:, t], x["dt"][:, t], B=x["B"][:, t], C=x["C"][:, t], backend=backend, **step)
+        for t in range(L0, 45)
+    ]
     assert rel_rms(torch.stack(ys, dim=1), y_ref[:, L0:]) <= 1e-5 and rel_rms(state, s_ref) <= 1e-5
 
 
@@ -96,12 +115,24 @@ def test_prefill_then_decode(backend):
 def test_step_kernel(n, p, g):
     inp = random_inputs(2, 1, 2, p, n, groups=(g, g, g), device=DEV, seed=n + p + g)
     cache = torch.randn(2, 2, p, n + 3, device=DEV)
-    before, state, ref = cache.clone(), cache[..., :n], cache[..., :n].double()   # a strided view: strides must be honoured
-    args = (inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0], inp["D"], inp["dt_bias"])
+    before, state, ref = (
+        cache.clone(),
+        cache[..., :n],
+        cache[..., :n].double(),
+    )  # a strided view: strides must be honoured
+    args = (
+        inp["x"][:, 0],
+        inp["dt"][:, 0],
+        inp["A"],
+        inp["B"][:, 0],
+        inp["C"][:, 0],
+        inp["D"],
+        inp["dt_bias"],
+    )
     y = ssm_step(state, *args, dt_limit=LIMIT, backend="triton")
     y_ref = ssm_step_ref(ref, *(t.double() for t in args), dt_limit=LIMIT)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache[..., :n].double(), ref, rtol=1e-5, atol=1e-5)   # updated in place
+    torch.testing.assert_close(cache[..., :n].double(), ref, rtol=1e-5, atol=1e-5)  # updated in place
     assert torch.equal(cache[..., n:], before[..., n:]) and not torch.equal(cache, before)
 
 
@@ -122,17 +153,22 @@ def test_kernels_per_step(limit):
     torch.testing.assert_close(prev, prev_ref)
     torch.testing.assert_close(final, final_ref)
     y = S.chunk_scan_fwd(x, B, C, dts, cs, prev, inp["D"])
-    torch.testing.assert_close(y, S.chunk_outputs(x, B, C, dts, cs, prev, inp["D"])[:, :45], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        y, S.chunk_outputs(x, B, C, dts, cs, prev, inp["D"])[:, :45], rtol=1e-5, atol=1e-4
+    )
 
 
 def test_decay_extremes():
     inp = case(L=53, h=2)
-    inp["A"][:], inp["dt_limit"] = -16.0, (0.0, 1.0)          # Δ up to 1: cs falls by ~1000 per chunk
+    inp["A"][:], inp["dt_limit"] = -16.0, (0.0, 1.0)  # Δ up to 1: cs falls by ~1000 per chunk
     inp["dt"] = inp["dt"] + 8.0
     y_ref = check_scan(inp, chunk=64)[0]
     assert torch.isfinite(y_ref).all()
     long = dict(case(L=53, h=2), dt_softplus=False, dt_limit=(0.0, math.inf), dt_bias=None)
-    long["dt"], long["A"] = torch.full_like(long["dt"], 1e-6), -torch.ones(2, dtype=torch.float64)   # A·Δ = −1e-6
+    long["dt"], long["A"] = (
+        torch.full_like(long["dt"], 1e-6),
+        -torch.ones(2, dtype=torch.float64),
+    )  # A·Δ = −1e-6
     check_scan(long)
 
 
@@ -144,11 +180,21 @@ def test_views_with_nan_padding(backend):
     inp = case(b, L, h, p, n, groups=(2, 2, 4))
     buf = torch.full((b, L + 9, 2 * p + 2 * n + 4 * n + h + 4), math.nan, device=DEV)
     x, B, C, dt = torch.split(buf[..., :-4], [2 * p, 2 * n, 4 * n, h], dim=-1)
-    x, B, C = x.unflatten(-1, (p, 2)).transpose(-1, -2), B.unflatten(-1, (2, n)), C.unflatten(-1, (n, 4)).transpose(-1, -2)
+    x, B, C = (
+        x.unflatten(-1, (p, 2)).transpose(-1, -2),
+        B.unflatten(-1, (2, n)),
+        C.unflatten(-1, (n, 4)).transpose(-1, -2),
+    )
     for view, k in ((x, "x"), (B, "B"), (C, "C"), (dt, "dt")):
         view[:, :L] = inp[k].to(DEV, torch.float32)
-    per_head = {k: torch.stack([v, v], dim=1)[:, 0] for k, v in f32(inp).items() if k in ("A", "D", "dt_bias")}   # stride 2
-    y = ssd(**dict(f32(inp), x=x[:, :L], B=B[:, :L], C=C[:, :L], dt=dt[:, :L], **per_head), chunk_size=16, backend=backend)
+    per_head = {
+        k: torch.stack([v, v], dim=1)[:, 0] for k, v in f32(inp).items() if k in ("A", "D", "dt_bias")
+    }  # stride 2
+    y = ssd(
+        **dict(f32(inp), x=x[:, :L], B=B[:, :L], C=C[:, :L], dt=dt[:, :L], **per_head),
+        chunk_size=16,
+        backend=backend,
+    )
     assert torch.isfinite(y).all() and rel_rms(y, ssm_scan_ref(**inp)) <= 1e-5
 
 
@@ -156,11 +202,16 @@ def test_gradients_match_sequential():
     """ssd (auto → ssd_chunked on CPU with grads) vs autograd of the fp64 loop, every input, loss on y and final state."""
     inp = case(L=37, h=4, p=4, n=8, groups=(2, 2, 4))
     grads = []
-    for fn in (lambda **a: ssd(**a, chunk_size=16, return_final_state=True), lambda **a: ssm_scan_ref(**a, return_final_state=True)):
+    for fn in (
+        lambda **a: ssd(**a, chunk_size=16, return_final_state=True),
+        lambda **a: ssm_scan_ref(**a, return_final_state=True),
+    ):
         leaves = {k: v.clone().requires_grad_() if torch.is_tensor(v) else v for k, v in inp.items()}
         y, s = fn(**leaves)
         gen = torch.Generator().manual_seed(1)
-        w_y, w_s = (torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (y, s))   # same weights for both paths
+        w_y, w_s = (
+            torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (y, s)
+        )  # same weights for both paths
         ((y * w_y).sum() + (s * w_s).sum()).backward()
         grads.append({k: v.grad for k, v in leaves.items() if torch.is_tensor(v)})
     for k, g_ref in grads[1].items():
@@ -170,7 +221,11 @@ def test_gradients_match_sequential():
 
 def test_no_nan_gradients_under_strong_decay():
     inp = f32(case(L=64, h=2))
-    inp["A"][:], inp["dt_limit"], inp["dt"] = -16.0, (0.0, 1.0), inp["dt"] + 8.0    # exp(cs_i − cs_j) spans e^±1000 in a chunk
+    inp["A"][:], inp["dt_limit"], inp["dt"] = (
+        -16.0,
+        (0.0, 1.0),
+        inp["dt"] + 8.0,
+    )  # exp(cs_i − cs_j) spans e^±1000 in a chunk
     leaves = {k: v.requires_grad_() if torch.is_tensor(v) else v for k, v in inp.items()}
     y, s = ssd_chunked(**leaves, chunk_size=64, return_final_state=True)
     (y.sum() + s.sum()).backward()
@@ -191,18 +246,20 @@ def test_backend_choice():
     inp = {k: v.float() if torch.is_tensor(v) else v for k, v in case(L=20).items()}
     assert torch.equal(ssd(**inp, chunk_size=16), ssd_chunked(**inp, chunk_size=16))
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
-        ssd(**case(L=20), chunk_size=16, backend="triton")                    # fp64: the kernels compute in fp32
+        ssd(**case(L=20), chunk_size=16, backend="triton")  # fp64: the kernels compute in fp32
     with pytest.raises(ValueError, match="forward-only"):
         ssd(**dict(inp, x=inp["x"].requires_grad_()), chunk_size=16, backend="triton")
 
 
 def test_imports_and_runs_without_triton(monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton", None)                     # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     spec = importlib.util.spec_from_file_location("ssm_scan_without_triton", S.__file__)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     inp = {k: v.float() if torch.is_tensor(v) else v for k, v in case(L=20).items()}
-    assert not mod.HAS_TRITON and torch.equal(mod.ssd(**inp, chunk_size=16), ssd_chunked(**inp, chunk_size=16))
+    assert not mod.HAS_TRITON and torch.equal(
+        mod.ssd(**inp, chunk_size=16), ssd_chunked(**inp, chunk_size=16)
+    )
     with pytest.raises(ValueError, match="needs the triton package"):
         mod.ssd(**inp, chunk_size=16, backend="triton")
 
@@ -238,16 +295,21 @@ def test_bad_scan_input(bad, backend):
 def test_bad_step_input(backend):
     inp = f32(case(L=1, h=4, groups=(2, 2, 4)))
     state = inp["initial_state"].clone()
-    args = dict(x=inp["x"][:, 0], dt=inp["dt"][:, 0], A=inp["A"], B=inp["B"][:, 0], C=inp["C"][:, 0], backend=backend)
-    for state_, change, words in [(state[:, :2], {}, "state must have shape"), (state, dict(x=inp["x"]), "expected x"),
-                                  (state, dict(C=inp["C"][:, 0, :3]), "not divisible by C's 3"),
-                                  (state, dict(A=inp["A"].abs()), "strictly negative")]:
+    args = dict(
+        x=inp["x"][:, 0], dt=inp["dt"][:, 0], A=inp["A"], B=inp["B"][:, 0], C=inp["C"][:, 0], backend=backend
+    )
+    for state_, change, words in [
+        (state[:, :2], {}, "state must have shape"),
+        (state, dict(x=inp["x"]), "expected x"),
+        (state, dict(C=inp["C"][:, 0, :3]), "not divisible by C's 3"),
+        (state, dict(A=inp["A"].abs()), "strictly negative"),
+    ]:
         with pytest.raises(ValueError, match=words):
             ssm_step(state_, **dict(args, **change))
     if backend == "triton":
         with pytest.raises(ValueError, match="float32"):
             ssm_step(state.double(), **args)
-    assert torch.equal(state, inp["initial_state"])            # nothing was written
+    assert torch.equal(state, inp["initial_state"])  # nothing was written
 
 
 @pytest.mark.skipif(not COMPILED, reason="compiled kernels: needs CUDA and TRITON_INTERPRET=0")
@@ -259,4 +321,4 @@ def test_gpu_bf16(L, chunk):
     y, s = ssd(**low, chunk_size=chunk, return_final_state=True, backend="triton")
     y_low = ssd(**low, chunk_size=chunk, backend="torch")
     assert rel_rms(y, y_ref) <= max(1e-2, 2 * rel_rms(y_low, y_ref)) and rel_rms(s, s_ref) <= 1e-2
-    assert torch.equal(y, ssd(**low, chunk_size=chunk, backend="triton"))    # deterministic: no atomics
+    assert torch.equal(y, ssd(**low, chunk_size=chunk, backend="triton"))  # deterministic: no atomics
