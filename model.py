@@ -13,6 +13,7 @@ Glossary (shape letters used in the comments):
 Run the tests: python -m pytest tests/test_model.py
 """
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -539,9 +540,46 @@ class Model(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights count once
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checkpoints and side files
+def atomic_write(path, write):
+    """Write a file all at once: write(tmp) fills a temp file beside path, then os.replace publishes it, so a
+    reader never sees half a file. On failure (disk full, unwritable folder) the temp file is removed and
+    the error names the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(
+            f"could not write {path} ({e}): check free space and write permission of {folder}"
+        ) from None
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    atomic_write(path, write)
+
+
+def read_json(path):
+    """A JSON side file (smart.json, eval.json, data.json, config.json); a damaged one is named, with the fix."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}): delete it and rerun the step that writes it") from None
+
+
 def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None, **extra):
-    """One format for every stage (style.md rule 19), written atomically: temp file, then os.replace.
+    """One format for every stage (style.md rule 19), written atomically.
     state_dict: an already gathered one (FSDP2), else the model's own."""
     ckpt = dict(
         config=model.cfg.to_dict(),
@@ -551,24 +589,29 @@ def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None,
         tokenizer=tokenizer.spec() if tokenizer is not None else None,
         **extra,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def load_checkpoint(path, device="cpu", dtype=None):
-    """-> (model, ckpt dict). Built on the meta device and filled from the file (strict)."""
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict of a file (config, model, stage, step, ...), without building a model; a missing,
+    truncated or foreign file gives one error naming it and the fix."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"no checkpoint at {path}: run `python distill.py` or `python convert.py` first"
         )
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
-        cfg = ModelConfig(**ckpt["config"])
+        ModelConfig(**ckpt["config"])
+        ckpt["model"]
     except Exception as e:  # a truncated or foreign file: say which and what to do
         raise ValueError(
             f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}); delete it and rerun"
         ) from None
-    model = Model.from_state_dict(cfg, ckpt["model"])
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", dtype=None):
+    """-> (model, ckpt dict). Built on the meta device and filled from the file (strict)."""
+    ckpt = read_checkpoint(path, device)
+    model = Model.from_state_dict(ModelConfig(**ckpt["config"]), ckpt["model"])
     return model.to(device=device, dtype=dtype) if dtype else model, ckpt
