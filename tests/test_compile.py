@@ -19,6 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = (80, 90)
+MAX_SHARED = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100, H100)
 SIZES = ("135m", "1b", "3b", "8b")
 T = 2048  # prefill length; decode reads a cache of the same capacity
 
@@ -143,7 +144,7 @@ def main():
                         src = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
                         try:
                             k = triton.compile(src, target=backend.target, options=options.__dict__)
-                            done[key]["usage"] = ptxas_usage(k.asm["ptx"], arch)
+                            done[key]["usage"] = ptxas_usage(k.asm["ptx"], arch) + (k.metadata.shared,)
                         except Exception as e:  # report every failing configuration, not only the first
                             failures.append(
                                 f"{name} sm_{arch} {dtype} {size}: {type(e).__name__}: {str(e)[:3000]}"
@@ -151,16 +152,18 @@ def main():
                     if size not in done[key]["sizes"]:
                         done[key]["sizes"].append(size)
     print(f"{'kernel':27s}{'target':>7s}{'dtype':>9s}  {'sizes':15s}{'blocks':44s}", end="")
-    print(f"{'warps':>6s}{'regs':>5s}{'spills':>7s}")
+    print(f"{'warps':>6s}{'regs':>5s}{'spills':>7s}{'smem':>7s}")
     rows = sorted(done.items(), key=lambda kv: kv[0][:3])
     for (name, arch, dt, *_), r in rows:
         b = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
-        regs, spills = r["usage"] or ("-", "-")
+        regs, spills, smem = r["usage"] or ("-", "-", "-")
         sizes = ",".join(r["sizes"])
         print(f"{name:27s}{'sm_' + str(arch):>7s}{dt:>9s}  {sizes:15s}{b:44s}", end="")
-        print(f"{r['warps']:>6d}{regs:>5}{spills:>7}")
+        print(f"{r['warps']:>6d}{regs:>5}{spills:>7}{smem:>7}")
         if r["usage"] and spills and dt == "bfloat16":  # fp32 (tests, CPU-exact runs) only reports its spills
             failures.append(f"{name} sm_{arch} {dt} {sizes} {b}: spills {spills} B at {r['warps']} warps")
+        if r["usage"] and smem > MAX_SHARED[arch]:  # compiles, but could never launch
+            failures.append(f"{name} sm_{arch} {dt} {sizes} {b}: shared memory {smem} > {MAX_SHARED[arch]} B")
     print(f"{len(rows)} unique compiles in {time.perf_counter() - t0:.1f} s")
     for f in failures:
         print("FAIL", f)
