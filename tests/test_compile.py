@@ -115,55 +115,66 @@ def ptxas_usage(ptx, arch):
     return regs, spills
 
 
-def main():
-    import torch
+def compile_launch(fn, arch, args, kwargs):
+    """Compile one recorded launch for sm_<arch> with the JIT's own specialisation (argument types,
+    constexprs, ints == 1, 16-byte alignment) -> (blocks, warps, (registers, spill bytes, shared bytes))."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    t0, done, failures = time.perf_counter(), {}, []
-    kernels = install_recorders()
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k == "Q"}
+    src = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=backend.target, options=options.__dict__)
+    return blocks, options.num_warps, ptxas_usage(k.asm["ptx"], arch) + (k.metadata.shared,)
+
+
+def compile_all():
+    """Every kernel x target x dtype x paper size -> ({(kernel, arch, dtype, blocks, warps): row}, failures).
+    One compile per block configuration: sizes that differ only in alignment hints share it."""
+    import torch
+
+    rows, failures, kernels = {}, [], install_recorders()
     for dtype in (torch.bfloat16, torch.float32):
+        dt = str(dtype)[6:]
         for size, per_kernel in record_launches(kernels, dtype).items():
             for name, launches in per_kernel.items():
-                fn = kernels[name].fn
                 if not launches:
                     failures.append(f"{name}: no wrapper launched it at size {size}")
                 for arch, (args, kwargs) in itertools.product(TARGETS, launches):
-                    backend = make_backend(GPUTarget("cuda", arch, 32))
-                    # the JIT's own specialisation: argument types, constexprs, ints == 1, 16-byte alignment
-                    binder = create_function_from_signature(fn.signature, fn.params, backend)
-                    bound, spec, opts = binder(*args, **kwargs)
-                    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-                    # one compile per block configuration: sizes that differ only in alignment hints share it
                     blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k == "Q"}
-                    key = (name, arch, str(dtype)[6:], str(blocks), options.num_warps, options.num_stages)
-                    if key not in done:
-                        done[key] = dict(blocks=blocks, warps=options.num_warps, sizes=[], usage=None)
-                        src = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-                        try:
-                            k = triton.compile(src, target=backend.target, options=options.__dict__)
-                            done[key]["usage"] = ptxas_usage(k.asm["ptx"], arch) + (k.metadata.shared,)
-                        except Exception as e:  # report every failing configuration, not only the first
-                            failures.append(
-                                f"{name} sm_{arch} {dtype} {size}: {type(e).__name__}: {str(e)[:3000]}"
-                            )
-                    if size not in done[key]["sizes"]:
-                        done[key]["sizes"].append(size)
+                    key = (name, arch, dt, str(blocks), kwargs.get("num_warps", 4))
+                    if key in rows:
+                        rows[key]["sizes"].append(size)
+                        continue
+                    try:
+                        blocks, warps, usage = compile_launch(kernels[name].fn, arch, args, kwargs)
+                    except Exception as e:  # report every failing configuration, not only the first
+                        failures.append(f"{name} sm_{arch} {dt} {size}: {type(e).__name__}: {str(e)[:3000]}")
+                        continue
+                    rows[key] = dict(blocks=blocks, warps=warps, usage=usage, sizes=[size])
+    return rows, failures
+
+
+def main():
+    t0 = time.perf_counter()
+    rows, failures = compile_all()
     print(f"{'kernel':27s}{'target':>7s}{'dtype':>9s}  {'sizes':15s}{'blocks':44s}", end="")
     print(f"{'warps':>6s}{'regs':>5s}{'spills':>7s}{'smem':>7s}")
-    rows = sorted(done.items(), key=lambda kv: kv[0][:3])
-    for (name, arch, dt, *_), r in rows:
-        b = " ".join(f"{k}={v}" for k, v in r["blocks"].items())
-        regs, spills, smem = r["usage"] or ("-", "-", "-")
-        sizes = ",".join(r["sizes"])
-        print(f"{name:27s}{'sm_' + str(arch):>7s}{dt:>9s}  {sizes:15s}{b:44s}", end="")
+    for (name, arch, dt, *_), r in sorted(rows.items(), key=lambda kv: kv[0][:3]):
+        blocks, sizes = " ".join(f"{k}={v}" for k, v in r["blocks"].items()), ",".join(r["sizes"])
+        regs, spills, smem = r["usage"]
+        print(f"{name:27s}{'sm_' + str(arch):>7s}{dt:>9s}  {sizes:15s}{blocks:44s}", end="")
         print(f"{r['warps']:>6d}{regs:>5}{spills:>7}{smem:>7}")
-        if r["usage"] and spills and dt == "bfloat16":  # fp32 (tests, CPU-exact runs) only reports its spills
-            failures.append(f"{name} sm_{arch} {dt} {sizes} {b}: spills {spills} B at {r['warps']} warps")
-        if r["usage"] and smem > MAX_SHARED[arch]:  # compiles, but could never launch
-            failures.append(f"{name} sm_{arch} {dt} {sizes} {b}: shared memory {smem} > {MAX_SHARED[arch]} B")
+        where = f"{name} sm_{arch} {dt} {sizes} {blocks}"
+        if spills and dt == "bfloat16":  # the dtype paper sizes run in; fp32 (exact test runs) only reports
+            failures.append(f"{where}: spills {spills} B at {r['warps']} warps")
+        if smem > MAX_SHARED[arch]:  # compiles, but could never launch
+            failures.append(f"{where}: shared memory {smem} > {MAX_SHARED[arch]} B")
     print(f"{len(rows)} unique compiles in {time.perf_counter() - t0:.1f} s")
     for f in failures:
         print("FAIL", f)
