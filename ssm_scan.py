@@ -8,6 +8,7 @@ x (b, T, g_x, p), B (b, T, g_B, n) and C (b, T, g_C, n) each carry their own gro
 i // (h/g). Zebra passes x and B per KV group and C per head, so nothing is repeated in memory.
 
 The chunked ("SSD") form is ssd_minimal's: the T×T matrix mapping x to y is cut into Q×Q blocks.
+Below, steps 2 and 3 come first and 1 sits beside 4, as the kernels group them (`ssd_chunked` runs 1–4).
   1. diagonal blocks (tokens of one chunk): y = ((C·Bᵀ) ∘ exp(cs_i − cs_j) ∘ causal ∘ Δ_j)·x, cs = cumsum(A·Δ)
   2. B-terms (chunk states): the p×n state each chunk builds alone from zero
   3. A-terms (state passing): walk the chunks in order, S ← exp(ΣA·Δ of the chunk)·S + its state
@@ -119,16 +120,6 @@ def unchunked(y, T):
     """(b, h, c, Q, p) -> (b, T, h, p): the inverse of `chunked` for outputs, padding dropped."""
     b, h, c, Q, p = y.shape
     return y.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, p)[:, :T]
-
-
-def diagonal_outputs(xc, Bc, Cc, dt, cs):
-    """Step 1, diagonal blocks: y_i = Σ_{j≤i, same chunk} (C_i·B_j)·exp(cs_i − cs_j)·Δ_j·x_j
-    -> (b, h, c, Q, p)."""
-    Q = dt.shape[-1]
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=dt.device).tril()
-    # mask BEFORE exp: above the diagonal cs_i − cs_j > 0 may overflow to inf, and inf·0 is a NaN gradient
-    log_decay = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)  # (b, h, c, Q, Q)
-    return ((Cc @ Bc.transpose(-1, -2)) * torch.exp(log_decay) * dt[..., None, :]) @ xc
 
 
 def chunk_states(xc, Bc, dt, cs):
@@ -266,6 +257,16 @@ if HAS_TRITON:
             decay = tl.exp(tl.load(cs_ptr + ((b * H + hd) * nchunks + c) * Q + Q - 1))
             s = decay * s + tl.load(st_ptr + at, mask=mask, other=0.0)
         tl.store(final_ptr + (b * H + hd) * dim + offs, s, mask=mask)
+
+
+def diagonal_outputs(xc, Bc, Cc, dt, cs):
+    """Step 1, diagonal blocks: y_i = Σ_{j≤i, same chunk} (C_i·B_j)·exp(cs_i − cs_j)·Δ_j·x_j
+    -> (b, h, c, Q, p)."""
+    Q = dt.shape[-1]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=dt.device).tril()
+    # mask BEFORE exp: above the diagonal cs_i − cs_j > 0 may overflow to inf, and inf·0 is a NaN gradient
+    log_decay = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)  # (b, h, c, Q, Q)
+    return ((Cc @ Bc.transpose(-1, -2)) * torch.exp(log_decay) * dt[..., None, :]) @ xc
 
 
 def offdiagonal_outputs(Cc, cs, prev_states):
@@ -655,6 +656,7 @@ def _check_inputs(x, dt, A, B, C, D, dt_bias, state, step):
 
 
 def _check_A(A):
+    """A < 0 for every head; reads A back to the host (one sync), so it runs per prefill, not per step."""
     _check(
         bool((A < 0).all()),
         "A must be strictly negative (A = -exp(A_log)); a positive A makes the scan explode",
