@@ -124,7 +124,7 @@ def test_kernel_zero_length_row():
 def test_kernel_peaked_flat_and_noncontiguous_q(q_scale):
     c = decode_case([70, 130], H=5, G=5)
     q = absorbed_q(c) * q_scale
-    big = torch.zeros(2, 5, q.shape[-1] + 7)
+    big = torch.zeros(2, 5, q.shape[-1] + 7, device=DEV)
     big[..., 3:-4] = q
     ref_out, ref_lse = mla_decode_ref_absorbed(
         q.double(), c["kv_cache"].double(), c["cache_seqlens"], c["softmax_scale"], 20

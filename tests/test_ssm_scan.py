@@ -314,7 +314,7 @@ def test_auto_backend_on_cpu_is_chunked_torch():
 
 def test_triton_refuses_gradients():
     # the kernels are forward-only: asking for them with a gradient is an error, not a silent detach
-    inp = {k: v.float() for k, v in case(T=20).items()}
+    inp = f32(case(T=20))
     with pytest.raises(ValueError, match="forward-only"):
         ssd(**dict(inp, x=inp["x"].requires_grad_()), chunk_size=16, backend="triton")
 
