@@ -78,7 +78,7 @@ def test_odd_sizes(T, p, n):
 
 
 def test_chunk_size_invariance():
-    # chunk 128 (two row blocks and two sub-blocks in the kernels) and 16/32/64 give the same y
+    # chunk 128 (8 row blocks and 8 sub-blocks of 16 in the fp32 kernels) and 16/32/64 give the same y
     inp = case(b=1, T=130, groups=(1, 1, 2))
     y_ref = check_scan(inp, chunk=128)[0]
     for chunk in (16, 32, 64):
