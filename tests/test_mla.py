@@ -1,5 +1,7 @@
-"""mla.py: Triton decode = absorbed torch = decompressed attention (fp32, interpreter), module cache paths = one
-full forward, cache size, softmax-scale guard, project RoPE, bad input. Run: python -m pytest tests/test_mla.py -q
+"""mla.py: Triton decode = absorbed torch = decompressed attention (fp32, interpreter), the split rule,
+decode without host sync, module cache paths = one full forward, cache size, softmax-scale guard,
+project RoPE, bad input.
+Run: python -m pytest tests/test_mla.py -q   (on a GPU, TRITON_INTERPRET=0 runs the same cases compiled)
 """
 
 import os
@@ -9,9 +11,13 @@ import sys
 import pytest
 import torch
 
+import mla
+import model
 from mla import MLA, mla_decode, mla_decode_full, mla_decode_ref_absorbed, mla_decode_ref_naive
 
 NAN = float("nan")
+COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEV = "cuda" if COMPILED else "cpu"  # every tensor of a backend="triton" call lives here
 
 
 def rel_rms(a, b):
@@ -19,12 +25,12 @@ def rel_rms(a, b):
 
 
 def decode_case(lens, H, G, r=20, dR=16, dN=8, dV=12, S_max=None, seed=0):
-    """Random decode inputs; cache slots at or beyond each row's length hold NaN (FlashMLA-style poisoning)."""
+    """Random decode inputs on DEV; cache slots at or past each row's length hold NaN (FlashMLA-style)."""
     g, lens = torch.Generator().manual_seed(seed), torch.tensor(lens)
     B, S_max = len(lens), S_max or max(1, int(lens.max()))
     kv = torch.randn(B, S_max, r + dR, generator=g)
     kv[torch.arange(S_max)[None] >= lens[:, None]] = NAN
-    return dict(
+    c = dict(
         q_nope=torch.randn(B, H, dN, generator=g),
         q_pe=torch.randn(B, H, dR, generator=g),
         kv_cache=kv,
@@ -33,6 +39,7 @@ def decode_case(lens, H, G, r=20, dR=16, dN=8, dV=12, S_max=None, seed=0):
         W_UV=torch.randn(G, dV, r, generator=g) / 3,
         softmax_scale=(dN + dR) ** -0.5,
     )
+    return {k: v.to(DEV) if torch.is_tensor(v) else v for k, v in c.items()}
 
 
 def absorbed_q(c):
@@ -47,7 +54,8 @@ def decode(c, q=None, **kw):
 
 
 def check_kernel(c, num_splits=None):
-    """Triton vs the fp64 absorbed ref (out_latent, lse); Triton and torch end to end vs the fp64 decompressed ref."""
+    """Triton vs the fp64 absorbed ref (out_latent, lse); Triton and torch end to end vs the fp64
+    decompressed ref."""
     out, lse = decode(c, num_splits=num_splits, backend="triton")
     c64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in c.items()}
     ref_out, ref_lse = mla_decode_ref_absorbed(
@@ -116,7 +124,7 @@ def test_kernel_zero_length_row():
 def test_kernel_peaked_flat_and_noncontiguous_q(q_scale):
     c = decode_case([70, 130], H=5, G=5)
     q = absorbed_q(c) * q_scale
-    big = torch.zeros(2, 5, q.shape[-1] + 7)
+    big = torch.zeros(2, 5, q.shape[-1] + 7, device=DEV)
     big[..., 3:-4] = q
     ref_out, ref_lse = mla_decode_ref_absorbed(
         q.double(), c["kv_cache"].double(), c["cache_seqlens"], c["softmax_scale"], 20
@@ -125,7 +133,8 @@ def test_kernel_peaked_flat_and_noncontiguous_q(q_scale):
     assert rel_rms(out, ref_out) <= 1e-5 and (lse.double() - ref_lse).abs().max() <= 1e-5
 
 
-def test_kernel_bad_input():
+def test_kernel_bad_input(monkeypatch):
+    # each malformed input raises one ValueError naming the problem, on both backends
     c = decode_case([4, 6], H=2, G=1)
     q, kv, lens, sc = absorbed_q(c), c["kv_cache"], c["cache_seqlens"], c["softmax_scale"]
     bad = [
@@ -133,9 +142,12 @@ def test_kernel_bad_input():
         ((q[0], kv, lens, sc, 20), "must be"),
         ((q[..., :-1], kv, lens, sc, 20), "disagree"),
         ((q, kv.double(), lens, sc, 20), "dtype"),
-        ((q, kv, torch.tensor([4, 7]), sc, 20), "exceed the allocated cache"),
-        ((q, kv, torch.tensor([4.0, 6.0]), sc, 20), "cache_seqlens"),
+        ((q, kv, torch.tensor([4, 7], device=DEV), sc, 20), "outside the allocated cache"),
+        ((q, kv, torch.tensor([4.0, 6.0], device=DEV), sc, 20), "cache_seqlens"),
     ]
+    monkeypatch.setattr(
+        mla, "DEBUG", True
+    )  # the length range is checked under ZEBRA_DEBUG only (a host sync)
     for backend in ("torch", "triton"):
         for args, msg in bad:
             with pytest.raises(ValueError, match=msg):
@@ -161,6 +173,44 @@ def test_import_and_decode_without_triton():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+@pytest.mark.parametrize("size", ["135m", "1b", "3b", "8b"])
+def test_default_splits_read_long_runs_and_keep_partials_small(size):
+    # batch 1, a 4096-row cache: each split reads >= 256 rows and the fp32 partials (H·(r_kv + 1) floats per
+    # split) stay under a quarter of the bf16 cache bytes, at every paper size
+    cfg = model.ModelConfig(**model.SIZES[size])
+    H, r, width, S_max = cfg.n_head, cfg.kv_lora_rank, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 4096
+    splits = mla.num_splits_for(-(-H // 16), S_max, num_sms=132)
+    assert splits > 1 and S_max / splits >= mla.MIN_SPLIT_ROWS
+    assert H * splits * (r + 1) * 4 <= 0.25 * S_max * width * 2
+
+
+def test_kernel_default_splits_over_a_long_capacity():
+    # the default split count from the capacity (1100 rows: 4 splits), rows far shorter than it included
+    c = decode_case([700, 5], H=4, G=2, S_max=1100)
+    assert mla.num_splits_for(2, 1100) == 4
+    check_kernel(c)
+
+
+def test_decode_traces_without_host_sync():
+    # a whole-graph trace fails on .item(), .tolist(), bool(tensor) or a branch on tensor values: the torch
+    # decode path has none, so a compiled decode step (CUDA graphs) can capture it
+    c = decode_case([0, 7, 30], H=6, G=2, S_max=40)
+    step = torch.compile(mla_decode_full, fullgraph=True, backend="eager", dynamic=False)
+    torch.testing.assert_close(step(**c, backend="torch"), mla_decode_full(**c, backend="torch"))
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled kernel: needs CUDA and TRITON_INTERPRET=0")
+def test_gpu_decode_makes_no_sync():
+    # CUDA's sync debug mode raises on any host synchronisation inside the Triton decode
+    c = decode_case([1, 100, 1000], H=16, G=8, r=128, dR=32, S_max=1024)
+    mla_decode_full(**c, backend="triton")  # compile outside the checked region
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mla_decode_full(**c, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ----------------------------------------------------------------------------- the module
 def make_mla(H=4, G=2, r=12, dN=8, dR=8, dV=8, pairs=(5, 1, 6, 2), seed=0):
     torch.manual_seed(seed)
@@ -178,7 +228,8 @@ def tables(pos, d_h, theta=1e4):
 
 
 def rope_complex(u, cos, sin, pairs):
-    """Pair i of a half-split block, (u_i, u_{i+n}), as a complex number turned by the angle of teacher pair pairs[i]."""
+    """Pair i of a half-split block, (u_i, u_{i+n}), as a complex number turned by the angle of teacher pair
+    pairs[i]."""
     n = u.shape[-1] // 2
     z = torch.complex(u[..., :n], u[..., n:]) * torch.complex(cos[..., pairs], sin[..., pairs])
     return torch.cat([z.real, z.imag], -1)
@@ -206,11 +257,11 @@ def ref_attention(m, x, cos, sin, scale):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_prefill_then_decode_equals_full_forward(backend):
-    m, (B, T, k) = make_mla(H=6, G=2), (2, 5, 4)
-    x, (cos, sin) = torch.randn(B, T + k, 32), tables(torch.arange(T + k)[None], 16)
+    m, (B, T, k) = make_mla(H=6, G=2).to(DEV), (2, 5, 4)
+    x, (cos, sin) = torch.randn(B, T + k, 32).to(DEV), tables(torch.arange(T + k, device=DEV)[None], 16)
     with torch.no_grad():
         full = m(x, cos, sin)
-        cache, pos = m.allocate_cache(B, 12), torch.zeros(B, dtype=torch.long)
+        cache, pos = m.allocate_cache(B, 12), torch.zeros(B, dtype=torch.long, device=DEV)
         outs = [m(x[:, :T], cos[:, :T], sin[:, :T], cache, pos)]
         assert (pos == 0).all()  # the caller advances pos
         for t in range(T, T + k):
@@ -221,26 +272,23 @@ def test_prefill_then_decode_equals_full_forward(backend):
 
 
 def test_ragged_rows_and_nan_cache_match_per_row_forwards():
-    """Rows of lengths 3 and 6 in one NaN-filled cache: a batched 2-token prefill and two decode steps, each row at its
-    own positions, equal each row's own full forward."""
-    m, lens = make_mla(), [3, 6]
-    xs = [torch.randn(1, n + 4, 32) for n in lens]
-    cache, pos = m.allocate_cache(2, 12).fill_(NAN), torch.tensor(lens)
+    """Rows of lengths 3 and 6 in one NaN-filled cache: a batched 2-token prefill and two decode steps, each
+    row at its own positions, equal each row's own full forward."""
+    m, lens = make_mla().to(DEV), [3, 6]
+    xs = [torch.randn(1, n + 4, 32).to(DEV) for n in lens]
+    cache, pos = m.allocate_cache(2, 12).fill_(NAN), torch.tensor(lens, device=DEV)
     with torch.no_grad():
         for b, n in enumerate(lens):  # per-row prefill through batch-1 views of the shared cache
-            m(
-                xs[b][:, :n],
-                *tables(torch.arange(n)[None], 16),
-                cache[b : b + 1],
-                torch.zeros(1, dtype=torch.long),
-            )
+            zero = torch.zeros(1, dtype=torch.long, device=DEV)
+            m(xs[b][:, :n], *tables(torch.arange(n, device=DEV)[None], 16), cache[b : b + 1], zero)
         outs = []
         for off, T, backend in [(0, 2, "torch"), (2, 1, "triton"), (3, 1, "torch")]:
             x = torch.cat([xs[b][:, n + off : n + off + T] for b, n in enumerate(lens)])
-            outs.append(m(x, *tables(pos[:, None] + torch.arange(T), 16), cache, pos, backend=backend))
+            at = pos[:, None] + torch.arange(T, device=DEV)
+            outs.append(m(x, *tables(at, 16), cache, pos, backend=backend))
             pos += T
         for b, n in enumerate(lens):
-            want = m(xs[b], *tables(torch.arange(n + 4)[None], 16))[:, n:]
+            want = m(xs[b], *tables(torch.arange(n + 4, device=DEV)[None], 16))[:, n:]
             assert rel_rms(torch.cat(outs, 1)[b : b + 1], want) <= 1e-5
     assert torch.isnan(cache[0, 7:]).all() and not torch.isnan(cache[1, :10]).any()
 
@@ -285,7 +333,8 @@ def test_scale_guard_uses_head_width_not_latent_width(G):
 
 
 def test_rope_with_all_pairs_is_standard_half_split_rope_of_full_head():
-    """d_R = d_h, d_N = 0, every pair chosen in order: q/k rotate exactly like the teacher's HF RoPE on whole heads."""
+    """d_R = d_h, d_N = 0, every pair chosen in order: q/k rotate exactly like the teacher's HF RoPE on whole
+    heads."""
     m, x, (B, T, d_h) = make_mla(H=4, G=1, dN=0, dR=16, pairs=range(8)), torch.randn(2, 6, 32), (2, 6, 16)
     cos, sin = tables(torch.arange(3, 9)[None], d_h)  # positions need not start at 0
 
