@@ -26,20 +26,103 @@ def test_prefill_then_decode_equals_full_forward(kinds):
     assert cache.pos.tolist() == [40, 40]
 
 
-def test_ragged_rows_decode_at_their_own_positions():
+def ragged_cache(m, idx):
+    """Prefill row 0 with 5 tokens and row 1 with 11, each through its own view of one cache of 32 rows."""
+    cache = m.allocate_cache(2, 32)
+    m(idx[:1, :5], cache=cache.rows(slice(0, 1)))
+    m(idx[1:, :11], cache=cache.rows(slice(1, 2)))
+    return cache
+
+
+def test_ragged_rows_decode_and_prefill_at_their_own_positions():
+    # rows of lengths 5 and 11 in one cache continue (1 token, then 3) as each row's full forward
     m = tiny(["mla", "m2", "attn", "m2"])
     idx = torch.randint(0, 272, (2, 20))
     with torch.no_grad():
-        full = m(idx)
-        cache = m.allocate_cache(2, 32)
-        m(idx[:1, :5], cache=cache.rows(slice(0, 1)))
-        m(idx[1:, :11], cache=cache.rows(slice(1, 2)))
-        step = m(torch.stack([idx[0, 5], idx[1, 11]])[:, None], cache=cache)
-    assert torch.allclose(step[0, 0], full[0, 5], atol=1e-4) and torch.allclose(
-        step[1, 0], full[1, 11], atol=1e-4
-    )
-    with pytest.raises(ValueError, match="cache"):
-        m(torch.zeros(2, 30, dtype=torch.long), cache=cache)
+        full, cache = m(idx), ragged_cache(m, idx)
+        step = m(torch.stack([idx[0, 5:6], idx[1, 11:12]]), cache=cache)
+        chunk = m(torch.stack([idx[0, 6:9], idx[1, 12:15]]), cache=cache)
+    got = torch.cat([step, chunk], 1)
+    assert (got[0] - full[0, 5:9]).abs().max() <= 1e-4 and (got[1] - full[1, 11:15]).abs().max() <= 1e-4
+
+
+def test_prefill_past_the_cache_length_is_refused():
+    # 11 cached + 30 new tokens do not fit 32 rows: a clear error, not an index error
+    m = tiny(["mla", "m2", "attn", "m2"])
+    idx = torch.randint(0, 272, (2, 20))
+    with torch.no_grad(), pytest.raises(ValueError, match="cache overflow"):
+        m(torch.zeros(2, 30, dtype=torch.long), cache=ragged_cache(m, idx))
+
+
+def rope_complex(u, cos, sin, pairs):
+    """Pair i of a half-split block, (u_i, u_{i+n}), as a complex number turned by teacher pair pairs[i]."""
+    n = u.shape[-1] // 2
+    z = torch.complex(u[..., :n], u[..., n:]) * torch.complex(cos[..., pairs], sin[..., pairs])
+    return torch.cat([z.real, z.imag], -1)
+
+
+def mla_by_hand(m, x, cos, sin, scale):
+    """Causal MLA written out head by head with an explicit softmax and rope_complex."""
+    cfg, (B, T, _), pairs = m.cfg, x.shape, m.rope_pairs
+    H, G, r, dN = cfg.n_head, cfg.n_kv_head, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    q = m.q_b_proj(m.q_a_proj(x)).view(B, T, H, -1)
+    q = torch.cat([q[..., :dN], rope_complex(q[..., dN:], cos[:, :, None], sin[:, :, None], pairs)], -1)
+    ckv = m.kv_a_proj_with_mqa(x)
+    k_r, kv = rope_complex(ckv[..., r:], cos, sin, pairs), m.kv_b_proj(ckv[..., :r]).view(B, T, G, -1)
+    heads, future = [], torch.ones(T, T, dtype=torch.bool).triu(1)
+    for h in range(H):
+        g = h // (H // G)
+        s = torch.einsum("btd,bsd->bts", q[:, :, h], torch.cat([kv[:, :, g, :dN], k_r], -1)) * scale
+        heads.append(torch.softmax(s.masked_fill(future, float("-inf")), -1) @ kv[:, :, g, dN:])
+    return m.out_proj(torch.cat(heads, -1))
+
+
+def mla_layer(G):
+    """The MLA mixer of a tiny all-MLA model with permuted rope pairs and peakier weights (masks matter)."""
+    model = tiny(["mla"] * 4, n_kv_head=G, rope_pairs={0: [5, 1, 6, 2]})
+    m = model.layers[0].self_attn
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(2.0)
+    return model, m
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_mla_prefill_and_absorbed_decode_equal_attention_by_hand(G):
+    # the decompressed prefill and the absorbed decode step both equal per-head attention at (d_N + d_R)^-1/2
+    model, m = mla_layer(G)
+    x = torch.randn(2, 7, 64)
+    cos, sin = model.rope(torch.arange(7)[None])
+    with torch.no_grad():
+        want = mla_by_hand(m, x, cos, sin, (8 + 8) ** -0.5)
+        cache, pos = m.allocate_cache(2, 7, torch.float32, "cpu"), torch.zeros(2, dtype=torch.long)
+        prefill = m(x[:, :6], cos[:, :6], sin[:, :6], cache, pos)
+        step = m(x[:, 6:], cos[:, 6:], sin[:, 6:], cache, pos + 6)
+    assert (torch.cat([prefill, step], 1) - want).abs().max() <= 1e-4
+
+
+def test_mla_scale_is_distinguishable_on_the_test_input():
+    # the latent-width scale (r_kv + d_R)^-1/2 gives another output: the test above would catch it
+    model, m = mla_layer(2)
+    x = torch.randn(2, 7, 64)
+    cos, sin = model.rope(torch.arange(7)[None])
+    with torch.no_grad():
+        right, wrong = mla_by_hand(m, x, cos, sin, 16**-0.5), mla_by_hand(m, x, cos, sin, 24**-0.5)
+    assert (right - wrong).abs().max() > 1e-2
+
+
+def test_mla_cache_holds_latent_and_rotated_key_of_the_chosen_pairs():
+    # each cache row is [c ; k^R] (r_kv + d_R values), k^R turned by the teacher pairs the layer keeps
+    model, m = mla_layer(2)
+    x = torch.randn(2, 5, 64)
+    cos, sin = model.rope(torch.arange(5)[None])
+    cache = m.allocate_cache(2, 5, torch.float32, "cpu")
+    with torch.no_grad():
+        m(x, cos, sin, cache, torch.zeros(2, dtype=torch.long))
+        ckv = m.kv_a_proj_with_mqa(x)
+    assert cache.kv.shape == (2, 5, 16 + 8)
+    torch.testing.assert_close(cache.kv[..., :16], ckv[..., :16])
+    torch.testing.assert_close(cache.kv[..., 16:], rope_complex(ckv[..., 16:], cos, sin, [5, 1, 6, 2]))
 
 
 def test_rope_llama3_scaling_matches_the_published_rule():
@@ -88,10 +171,27 @@ def test_paper_param_counts_and_kv_fractions(size, params, teacher_params, kv_pc
     assert round(100 * z.kv_bytes_per_token() / t.kv_bytes_per_token(), 3) == kv_pct
 
 
-def test_bf16_forward_and_bad_config():
+def test_bf16_forward_stays_bf16():
+    # a bf16 model gives bf16 logits (the fp32 norms and rope cast back)
     m = tiny(["mla", "m2", "attn", "m2"]).to(torch.bfloat16)
     assert m(torch.randint(0, 272, (1, 9))).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="kinds"):
-        M.size_config("tiny", kinds=["attn", "gru", "attn", "attn"])
-    with pytest.raises(ValueError, match="unknown size"):
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kinds=["attn", "gru", "attn", "attn"]),
+        dict(rope_pairs={0: [1, 2, 3]}),  # d_R/2 = 4 pairs needed
+        dict(rope_pairs={0: [1, 2, 3, 8]}),  # head_dim/2 = 8 teacher pairs exist
+    ],
+)
+def test_bad_config_is_refused(kw):
+    # each inconsistent config field gives a ValueError at construction
+    with pytest.raises(ValueError):
+        M.size_config("tiny", **kw)
+
+
+def test_unknown_size_is_named():
+    # a size key that does not exist lists the ones that do
+    with pytest.raises(ValueError, match="unknown size '2b'"):
         M.size_config("2b")
