@@ -581,7 +581,11 @@ class Model(nn.Module):
         w = self.embed_tokens.weight
         dtype, device = dtype or w.dtype, device or w.device
         layers = [b.mixer.allocate_cache(batch, max_len, dtype, device) for b in self.layers]
-        return Cache(layers, torch.zeros(batch, dtype=torch.long, device=device), self.cfg.kinds)
+        cache = Cache(layers, torch.zeros(batch, dtype=torch.long, device=device), self.cfg.kinds)
+        if torch.device(device).type == "cuda":  # a compiled step's CUDA graphs write these very tensors
+            for t in [cache.pos, *(t for c in layers for t in c)]:
+                torch._dynamo.mark_static_address(t, guard=False)
+        return cache
 
     def rope(self, positions):
         """cos, sin (B, T, head_dim/2) of the teacher's frequencies at `positions` (B, T)."""
