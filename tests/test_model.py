@@ -141,21 +141,89 @@ def test_rope_llama3_scaling_matches_the_published_rule():
         assert abs(f[j].item() - want) <= 1e-6 * want
 
 
-def test_checkpoint_roundtrip_is_strict_and_atomic(tmp_path):
+def saved(tmp_path, **kw):
     m = tiny(["mla", "m2", "attn", "m2"], rope_pairs={0: [1, 3, 5, 7]})
-    path = tmp_path / "x.pt"
-    M.save_checkpoint(str(path), m, "test", 7)
-    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
-    m2, ck = M.load_checkpoint(str(path))
+    path = str(tmp_path / "x.pt")
+    M.save_checkpoint(path, m, "test", 7, **kw)
+    return m, path
+
+
+def test_checkpoint_roundtrip_gives_the_same_model(tmp_path):
+    # a saved and reloaded hybrid keeps its stage, step, kinds and rope pairs, and gives identical logits
+    m, path = saved(tmp_path)
+    m2, ck = M.load_checkpoint(path)
     assert ck["stage"] == "test" and ck["step"] == 7 and m2.cfg.kinds == m.cfg.kinds
     assert m2.layers[0].self_attn.rope_pairs.tolist() == [1, 3, 5, 7]
     idx = torch.randint(0, 272, (1, 12))
-    assert torch.equal(m(idx), m2.eval()(idx))
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a readable zebra checkpoint"):
-        M.load_checkpoint(str(path))
+    assert torch.equal(m(idx), m2(idx))
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    # a cut-off file gives one ValueError naming it, not a torch.load traceback
+    _, path = saved(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=f"{path} is not a readable zebra checkpoint"):
+        M.load_checkpoint(path)
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path):
+    # no file: FileNotFoundError pointing at the scripts that write checkpoints
     with pytest.raises(FileNotFoundError, match="distill.py"):
         M.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    # a NaN anywhere in the weights stops the load, naming the file and the tensor
+    m = tiny(["mla", "m2", "attn", "m2"])
+    sd = m.state_dict()
+    sd["layers.2.mlp.up_proj.weight"][3, 4] = float("nan")
+    path = str(tmp_path / "nan.pt")
+    M.save_checkpoint(path, m, "kd", state_dict=sd)
+    with pytest.raises(ValueError, match=f"{path}: tensor layers.2.mlp.up_proj.weight holds NaN"):
+        M.load_checkpoint(path)
+
+
+def test_config_with_missing_keys_is_named(tmp_path):
+    # a config lacking fields names the file and the keys instead of a TypeError from the dataclass
+    _, path = saved(tmp_path)
+    ck = torch.load(path, weights_only=True)
+    del ck["config"]["d_ff"], ck["config"]["n_head"]
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=rf"config in {path} lacks keys \['d_ff', 'n_head'\]"):
+        M.load_checkpoint(path)
+
+
+def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    # a disk that fills up mid-write: OSError naming the folder, nothing left behind, the old file intact
+    _, path = saved(tmp_path)
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=str(tmp_path)):
+        saved(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"] and open(path, "rb").read() == before
+
+
+def test_exported_directory_loads_through_convert(tmp_path, monkeypatch):
+    # a directory is read by convert.read_export and checked like a file (here: NaN weights refused)
+    import convert
+
+    m, _ = saved(tmp_path)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    export = dict(config=m.cfg.to_dict(), model=sd, stage="kd", step=3, tokenizer=None)
+    monkeypatch.setattr(
+        convert, "read_export", lambda d: export if d == str(tmp_path) else None, raising=False
+    )
+    idx = torch.randint(0, 272, (1, 12))
+    assert torch.equal(M.load_checkpoint(str(tmp_path))[0](idx), m(idx))
+    sd["norm.weight"][0] = float("inf")
+    with pytest.raises(ValueError, match="norm.weight holds NaN or inf"):
+        M.load_checkpoint(str(tmp_path))
 
 
 @pytest.mark.parametrize(
