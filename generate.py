@@ -200,53 +200,35 @@ def device_arg(text):
 def parse_args(argv=None):
     p = Parser(description="Chat with a zebra checkpoint or its teacher.")
     source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--ckpt", help="a checkpoint of any stage, or an exported directory (default: newest of --size)"
-    )
-    source.add_argument(
-        "--teacher", help="chat with the teacher itself: a size key (135m, tiny) or a Llama path"
-    )
+    source.add_argument("--ckpt", help="checkpoint file or exported directory (default: newest of --size)")
+    source.add_argument("--teacher", help="chat with the teacher: a size key (135m, tiny) or a Llama path")
     p.add_argument(
-        "--size", default="135m", choices=list(SIZES), help="size whose newest distilled model to load"
+        "--size", default="135m", choices=list(SIZES), help="size whose newest model to load (135m)"
     )
     p.add_argument("--out-dir", default="out", help="where distill.py wrote its checkpoints (default: out)")
-    p.add_argument(
-        "--prompt", action="append", help="one reply per prompt (repeat for a batch); none = interactive chat"
-    )
-    p.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="wrap prompts in the tokenizer's chat template (--no-chat: raw text completion)",
-    )
+    p.add_argument("--prompt", action="append", help="one reply per prompt (repeatable); none = chat")
+    bool_flag = argparse.BooleanOptionalAction
+    p.add_argument("--chat", action=bool_flag, default=True, help="chat template (default) or raw text")
     positive = checked(int, lambda v: v > 0, "a positive integer")
-    p.add_argument(
-        "--max-new-tokens", type=positive, default=256, help="tokens to generate per reply (default: 256)"
-    )
+    p.add_argument("--max-new-tokens", type=positive, default=256, help="tokens per reply (default: 256)")
     temperature = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
     p.add_argument(
         "--temperature", type=temperature, default=0.0, help="sampling temperature; 0 = greedy (default)"
     )
     top_k = checked(int, lambda v: v >= 0, "an integer >= 0")
-    p.add_argument(
-        "--top-k", type=top_k, default=0, help="sample among the k most likely ids; 0 = all (default)"
-    )
+    p.add_argument("--top-k", type=top_k, default=0, help="keep the k likeliest ids; 0 = all (default)")
     top_p = checked(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
+    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: random)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument(
-        "--top-p", type=top_p, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (default)"
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
-    p.add_argument(
-        "--device",
-        type=device_arg,
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu or cuda[:N] (default: cuda when a GPU is visible)",
+        "--device", type=device_arg, default=default_device, help="cpu or cuda[:N] (default: cuda if any)"
     )
     p.add_argument(
         "--compile",
-        action=argparse.BooleanOptionalAction,
+        action=bool_flag,
         default=False,
-        help="compile the decode step with torch.compile (CUDA graphs on a GPU); the first reply waits",
+        help="torch.compile the decode step (CUDA graphs on a GPU); the first reply waits (minutes on a CPU)",
     )
     return p.parse_args(argv)
 
@@ -278,9 +260,7 @@ def chat_loop(model, tok, encode_prompt, chat, kw):
         turn = {"role": "user", "content": q}
         ids, dropped = fit_history(history + [turn], tok.chat, budget) if chat else (encode_prompt(q), 0)
         if len(ids) > budget:
-            print(
-                f"error: this message alone takes {len(ids)} tokens; the context leaves {budget}: shorten it"
-            )
+            print(f"error: this message takes {len(ids)} tokens, the context leaves {budget}: shorten it")
             continue
         if dropped and not warned:
             print("(the chat outgrew the model's context: the oldest turns are dropped from now on)")

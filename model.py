@@ -1,12 +1,18 @@
 """One model class for the teacher, the two ILD students, the bench peers and the Zebra hybrid.
 
 Zebra-Llama (arXiv 2505.17272) keeps a pre-trained Llama's blocks and swaps each layer's mixer:
-"attn" (the teacher's GQA attention, paper.md §2), "mla" (multi-head latent attention, mla.py,
-paper.md §3) or "m2" (Mamba2 SSM, paper.md §5). `ModelConfig.kinds` says which one each layer has.
-Every block is the Llama pre-norm block h = h + mixer(norm(h)); h = h + mlp(norm(h)) (paper.md §7).
+"attn" (the teacher's GQA attention, paper.md §2), "mla" (multi-head latent attention, paper.md §3)
+or "m2" (Mamba2 SSM, paper.md §5). `ModelConfig.kinds` says which one each layer has. The three
+mixers live here; their math lives beside its kernels: ssm_scan.py (the SSD scan and decode step) and
+mla.py (absorbed MLA decode). Every block is the Llama pre-norm block h = h + mixer(norm(h));
+h = h + mlp(norm(h)) (paper.md §7).
+
+Decoding keeps one cache per layer (AttnCache, MLACache, SSMCache), allocated once at its full length
+S_max and written in place. A decode step (T = 1) attends over the whole allocation with a mask and reads
+nothing back to the host, so it can be compiled into a CUDA graph (generate.py --compile).
 
 Glossary (shape letters used in the comments):
-  B batch, T tokens in this call, S cache length, D d_model, L layers, V vocab,
+  B batch, T tokens in this call, S cache rows attended (S_max allocated), D d_model, L layers, V vocab,
   H query heads, G KV groups (n_kv_head), P head dim (= Mamba2 state size N here), Q scan chunk,
   r_q / r_kv MLA query / latent ranks, d_N / d_R / d_V MLA nope / rope / value head dims.
 
