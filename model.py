@@ -107,11 +107,17 @@ class ModelConfig:
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing, unknown = sorted(required - d.keys()), sorted(d.keys() - known)
         if missing or unknown:
-            raise ValueError(
-                f"the model config in {source} lacks keys {missing} and has unknown keys {unknown}: "
-                "it was written by another program or version; convert or export it again"
+            keys = ", ".join(
+                f"{name} keys {k}" for name, k in (("missing", missing), ("unknown", unknown)) if k
             )
-        return cls(**d)
+            raise ValueError(
+                f"the model config in {source} has {keys}: it was written by another program or version; "
+                "convert or export it again"
+            )
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"the model config in {source} is inconsistent: {e}") from None
 
     def layer_kind(self, i):
         return self.kinds[i]

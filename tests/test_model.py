@@ -190,7 +190,7 @@ def test_config_with_missing_keys_is_named(tmp_path):
     ck = torch.load(path, weights_only=True)
     del ck["config"]["d_ff"], ck["config"]["n_head"]
     torch.save(ck, path)
-    with pytest.raises(ValueError, match=rf"config in {path} lacks keys \['d_ff', 'n_head'\]"):
+    with pytest.raises(ValueError, match=rf"config in {path} has missing keys \['d_ff', 'n_head'\]"):
         M.load_checkpoint(path)
 
 
