@@ -1,4 +1,5 @@
-"""model.py: cached decoding = full forward for every layer mix, checkpoints, the paper's numbers.
+"""model.py: cached decoding = full forward for every layer mix (decode attends over the whole, partly
+empty cache), MLA = attention written out head by head, checkpoints and their errors, the paper's numbers.
 Run: python -m pytest tests/test_model.py"""
 
 import math
@@ -16,6 +17,7 @@ def tiny(kinds=None, **kw):
 
 @pytest.mark.parametrize("kinds", [None, ["mla"] * 4, ["m2"] * 4, ["mla", "m2", "attn", "m2"]])
 def test_prefill_then_decode_equals_full_forward(kinds):
+    # an 8-token prefill + 32 decode steps in a 48-row cache give the logits of one full forward
     m = tiny(kinds)
     idx = torch.randint(0, 272, (2, 40))
     with torch.no_grad():
