@@ -4,27 +4,34 @@ Decoding uses each layer kind's own cache (paper.md §16): a KV cache for attent
 [c ; k^R] rows for MLA, the constant conv + SSM state for Mamba2, with the Triton decode kernels on
 CUDA and the torch references elsewhere. Prompts of one batch may differ in length: each is
 prefilled into its own cache row and the rows then decode together at their own positions.
+A decode step makes no host synchronisation, so `--compile` can compile it with torch.compile
+(CUDA graphs on a GPU, as gpt-fast does).
 
   python generate.py                              # newest distilled model of out/135m (run distill.py first)
   python generate.py --teacher 135m --prompt "What is the capital of France?"
   python generate.py --ckpt out/135m/kd.pt --prompt "Hi" --prompt "Name a color" --temperature 0.7 --top-p 0.9
-  python generate.py --teacher 135m --chat false --prompt "The capital of Spain is"
+  python generate.py --teacher 135m --no-chat --prompt "The capital of Spain is" --compile
+  python generate.py --ckpt DIR                   # a directory written by `convert.py --export`
 """
 
 import argparse
+import functools
+import math
 import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 from convert import Tokenizer, load_teacher
-from model import load_checkpoint
+from model import SIZES, load_checkpoint
 
 STAGES_NEWEST_FIRST = ("dpo", "kd")
 
 
 def load_model(ckpt=None, teacher=None, size="135m", out_dir="out", device="cpu", dtype=torch.float32):
-    """-> (model, tokenizer) from a checkpoint path, a teacher source, or the newest distilled stage."""
+    """-> (model, tokenizer) from a checkpoint file or exported directory, a teacher source, or the newest
+    distilled stage of out_dir/size."""
     if teacher is not None:
         model, tok = load_teacher(teacher)
     else:
@@ -75,15 +82,36 @@ def prefill(model, prompts, max_len):
 
 @torch.no_grad()
 def decode_one(model, tokens, cache):
-    """tokens (B,) continue every sequence of the cache by one position -> logits (B, V)."""
+    """tokens (B,) continue every sequence of the cache by one position -> logits (B, V). No host sync."""
     return model(tokens[:, None], cache=cache)[:, -1]
 
 
-def generate(model, prompts, max_new_tokens=256, stop_ids=(), temperature=0.0, top_k=0, top_p=1.0, seed=None):
+@functools.cache
+def compiled_decode_one(device_type):
+    """decode_one compiled by torch.compile, once per process: "reduce-overhead" (CUDA graphs, as gpt-fast)
+    on a GPU, inductor's default mode on the CPU. A new cache length or batch size compiles once more."""
+    return torch.compile(decode_one, mode="reduce-overhead" if device_type == "cuda" else None)
+
+
+def generate(
+    model,
+    prompts,
+    max_new_tokens=256,
+    stop_ids=(),
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    seed=None,
+    n_vocab=None,
+    step=decode_one,
+):
     """Yield the next token of every sequence (a (B,) tensor) until all hit a stop id or max_new_tokens.
-    A finished sequence keeps yielding its stop id so positions stay aligned."""
+    A finished sequence keeps yielding its stop id so positions stay aligned. n_vocab: ids >= n_vocab
+    (a model vocabulary padded past its tokenizer's) are never sampled. step: decode_one, or a compiled
+    version of it (compiled_decode_one)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    # the one length check of a generation: decode steps attend over the whole cache and check nothing
     max_len = max(len(p) for p in prompts) + max_new_tokens
     if max_len > model.cfg.max_seq_len:
         raise ValueError(
@@ -95,76 +123,132 @@ def generate(model, prompts, max_new_tokens=256, stop_ids=(), temperature=0.0, t
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=logits.device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
     for _ in range(max_new_tokens):
-        nxt = sample(logits.cpu(), temperature, top_k, top_p, gen).to(logits.device)
+        nxt = sample(logits[:, :n_vocab].cpu(), temperature, top_k, top_p, gen).to(logits.device)
         nxt = torch.where(done, stop[0] if len(stop) else nxt, nxt)
         yield nxt
         done |= torch.isin(nxt, stop)
         if done.all():
             return
-        logits = decode_one(model, nxt, cache)
+        logits = step(model, nxt, cache)
 
 
-def reply(model, tok, prompts, stream=None, **kw):
-    """Generate for a batch of token prompts -> list of decoded replies; stream(text) gets row 0's text as it grows."""
+def reply(model, tok, prompts, stream=None, progress=False, **kw):
+    """Generate for a batch of token prompts -> list of decoded replies. stream(text) gets row 0's text as it
+    grows; progress shows a bar over the generated tokens. Ids the tokenizer lacks are never sampled."""
     out = [[] for _ in prompts]
-    for nxt in generate(model, prompts, stop_ids={tok.eos_id}, **kw):
+    stop_ids = {tok.eos_id} - {None}
+    tokens = generate(model, prompts, stop_ids=stop_ids, n_vocab=tok.n_vocab, **kw)
+    if progress:
+        tokens = tqdm(tokens, total=kw.get("max_new_tokens", 256), unit="tok", desc="generating", leave=False)
+    for nxt in tokens:
         for b, t in enumerate(nxt.tolist()):
-            if not out[b] or out[b][-1] != tok.eos_id:
+            if not out[b] or out[b][-1] not in stop_ids:
                 out[b].append(t)
-        if stream is not None and len(prompts) == 1 and out[0][-1] != tok.eos_id:
+        if stream is not None and len(prompts) == 1 and out[0][-1] not in stop_ids:
             stream(tok.decode(out[0]))
-    return [tok.decode([t for t in o if t != tok.eos_id]) for o in out]
+    return [tok.decode([t for t in o if t not in stop_ids]) for o in out]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a zebra checkpoint or its teacher.")
-    p.add_argument("--ckpt", help="a checkpoint of any stage (default: newest distilled model of --size)")
-    p.add_argument("--teacher", help="chat with the teacher itself: a size key (135m, tiny) or a Llama path")
-    p.add_argument("--size", default="135m", help="size whose newest distilled model to load (default 135m)")
-    p.add_argument("--out-dir", default="out", help="where distill.py wrote its checkpoints")
+def fit_history(history, encode, budget):
+    """The most recent turns of a chat that fit `budget` tokens -> (token ids, turns dropped from the front).
+    Whole exchanges (user + assistant) go first; the newest user turn always stays, so ids may still be
+    longer than budget when that turn alone is."""
+    dropped, ids = 0, encode(history)
+    while len(ids) > budget and len(history) - dropped > 1:
+        dropped += 2
+        ids = encode(history[dropped:])
+    return ids, dropped
+
+
+# ----------------------------------------------------------------------------- command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 1, like every other error of this script
+        self.exit(1, f"error: {message} (see --help)\n")
+
+
+def checked(kind, ok, want):
+    """An argparse type: parse with kind, then require ok(value), else say what is wanted."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    return parse
+
+
+def device_arg(text):
+    """cpu, cuda or cuda:N, refused when this torch build or machine cannot run it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise argparse.ArgumentTypeError(f"{text}: {why}; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def parse_args(argv=None):
+    p = Parser(description="Chat with a zebra checkpoint or its teacher.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", help="checkpoint file or exported directory (default: newest of --size)")
+    source.add_argument("--teacher", help="chat with the teacher: a size key (135m, tiny) or a Llama path")
     p.add_argument(
-        "--prompt", action="append", help="one reply per prompt (repeat for a batch); none = interactive chat"
+        "--size", default="135m", choices=list(SIZES), help="size whose newest model to load (135m)"
     )
-    p.add_argument("--chat", default="true", choices=["true", "false"], help="false = raw text completion")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    model, tok = load_model(a.ckpt, a.teacher, a.size, a.out_dir, a.device, dtype)
-    kw = dict(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+    p.add_argument("--out-dir", default="out", help="where distill.py wrote its checkpoints (default: out)")
+    p.add_argument("--prompt", action="append", help="one reply per prompt (repeatable); none = chat")
+    bool_flag = argparse.BooleanOptionalAction
+    p.add_argument("--chat", action=bool_flag, default=True, help="chat template (default) or raw text")
+    positive = checked(int, lambda v: v > 0, "a positive integer")
+    p.add_argument("--max-new-tokens", type=positive, default=256, help="tokens per reply (default: 256)")
+    temperature = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    p.add_argument(
+        "--temperature", type=temperature, default=0.0, help="sampling temperature; 0 = greedy (default)"
     )
-    chat = a.chat == "true"
+    top_k = checked(int, lambda v: v >= 0, "an integer >= 0")
+    p.add_argument("--top-k", type=top_k, default=0, help="keep the k likeliest ids; 0 = all (default)")
+    top_p = checked(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
+    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: random)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument(
+        "--device", type=device_arg, default=default_device, help="cpu or cuda[:N] (default: cuda if any)"
+    )
+    p.add_argument(
+        "--compile",
+        action=bool_flag,
+        default=False,
+        help="torch.compile the decode step (CUDA graphs on a GPU); the first reply waits (minutes on a CPU)",
+    )
+    return p.parse_args(argv)
 
-    def encode(history_or_text):
-        if chat:
-            return tok.chat(history_or_text)
-        return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(history_or_text)
 
-    def stream_printer():
-        shown = [0]
+def stream_printer():
+    """A stream callback that prints only the new suffix of a growing reply."""
+    shown = [0]
 
-        def show(text):  # print only the new suffix; held back while a multi-byte character is incomplete
-            if not text.endswith("\ufffd"):
-                print(text[shown[0] :], end="", flush=True)
-                shown[0] = len(text)
+    def show(text):  # held back while a multi-byte character is incomplete
+        if not text.endswith("\ufffd"):
+            print(text[shown[0] :], end="", flush=True)
+            shown[0] = len(text)
 
-        return show
+    return show
 
-    if a.prompt:
-        msgs = [[{"role": "user", "content": q}] if chat else q for q in a.prompt]
-        if len(msgs) == 1:
-            text = reply(model, tok, [encode(msgs[0])], stream=stream_printer(), **kw)[0]
-            print()
-        else:
-            for q, text in zip(a.prompt, reply(model, tok, [encode(m) for m in msgs], **kw)):
-                print(f"> {q}\n{text}\n")
-        return
-    history = []
+
+def chat_loop(model, tok, encode_prompt, chat, kw):
+    """Interactive chat; when the history outgrows the context, the oldest turns are dropped (said once)."""
+    budget = model.cfg.max_seq_len - kw["max_new_tokens"]
+    history, warned = [], False
     print("interactive chat; empty line or Ctrl-D to quit")
     while True:
         try:
@@ -173,10 +257,52 @@ def main(argv=None):
             break
         if not q:
             break
-        history.append({"role": "user", "content": q})
-        text = reply(model, tok, [encode(history if chat else q)], stream=stream_printer(), **kw)[0]
+        turn = {"role": "user", "content": q}
+        ids, dropped = fit_history(history + [turn], tok.chat, budget) if chat else (encode_prompt(q), 0)
+        if len(ids) > budget:
+            print(f"error: this message takes {len(ids)} tokens, the context leaves {budget}: shorten it")
+            continue
+        if dropped and not warned:
+            print("(the chat outgrew the model's context: the oldest turns are dropped from now on)")
+            warned = True
+        history = history[dropped:] + [turn]
+        text = reply(model, tok, [ids], stream=stream_printer(), **kw)[0]
         print()
         history.append({"role": "assistant", "content": text})
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    dtype = torch.bfloat16 if a.device.type == "cuda" else torch.float32
+    model, tok = load_model(a.ckpt, a.teacher, a.size, a.out_dir, a.device, dtype)
+    if a.max_new_tokens >= model.cfg.max_seq_len:
+        raise ValueError(
+            f"--max-new-tokens {a.max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{model.cfg.max_seq_len} tokens"
+        )
+    kw = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        step=compiled_decode_one(a.device.type) if a.compile else decode_one,
+    )
+
+    def encode_prompt(q):
+        if a.chat:
+            return tok.chat([{"role": "user", "content": q}])
+        return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(q)
+
+    if not a.prompt:
+        chat_loop(model, tok, encode_prompt, a.chat, kw)
+    elif len(a.prompt) == 1:
+        reply(model, tok, [encode_prompt(a.prompt[0])], stream=stream_printer(), **kw)
+        print()
+    else:
+        prompts = [encode_prompt(q) for q in a.prompt]
+        for q, text in zip(a.prompt, reply(model, tok, prompts, progress=True, **kw)):
+            print(f"> {q}\n{text}\n")
 
 
 if __name__ == "__main__":
@@ -184,3 +310,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

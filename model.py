@@ -1,12 +1,18 @@
 """One model class for the teacher, the two ILD students, the bench peers and the Zebra hybrid.
 
 Zebra-Llama (arXiv 2505.17272) keeps a pre-trained Llama's blocks and swaps each layer's mixer:
-"attn" (the teacher's GQA attention, paper.md §2), "mla" (multi-head latent attention, mla.py,
-paper.md §3) or "m2" (Mamba2 SSM, paper.md §5). `ModelConfig.kinds` says which one each layer has.
-Every block is the Llama pre-norm block h = h + mixer(norm(h)); h = h + mlp(norm(h)) (paper.md §7).
+"attn" (the teacher's GQA attention, paper.md §2), "mla" (multi-head latent attention, paper.md §3)
+or "m2" (Mamba2 SSM, paper.md §5). `ModelConfig.kinds` says which one each layer has. The three
+mixers live here; their math lives beside its kernels: ssm_scan.py (the SSD scan and decode step) and
+mla.py (absorbed MLA decode). Every block is the Llama pre-norm block h = h + mixer(norm(h));
+h = h + mlp(norm(h)) (paper.md §7).
+
+Decoding keeps one cache per layer (AttnCache, MLACache, SSMCache), allocated once at its full length
+S_max and written in place. A decode step (T = 1) attends over the whole allocation with a mask and reads
+nothing back to the host, so it can be compiled into a CUDA graph (generate.py --compile).
 
 Glossary (shape letters used in the comments):
-  B batch, T tokens in this call, S cache length, D d_model, L layers, V vocab,
+  B batch, T tokens in this call, S cache rows attended (S_max allocated), D d_model, L layers, V vocab,
   H query heads, G KV groups (n_kv_head), P head dim (= Mamba2 state size N here), Q scan chunk,
   r_q / r_kv MLA query / latent ranks, d_N / d_R / d_V MLA nope / rope / value head dims.
 
@@ -16,14 +22,15 @@ Run the tests: python -m pytest tests/test_model.py
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import mla as mla_mod
 import ssm_scan
+from mla import mla_decode_full
 
 KINDS = ("attn", "mla", "m2")
 
@@ -40,9 +47,8 @@ class ModelConfig:
     d_ff: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_factor: float = (
-        1.0  # Llama-3 rope scaling (1.0 = none): factor, low/high freq factor, original context
-    )
+    # Llama-3 rope scaling (1.0 = none): factor, low/high freq factor, original context
+    rope_factor: float = 1.0
     rope_low_freq: float = 1.0
     rope_high_freq: float = 4.0
     rope_orig_ctx: int = 8192
@@ -84,9 +90,34 @@ class ModelConfig:
         # checkpoints store dicts as JSON-like data: layer keys may come back as strings
         pairs = self.rope_pairs or {}
         self.rope_pairs = {int(i): [int(j) for j in p] for i, p in pairs.items()}
+        for i, p in self.rope_pairs.items():
+            if len(p) != self.qk_rope_head_dim // 2 or not all(0 <= j < self.head_dim // 2 for j in p):
+                raise ValueError(
+                    f"rope_pairs of layer {i} must be {self.qk_rope_head_dim // 2} teacher pair indices "
+                    f"in [0, {self.head_dim // 2}); got {p}"
+                )
         self.n_rep = self.n_head // self.n_kv_head  # query heads per KV group
         self.d_inner = self.n_head * self.head_dim  # Mamba2 x/C width (expand 1)
         self.d_xb = self.n_kv_head * self.head_dim  # Mamba2 x/B width before the GQA repeat
+
+    @classmethod
+    def from_dict(cls, d, source):
+        """The config stored in a checkpoint or an exported config.json; missing or unknown keys are named."""
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing, unknown = sorted(required - d.keys()), sorted(d.keys() - known)
+        if missing or unknown:
+            keys = ", ".join(
+                f"{name} keys {k}" for name, k in (("missing", missing), ("unknown", unknown)) if k
+            )
+            raise ValueError(
+                f"the model config in {source} has {keys}: it was written by another program or version; "
+                "convert or export it again"
+            )
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"the model config in {source} is inconsistent: {e}") from None
 
     def layer_kind(self, i):
         return self.kinds[i]
@@ -96,8 +127,8 @@ class ModelConfig:
         return self.rope_pairs.get(i, list(range(self.qk_rope_head_dim // 2)))
 
     def kv_bytes_per_token(self, elt=2):
-        """Cache bytes that grow with each token (paper.md §8.2): 2*G*P per attention layer, r_kv + d_R per MLA
-        layer, nothing for Mamba2 (its state is constant). elt = bytes per element (2 for bf16)."""
+        """Cache bytes that grow with each token (paper.md §8.2): 2*G*P per attention layer, r_kv + d_R
+        per MLA layer, nothing for Mamba2 (its state is constant). elt = bytes per element (2 for bf16)."""
         per = {
             "attn": 2 * self.n_kv_head * self.head_dim,
             "mla": self.kv_lora_rank + self.qk_rope_head_dim,
@@ -241,9 +272,10 @@ def rope_freqs(cfg, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, H, P) half-split layout; cos/sin (B|1, T, P/2)."""
+    """x (B, T, H, P) in the half-split layout: pair i is (x_i, x_{i+P/2}) and turns by the angle whose
+    cos/sin (B|1, T, P/2) sit in column i. MLA passes the columns of its kept teacher pairs."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, P/2) each
-    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, P/2)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B|1, T, 1, P/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -260,14 +292,44 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def write_rows(buf, new, pos):
-    """Write new (B, T, ...) into buf (B, S, ...) at rows pos[b] .. pos[b]+T-1 of each sequence b."""
-    B, T = new.shape[:2]
-    if int(pos.max()) + T > buf.shape[1]:
+# ----------------------------------------------------------------------------- per-layer caches
+# One NamedTuple per layer kind. Each is allocated once at its full length S_max (Model.allocate_cache) and
+# written in place, so a compiled decode step sees the same tensors at every call.
+class AttnCache(NamedTuple):
+    k: torch.Tensor  # (B, S_max, G, P) rotated keys
+    v: torch.Tensor  # (B, S_max, G, P)
+
+
+class MLACache(NamedTuple):
+    kv: torch.Tensor  # (B, S_max, r_kv + d_R): per token [latent c ; rotated shared key k^R]
+
+
+class SSMCache(NamedTuple):
+    conv: torch.Tensor  # (B, C_conv, d_conv - 1): the last inputs of the causal conv
+    ssm: torch.Tensor  # (B, H, P, N) fp32: the SSM state (constant size, whatever the length)
+
+
+def cached_len(pos, T, S_max):
+    """How many cache rows a call with T new tokens attends over, rows past each sequence's length masked.
+
+    Decode (T == 1) takes the whole allocation: a step never reads a length back to the host, so it can be
+    captured in a CUDA graph (generate.py checks prompt + new tokens <= S_max once, up front). Prefill reads
+    the longest row back once to skip the empty tail, and checks that the new tokens fit.
+    """
+    if T == 1:
+        return S_max
+    S = int(pos.max()) + T
+    if S > S_max:
         raise ValueError(
-            f"cache overflow: position {int(pos.max()) + T} > cache length {buf.shape[1]}; "
-            "allocate a longer cache (max_len) or shorten the prompt"
+            f"cache overflow: position {S} > cache length {S_max}; allocate a longer cache (max_len) "
+            "or shorten the prompt"
         )
+    return S
+
+
+def write_rows(buf, new, pos):
+    """Write new (B, T, ...) into buf (B, S_max, ...) at rows pos[b] .. pos[b]+T-1 of each sequence b."""
+    B, T = new.shape[:2]
     rows = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
     buf[torch.arange(B, device=pos.device)[:, None], rows] = new.to(buf.dtype)
 
@@ -280,7 +342,7 @@ def causal_mask(pos, T, S):
 
 # ----------------------------------------------------------------------------- GQA attention (teacher)
 class Attention(nn.Module):
-    """Llama grouped-query attention; the cache is (k, v), each (B, S, G, P)."""
+    """Llama grouped-query attention (paper.md §2): H query heads share G key/value heads."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -293,37 +355,108 @@ class Attention(nn.Module):
 
     def allocate_cache(self, batch, max_len, dtype, device):
         shape = (batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim)
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        return AttnCache(
+            torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        )
 
     def forward(self, x, cos, sin, cache=None, pos=None):
+        """x (B, T, D). Without a cache: causal over the T tokens. With one: the T tokens continue each
+        sequence b at pos[b] (the caller advances pos)."""
         B, T, _ = x.shape
         H, G, P = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q = apply_rope(self.q_proj(x).view(B, T, H, P), cos, sin)  # (B, T, H, P)
         k = apply_rope(self.k_proj(x).view(B, T, G, P), cos, sin)  # (B, T, G, P)
         v = self.v_proj(x).view(B, T, G, P)
-        if cache is None:
-            rep = H // G  # training/full forward: plain causal SDPA over T tokens
-            q, k, v = (
-                q.transpose(1, 2),
-                k.repeat_interleave(rep, 2).transpose(1, 2),
-                v.repeat_interleave(rep, 2).transpose(1, 2),
-            )
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, P)
+        if cache is not None:
+            S = cached_len(pos, T, cache.k.shape[1])
+            write_rows(cache.k, k, pos)
+            write_rows(cache.v, v, pos)
+        if cache is None or S == T:  # training, or prompts into an empty cache: plain causal SDPA
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, P)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, P)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, H * P))
-        kc, vc = cache
-        write_rows(kc, k, pos)
-        write_rows(vc, v, pos)
-        S = int(pos.max()) + T
         # Fold the H/G query heads of a group into the query axis so the cache is read once,
         # never repeated in memory: q (B, G, rep*T, P) against k, v (B, G, S, P).
         rep = H // G
         q = q.view(B, T, G, rep, P).permute(0, 2, 3, 1, 4).reshape(B, G, rep * T, P)
         mask = causal_mask(pos, T, S)[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
-        y = F.scaled_dot_product_attention(
-            q, kc[:, :S].transpose(1, 2), vc[:, :S].transpose(1, 2), attn_mask=mask
-        )
+        k, v = cache.k[:, :S].transpose(1, 2), cache.v[:, :S].transpose(1, 2)  # (B, G, S, P)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, G, rep*T, P)
         y = y.view(B, G, rep, T, P).permute(0, 3, 1, 2, 4).reshape(B, T, H * P)  # back to (B, T, H*P)
         return self.o_proj(y)
+
+
+# ----------------------------------------------------------------------------- MLA mixer
+class MLA(nn.Module):
+    """Multi-head latent attention (paper.md §3) with the official Zebra/DeepSeek parameter names
+    (use_lora_layer_norm=false: no norms between the projections).
+
+    q = q_b(q_a(x)) split per head into [q^N (d_N) ; q^R (d_R)]; [c ; k^R] = kv_a(x) with c the r_kv latent
+    and k^R one rope key shared by all heads; per KV group g, [k^N_g ; v_g] = kv_b(c), and head h reads group
+    h // (H/G). The rope block turns with the teacher's own rotation pairs `rope_pairs` (d_R/2 teacher pair
+    indices, chosen at conversion, paper.md §3.4). The cache keeps [c ; rotated k^R] per token; training and
+    prefill decompress K and V, decode absorbs kv_b into the query and the output (mla.py's docstring).
+    """
+
+    def __init__(self, cfg, rope_pairs):
+        super().__init__()
+        self.cfg = cfg
+        H, G, r = cfg.n_head, cfg.n_kv_head, cfg.kv_lora_rank
+        dN, dR, dV = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        # logits scale: the per-head width, never the latent width r_kv + d_R (kernels.md §4.1)
+        self.scale = (dN + dR) ** -0.5
+        self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dN + dR), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, r + dR, bias=False)
+        self.kv_b_proj = nn.Linear(r, G * (dN + dV), bias=False)
+        self.out_proj = nn.Linear(H * dV, cfg.d_model, bias=False)
+        self.register_buffer("rope_pairs", torch.as_tensor(rope_pairs, dtype=torch.long))
+
+    def allocate_cache(self, batch, max_len, dtype, device):
+        width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+        return MLACache(torch.zeros(batch, max_len, width, dtype=dtype, device=device))
+
+    def attend(self, q_nope, q_pe, c, k_pe, mask):
+        """Decompressed attention: q (B, T, H, ·), latents c (B, S, r_kv), k_pe (B, S, d_R).
+        mask (B, 1, T, S) or None = causal over T = S."""
+        cfg = self.cfg
+        (B, T, H, _), S, G = q_nope.shape, c.shape[1], cfg.n_kv_head
+        dN, dR, dV = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        k_nope, v = self.kv_b_proj(c).view(B, S, G, dN + dV).split([dN, dV], -1)  # (B, S, G, ·)
+        q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)  # (B, H, T, d_N + d_R)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, G, dR)], -1)  # (B, S, G, d_N + d_R)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, S, ·)
+        # enable_gqa maps head h to group h // (H/G) (paper.md §3.5) without copying K/V
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+        )  # (B, H, T, d_V)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, H * dV))
+
+    def forward(self, x, cos, sin, cache=None, pos=None):
+        """x (B, T, D), cos/sin (B|1, T, head_dim/2) the teacher's tables; cache and pos as Attention."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, r = cfg.n_head, cfg.kv_lora_rank
+        dN, dR, dV = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_nope, q_pe = self.q_b_proj(self.q_a_proj(x)).view(B, T, H, dN + dR).split([dN, dR], -1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([r, dR], -1)  # (B, T, r_kv), (B, T, d_R)
+        cos, sin = cos[..., self.rope_pairs], sin[..., self.rope_pairs]  # (B|1, T, d_R/2): the kept pairs
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, d_R)
+        k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]  # (B, T, d_R): one key shared by all heads
+        if cache is None:
+            return self.attend(q_nope, q_pe, c, k_pe, None)
+        S = cached_len(pos, T, cache.kv.shape[1])
+        write_rows(cache.kv, torch.cat([c, k_pe], -1), pos)  # (B, T, r_kv + d_R)
+        if T == 1:
+            # kv_b_proj rows are [k^N ; v] per group, so W_UK and W_UV are views, no copy (paper.md §16)
+            W = self.kv_b_proj.weight.view(cfg.n_kv_head, dN + dV, r)  # (G, d_N + d_V, r_kv)
+            # cache_seqlens = pos + 1: the new token, just written, attends to itself
+            o = mla_decode_full(q_nope[:, 0], q_pe[:, 0], cache.kv, pos + 1, W[:, :dN], W[:, dN:], self.scale)
+            return self.out_proj(o.reshape(B, 1, H * dV))  # o (B, H, d_V)
+        if S == T:  # prompts into an empty cache: causal over the T tokens, as without a cache
+            return self.attend(q_nope, q_pe, c, k_pe, None)
+        rows = cache.kv[:, :S]  # (B, S, r_kv + d_R)
+        return self.attend(q_nope, q_pe, rows[..., :r], rows[..., r:], causal_mask(pos, T, S))
 
 
 # ----------------------------------------------------------------------------- Mamba2 mixer
@@ -333,13 +466,13 @@ class Mamba2(nn.Module):
     in_proj emits [z | x | B | C | dt] of widths [H*P, G*P, G*P, H*P, H]; x and B keep the teacher's G
     KV groups (they are seeded from W_V and W_K, paper.md §6) and head h reads group h // (H/G) inside
     the scan, C has one group per head (seeded from W_Q). A depthwise causal conv (k = d_conv) runs over
-    [x | B | C] before any repeat. The cache is (conv_state (B, C_conv, d_conv-1), ssm_state (B, H, P, N) fp32).
+    [x | B | C] before any repeat.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        H, P = cfg.n_head, cfg.head_dim
+        H = cfg.n_head
         self.conv_dim = cfg.d_xb * 2 + cfg.d_inner
         self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner + 2 * cfg.d_xb + H, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True)
@@ -353,42 +486,32 @@ class Mamba2(nn.Module):
 
     def allocate_cache(self, batch, max_len, dtype, device):
         H, P = self.cfg.n_head, self.cfg.head_dim
-        return (
+        return SSMCache(
             torch.zeros(batch, self.conv_dim, self.cfg.d_conv - 1, dtype=dtype, device=device),
             torch.zeros(batch, H, P, P, dtype=torch.float32, device=device),
         )
 
-    def forward(self, u, cos=None, sin=None, cache=None, pos=None, backend="auto"):
+    def forward(self, u, cos=None, sin=None, cache=None, pos=None):
+        """u (B, T, D); cos/sin/pos unused (no positions in an SSM), the cache advances in place."""
         cfg = self.cfg
         B, T, _ = u.shape
-        H, G, P = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        H, G, P, K = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_conv
         z, xBC, dt = self.in_proj(u).split([cfg.d_inner, self.conv_dim, H], dim=-1)
         # causal depthwise conv over time: left context is the conv state (zeros at the start)
         xBC = xBC.transpose(1, 2)  # (B, C_conv, T)
-        ctx = cache[0] if cache is not None else xBC.new_zeros(B, self.conv_dim, cfg.d_conv - 1)
+        ctx = cache.conv if cache is not None else xBC.new_zeros(B, self.conv_dim, K - 1)
         xpad = torch.cat([ctx.to(xBC.dtype), xBC], dim=-1)  # (B, C_conv, d_conv-1+T)
         if cache is not None:
-            cache[0].copy_(xpad[..., -(cfg.d_conv - 1) :])
-        xBC = F.silu(F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(
-            1, 2
-        )
-        x, Bm, C = xBC.split([cfg.d_xb, cfg.d_xb, cfg.d_inner], dim=-1)
+            cache.conv.copy_(xpad[..., -(K - 1) :])
+        xBC = F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (B, C_conv, T)
+        x, Bm, C = F.silu(xBC).transpose(1, 2).split([cfg.d_xb, cfg.d_xb, cfg.d_inner], dim=-1)
         x, Bm, C = x.view(B, T, G, P), Bm.view(B, T, G, P), C.view(B, T, H, P)
         A = -torch.exp(self.A_log.float())  # (H,) < 0
         if cache is not None and T == 1:
             y = ssm_scan.ssm_step(
-                cache[1],
-                x[:, 0],
-                dt[:, 0],
-                A,
-                Bm[:, 0],
-                C[:, 0],
-                D=self.D,
-                dt_bias=self.dt_bias,
-                backend=backend,
+                cache.ssm, x[:, 0], dt[:, 0], A, Bm[:, 0], C[:, 0], D=self.D, dt_bias=self.dt_bias
             )[:, None]  # (B, 1, H, P)
         else:
-            init = cache[1] if cache is not None else None
             y, final = ssm_scan.ssd(
                 x,
                 dt,
@@ -398,16 +521,14 @@ class Mamba2(nn.Module):
                 chunk_size=cfg.chunk_size,
                 D=self.D,
                 dt_bias=self.dt_bias,
-                initial_state=init,
+                initial_state=cache.ssm if cache is not None else None,
                 return_final_state=True,
-                backend=backend,
-            )
+            )  # (B, T, H, P)
             if cache is not None:
-                cache[1].copy_(final)
-        y = y.reshape(B, T, H, P).float() * F.silu(z.float()).view(
-            B, T, H, P
-        )  # gate before the norm (norm_before_gate=False)
-        y = F.rms_norm(y, (P,), eps=self.norm.eps).reshape(B, T, -1)  # RMSNorm per head group of P channels
+                cache.ssm.copy_(final)
+        # gate before the norm (norm_before_gate=False), then RMSNorm per head group of P channels
+        y = y.reshape(B, T, H, P).float() * F.silu(z.float()).view(B, T, H, P)
+        y = F.rms_norm(y, (P,), eps=self.norm.eps).reshape(B, T, -1)
         return self.out_proj((y * self.norm.weight.float()).to(u.dtype))
 
 
@@ -423,17 +544,7 @@ class Block(nn.Module):
         if self.kind == "attn":
             self.self_attn = Attention(cfg)
         elif self.kind == "mla":
-            self.self_attn = mla_mod.MLA(
-                cfg.d_model,
-                cfg.n_head,
-                cfg.n_kv_head,
-                cfg.q_lora_rank,
-                cfg.kv_lora_rank,
-                cfg.qk_nope_head_dim,
-                cfg.qk_rope_head_dim,
-                cfg.v_head_dim,
-                cfg.pairs_for(i),
-            )
+            self.self_attn = MLA(cfg, cfg.pairs_for(i))
         else:
             self.mamba = Mamba2(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -451,27 +562,19 @@ class Block(nn.Module):
 
 
 class Cache:
-    """Decode state of a whole model: one entry per layer plus each sequence's length `pos` (B,).
-
-    attn: (k, v) each (B, S, G, P); mla: latent rows (B, S, r_kv + d_R); m2: (conv, ssm) constant size.
-    `rows(sl)` views a subset of sequences (prefill one prompt of a batch in place).
-    """
+    """Decode state of a whole model: one AttnCache / MLACache / SSMCache per layer (`layers`) and each
+    sequence's length `pos` (B,). `rows(sl)` views a subset of sequences (prefill one prompt of a batch
+    in place)."""
 
     def __init__(self, layers, pos, kinds):
         self.layers, self.pos, self.kinds = layers, pos, kinds
 
     def rows(self, sl):
-        pick = lambda c: tuple(t[sl] for t in c) if isinstance(c, tuple) else c[sl]
-        return Cache([pick(c) for c in self.layers], self.pos[sl], self.kinds)
+        return Cache([type(c)(*(t[sl] for t in c)) for c in self.layers], self.pos[sl], self.kinds)
 
     def nbytes(self, kinds=KINDS):
         """Bytes held by the layers of the given kinds (("attn", "mla") = what grows with length)."""
-        return sum(
-            t.nbytes
-            for k, c in zip(self.kinds, self.layers)
-            if k in kinds
-            for t in (c if isinstance(c, tuple) else (c,))
-        )
+        return sum(t.nbytes for k, c in zip(self.kinds, self.layers) if k in kinds for t in c)
 
 
 class Model(nn.Module):
@@ -486,10 +589,15 @@ class Model(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def allocate_cache(self, batch, max_len, dtype=None, device=None):
+        """A zeroed Cache for `batch` sequences of up to max_len tokens (prompt + generated)."""
         w = self.embed_tokens.weight
         dtype, device = dtype or w.dtype, device or w.device
         layers = [b.mixer.allocate_cache(batch, max_len, dtype, device) for b in self.layers]
-        return Cache(layers, torch.zeros(batch, dtype=torch.long, device=device), self.cfg.kinds)
+        cache = Cache(layers, torch.zeros(batch, dtype=torch.long, device=device), self.cfg.kinds)
+        if torch.device(device).type == "cuda":  # a compiled step's CUDA graphs write these very tensors
+            for t in [cache.pos, *(t for c in layers for t in c)]:
+                torch._dynamo.mark_static_address(t, guard=False)
+        return cache
 
     def rope(self, positions):
         """cos, sin (B, T, head_dim/2) of the teacher's frequencies at `positions` (B, T)."""
@@ -504,20 +612,16 @@ class Model(nn.Module):
         B, T = idx.shape
         if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        pos = cache.pos if cache is not None else torch.zeros(1, dtype=torch.long, device=idx.device)
-        cos, sin = self.rope(pos[:, None] + torch.arange(T, device=idx.device))
+        pos = cache.pos if cache is not None else None
+        start = pos[:, None] if cache is not None else torch.zeros(1, 1, dtype=torch.long, device=idx.device)
+        cos, sin = self.rope(start + torch.arange(T, device=idx.device))  # (B|1, T, head_dim/2)
+        caches = cache.layers if cache is not None else [None] * len(self.layers)
         h = self.embed_tokens(idx) if layer_inputs is None else None
         ins, outs, mixes = [], [], []
-        for i, block in enumerate(self.layers):
+        for i, (block, c) in enumerate(zip(self.layers, caches)):
             h = h if layer_inputs is None else layer_inputs[i]
             ins.append(h)
-            h, a = block(
-                h,
-                cos,
-                sin,
-                cache.layers[i] if cache is not None else None,
-                pos if cache is not None else None,
-            )
+            h, a = block(h, cos, sin, c, pos)
             outs.append(h)
             mixes.append(a)
         if cache is not None:
@@ -568,7 +672,8 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    """A JSON side file (smart.json, eval.json, data.json, config.json); a damaged one is named, with the fix."""
+    """A JSON side file (smart.json, eval.json, data.json, config.json); a damaged one is named, with
+    the fix."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -593,25 +698,47 @@ def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None,
 
 
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict of a file (config, model, stage, step, ...), without building a model; a missing,
-    truncated or foreign file gives one error naming it and the fix."""
-    if not os.path.isfile(path):
+    """The checkpoint dict (config, model, stage, step, tokenizer, ...) of a file, or of a directory
+    written by `convert.py --export`, without building a model. A missing, truncated or foreign one, or a
+    config with missing keys, gives one error naming it and the fix."""
+    if os.path.isdir(path):
+        import convert  # convert imports this file: import it only when an exported directory is read
+
+        ckpt = convert.read_export(path)
+    elif not os.path.isfile(path):
         raise FileNotFoundError(
             f"no checkpoint at {path}: run `python distill.py` or `python convert.py` first"
         )
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
-        ModelConfig(**ckpt["config"])
-        ckpt["model"]
-    except Exception as e:  # a truncated or foreign file: say which and what to do
-        raise ValueError(
-            f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}); delete it and rerun"
-        ) from None
+    else:
+        try:
+            ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
+            if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+                raise ValueError("no config and model entries")
+        except Exception as e:  # a truncated or foreign file: say which and what to do
+            raise ValueError(
+                f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}); delete it and rerun"
+            ) from None
+    ModelConfig.from_dict(ckpt["config"], path)
     return ckpt
 
 
+def check_finite(state_dict, source):
+    """Refuse weights holding NaN or inf (a diverged run, a damaged file): name the first bad tensor."""
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{source}: tensor {name} holds NaN or inf values (a diverged run or a damaged file); "
+                "use an earlier checkpoint or rerun the stage that wrote it"
+            )
+
+
 def load_checkpoint(path, device="cpu", dtype=None):
-    """-> (model, ckpt dict). Built on the meta device and filled from the file (strict)."""
+    """-> (model, ckpt dict) from a checkpoint file or an exported directory: built on the meta device and
+    filled strictly from it; non-finite weights are refused."""
     ckpt = read_checkpoint(path, device)
-    model = Model.from_state_dict(ModelConfig(**ckpt["config"]), ckpt["model"])
-    return model.to(device=device, dtype=dtype) if dtype else model, ckpt
+    check_finite(ckpt["model"], path)
+    try:
+        model = Model.from_state_dict(ModelConfig.from_dict(ckpt["config"], path), ckpt["model"])
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(f"{path}: the weights do not fit its config ({e}); convert it again") from None
+    return model.to(device=device, dtype=dtype), ckpt

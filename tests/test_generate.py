@@ -1,16 +1,18 @@
-"""generate.py: cached greedy = recomputed greedy, batch = one by one, sampling uses its arguments.
+"""generate.py: cached greedy = recomputed greedy, batch = one by one, compiled = eager, sampling uses its
+arguments, ids past the tokenizer are never sampled, the chat keeps the newest turns, arguments are checked.
 Run: python -m pytest tests/test_generate.py"""
 
 import pytest
 import torch
 
+import generate as G
 import model as M
-from generate import generate, sample
+from convert import Tokenizer
 
 
-def hybrid():
+def hybrid(**kw):
     torch.manual_seed(0)
-    return M.Model(M.size_config("tiny", kinds=["mla", "m2", "attn", "m2"])).eval()
+    return M.Model(M.size_config("tiny", kinds=["mla", "m2", "attn", "m2"], **kw)).eval()
 
 
 def greedy_by_recompute(m, prompt, n):
@@ -22,39 +24,150 @@ def greedy_by_recompute(m, prompt, n):
 
 
 def test_cached_greedy_equals_recomputing_the_full_sequence():
+    # greedy tokens through prefill + cached decode = argmax of a full forward over the growing sequence
     m = hybrid()
     prompt = torch.randint(0, 272, (11,)).tolist()
-    got = [int(t) for t in generate(m, [prompt], max_new_tokens=24)]
+    got = [int(t) for t in G.generate(m, [prompt], max_new_tokens=24)]
     assert got == greedy_by_recompute(m, prompt, 24)
 
 
 def test_batch_of_ragged_prompts_equals_one_by_one():
+    # prompts of lengths 3, 17 and 9 decoded together give each prompt's own tokens
     m = hybrid()
     prompts = [torch.randint(0, 272, (n,)).tolist() for n in (3, 17, 9)]
-    batch = torch.stack(list(generate(m, prompts, max_new_tokens=12)), 1)  # (B, 12)
+    batch = torch.stack(list(G.generate(m, prompts, max_new_tokens=12)), 1)  # (B, 12)
     for b, p in enumerate(prompts):
-        assert batch[b].tolist() == [int(t) for t in generate(m, [p], max_new_tokens=12)]
+        assert batch[b].tolist() == [int(t) for t in G.generate(m, [p], max_new_tokens=12)]
 
 
-def test_stops_at_stop_token_and_rejects_too_long_prompts():
+def test_compiled_decode_gives_the_eager_greedy_tokens():
+    # a torch.compile'd decode step (3-kind hybrid, 2 ragged rows) yields exactly the eager tokens.
+    # backend aot_eager: dynamo capture + functionalised in-place cache writes, without inductor's C++
+    # codegen, whose cold compile took 60-80 s on the 2-core CI machine (generate.py --compile uses it).
+    torch.manual_seed(0)
+    m = M.Model(M.size_config("tiny", n_layer=3, kinds=["mla", "m2", "attn"], tie_embeddings=False)).eval()
+    prompts = [torch.randint(0, 272, (n,)).tolist() for n in (7, 4)]
+    eager = torch.stack(list(G.generate(m, prompts, max_new_tokens=8)))
+    step = torch.compile(G.decode_one, backend="aot_eager")
+    compiled = torch.stack(list(G.generate(m, prompts, max_new_tokens=8, step=step)))
+    assert len(set(eager.flatten().tolist())) > 4  # the tokens vary: a real comparison
+    assert torch.equal(compiled, eager)
+
+
+def test_stops_at_the_stop_token():
+    # a stop id ends the generation right after it is yielded
     m = hybrid()
-    prompt = [5, 6, 7]
-    first = int(next(generate(m, [prompt], max_new_tokens=5)))
-    assert len(list(generate(m, [prompt], max_new_tokens=50, stop_ids={first}))) == 1
-    with pytest.raises(ValueError, match="context"):
-        next(generate(m, [[1] * 500], max_new_tokens=20))
+    first = int(next(G.generate(m, [[5, 6, 7]], max_new_tokens=5)))
+    assert len(list(G.generate(m, [[5, 6, 7]], max_new_tokens=50, stop_ids={first}))) == 1
+
+
+def test_prompt_plus_new_tokens_past_the_context_is_refused():
+    # the one length check of a generation names the context and the fix
+    with pytest.raises(ValueError, match="context of 512"):
+        next(G.generate(hybrid(), [[1] * 500], max_new_tokens=20))
+
+
+def test_ids_past_the_tokenizer_are_never_sampled():
+    # tiny's model has 272 ids, its tokenizer 259: with the padded rows made the likeliest, sampling
+    # without n_vocab picks them and with n_vocab=259 never does
+    m = hybrid(tie_embeddings=False)
+    with torch.no_grad():
+        m.lm_head.weight[259:] *= 100
+    prompts = [torch.randint(0, 259, (5,)).tolist() for _ in range(4)]
+    free = torch.stack(list(G.generate(m, prompts, max_new_tokens=6, temperature=1.0, seed=0)))
+    masked = torch.stack(list(G.generate(m, prompts, max_new_tokens=6, temperature=1.0, seed=0, n_vocab=259)))
+    assert (free >= 259).any() and (masked < 259).all()
 
 
 def test_top_k_and_top_p_use_their_arguments():
+    # empirical frequencies follow the renormalised kept probabilities
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
     g = torch.Generator().manual_seed(0)
-    freq = lambda ids: torch.bincount(ids, minlength=4).float() / len(ids)
-    f = freq(sample(logits, 1.0, top_k=2, generator=g))
+
+    def freq(ids):
+        return torch.bincount(ids, minlength=4).float() / len(ids)
+
+    f = freq(G.sample(logits, 1.0, top_k=2, generator=g))
     assert f[2:].sum() == 0 and abs(f[0] - 0.5 / 0.8) < 0.03
-    f = freq(sample(logits, 1.0, top_p=0.7, generator=g))  # {0, 1} reach 0.8 >= 0.7; {0} alone does not
+    f = freq(G.sample(logits, 1.0, top_p=0.7, generator=g))  # {0, 1} reach 0.8 >= 0.7; {0} alone does not
     assert f[2:].sum() == 0 and abs(f[1] - 0.3 / 0.8) < 0.03
-    f = freq(sample(logits, 1.0, top_p=0.9, generator=g))
+    f = freq(G.sample(logits, 1.0, top_p=0.9, generator=g))
     assert f[3] == 0 and f[2] > 0.1
-    f = freq(sample(logits, 1.0, generator=g))
+    f = freq(G.sample(logits, 1.0, generator=g))
     assert abs(f[3] - 0.05) < 0.02
-    assert sample(logits[:2], 0.0).tolist() == [0, 0]
+    assert G.sample(logits[:2], 0.0).tolist() == [0, 0]
+
+
+def test_fit_history_drops_the_oldest_exchanges_first():
+    # with one token per character, only the newest exchange + question fit in 12 tokens
+    history = [
+        {"role": r, "content": c}
+        for r, c in zip(["user", "assistant"] * 2 + ["user"], "aaaa bbbb cccc dd eee".split())
+    ]
+
+    def encode(turns):
+        return list("".join(t["content"] for t in turns))
+
+    ids, dropped = G.fit_history(history, encode, 12)
+    assert dropped == 2 and "".join(ids) == "ccccddeee"
+
+
+def test_interactive_chat_outgrowing_the_context_keeps_going(monkeypatch, capsys):
+    # three questions in a 150-token context: the chat drops old turns, says so once, answers all three
+    m = hybrid()
+    m.cfg.max_seq_len = 150
+    tok = Tokenizer.byte_level()
+    questions = iter(["hello there", "and how are you today", "what is the weather like", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(questions))
+    G.chat_loop(m, tok, None, True, dict(max_new_tokens=4))
+    out = capsys.readouterr().out
+    assert out.count("oldest turns are dropped") == 1 and "error" not in out and list(questions) == []
+
+
+def test_several_prompts_print_every_reply(capsys):
+    # the tiny teacher (272 ids, 259 in its tokenizer) answers two prompts in one batch, with a progress bar
+    G.main(
+        [
+            "--teacher",
+            "tiny",
+            "--prompt",
+            "hi",
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert "> hi\n" in out and "> hello\n" in out and "generating" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--top-p", "0"],
+        ["--top-p", "1.5"],
+        ["--temperature", "nan"],
+        ["--temperature", "-1"],
+        ["--top-k", "-3"],
+        ["--max-new-tokens", "0"],
+        ["--device", "tpu"],
+        ["--chat", "false"],
+        ["--ckpt", "a.pt", "--teacher", "tiny"],
+    ]
+    + ([["--device", "cuda"]] if not torch.cuda.is_available() else []),
+)
+def test_bad_arguments_stop_at_parse_time_with_one_error_line(argv, capsys):
+    # each bad value exits 1 before any model loads, with one line starting "error:"
+    with pytest.raises(SystemExit) as e:
+        G.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_boolean_options_are_flags():
+    # --no-chat and --compile take no value
+    a = G.parse_args(["--no-chat", "--compile"])
+    assert a.chat is False and a.compile is True

@@ -1,4 +1,5 @@
-"""model.py: cached decoding = full forward for every layer mix, checkpoints, the paper's numbers.
+"""model.py: cached decoding = full forward for every layer mix (decode attends over the whole, partly
+empty cache), MLA = attention written out head by head, checkpoints and their errors, the paper's numbers.
 Run: python -m pytest tests/test_model.py"""
 
 import math
@@ -16,6 +17,7 @@ def tiny(kinds=None, **kw):
 
 @pytest.mark.parametrize("kinds", [None, ["mla"] * 4, ["m2"] * 4, ["mla", "m2", "attn", "m2"]])
 def test_prefill_then_decode_equals_full_forward(kinds):
+    # an 8-token prefill + 32 decode steps in a 48-row cache give the logits of one full forward
     m = tiny(kinds)
     idx = torch.randint(0, 272, (2, 40))
     with torch.no_grad():
@@ -26,20 +28,103 @@ def test_prefill_then_decode_equals_full_forward(kinds):
     assert cache.pos.tolist() == [40, 40]
 
 
-def test_ragged_rows_decode_at_their_own_positions():
+def ragged_cache(m, idx):
+    """Prefill row 0 with 5 tokens and row 1 with 11, each through its own view of one cache of 32 rows."""
+    cache = m.allocate_cache(2, 32)
+    m(idx[:1, :5], cache=cache.rows(slice(0, 1)))
+    m(idx[1:, :11], cache=cache.rows(slice(1, 2)))
+    return cache
+
+
+def test_ragged_rows_decode_and_prefill_at_their_own_positions():
+    # rows of lengths 5 and 11 in one cache continue (1 token, then 3) as each row's full forward
     m = tiny(["mla", "m2", "attn", "m2"])
     idx = torch.randint(0, 272, (2, 20))
     with torch.no_grad():
-        full = m(idx)
-        cache = m.allocate_cache(2, 32)
-        m(idx[:1, :5], cache=cache.rows(slice(0, 1)))
-        m(idx[1:, :11], cache=cache.rows(slice(1, 2)))
-        step = m(torch.stack([idx[0, 5], idx[1, 11]])[:, None], cache=cache)
-    assert torch.allclose(step[0, 0], full[0, 5], atol=1e-4) and torch.allclose(
-        step[1, 0], full[1, 11], atol=1e-4
-    )
-    with pytest.raises(ValueError, match="cache"):
-        m(torch.zeros(2, 30, dtype=torch.long), cache=cache)
+        full, cache = m(idx), ragged_cache(m, idx)
+        step = m(torch.stack([idx[0, 5:6], idx[1, 11:12]]), cache=cache)
+        chunk = m(torch.stack([idx[0, 6:9], idx[1, 12:15]]), cache=cache)
+    got = torch.cat([step, chunk], 1)
+    assert (got[0] - full[0, 5:9]).abs().max() <= 1e-4 and (got[1] - full[1, 11:15]).abs().max() <= 1e-4
+
+
+def test_prefill_past_the_cache_length_is_refused():
+    # 11 cached + 30 new tokens do not fit 32 rows: a clear error, not an index error
+    m = tiny(["mla", "m2", "attn", "m2"])
+    idx = torch.randint(0, 272, (2, 20))
+    with torch.no_grad(), pytest.raises(ValueError, match="cache overflow"):
+        m(torch.zeros(2, 30, dtype=torch.long), cache=ragged_cache(m, idx))
+
+
+def rope_complex(u, cos, sin, pairs):
+    """Pair i of a half-split block, (u_i, u_{i+n}), as a complex number turned by teacher pair pairs[i]."""
+    n = u.shape[-1] // 2
+    z = torch.complex(u[..., :n], u[..., n:]) * torch.complex(cos[..., pairs], sin[..., pairs])
+    return torch.cat([z.real, z.imag], -1)
+
+
+def mla_by_hand(m, x, cos, sin, scale):
+    """Causal MLA written out head by head with an explicit softmax and rope_complex."""
+    cfg, (B, T, _), pairs = m.cfg, x.shape, m.rope_pairs
+    H, G, r, dN = cfg.n_head, cfg.n_kv_head, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+    q = m.q_b_proj(m.q_a_proj(x)).view(B, T, H, -1)
+    q = torch.cat([q[..., :dN], rope_complex(q[..., dN:], cos[:, :, None], sin[:, :, None], pairs)], -1)
+    ckv = m.kv_a_proj_with_mqa(x)
+    k_r, kv = rope_complex(ckv[..., r:], cos, sin, pairs), m.kv_b_proj(ckv[..., :r]).view(B, T, G, -1)
+    heads, future = [], torch.ones(T, T, dtype=torch.bool).triu(1)
+    for h in range(H):
+        g = h // (H // G)
+        s = torch.einsum("btd,bsd->bts", q[:, :, h], torch.cat([kv[:, :, g, :dN], k_r], -1)) * scale
+        heads.append(torch.softmax(s.masked_fill(future, float("-inf")), -1) @ kv[:, :, g, dN:])
+    return m.out_proj(torch.cat(heads, -1))
+
+
+def mla_layer(G):
+    """The MLA mixer of a tiny all-MLA model with permuted rope pairs and peakier weights (masks matter)."""
+    model = tiny(["mla"] * 4, n_kv_head=G, rope_pairs={0: [5, 1, 6, 2]})
+    m = model.layers[0].self_attn
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(2.0)
+    return model, m
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_mla_prefill_and_absorbed_decode_equal_attention_by_hand(G):
+    # the decompressed prefill and the absorbed decode step both equal per-head attention at (d_N + d_R)^-1/2
+    model, m = mla_layer(G)
+    x = torch.randn(2, 7, 64)
+    cos, sin = model.rope(torch.arange(7)[None])
+    with torch.no_grad():
+        want = mla_by_hand(m, x, cos, sin, (8 + 8) ** -0.5)
+        cache, pos = m.allocate_cache(2, 7, torch.float32, "cpu"), torch.zeros(2, dtype=torch.long)
+        prefill = m(x[:, :6], cos[:, :6], sin[:, :6], cache, pos)
+        step = m(x[:, 6:], cos[:, 6:], sin[:, 6:], cache, pos + 6)
+    assert (torch.cat([prefill, step], 1) - want).abs().max() <= 1e-4
+
+
+def test_mla_scale_is_distinguishable_on_the_test_input():
+    # the latent-width scale (r_kv + d_R)^-1/2 gives another output: the test above would catch it
+    model, m = mla_layer(2)
+    x = torch.randn(2, 7, 64)
+    cos, sin = model.rope(torch.arange(7)[None])
+    with torch.no_grad():
+        right, wrong = mla_by_hand(m, x, cos, sin, 16**-0.5), mla_by_hand(m, x, cos, sin, 24**-0.5)
+    assert (right - wrong).abs().max() > 1e-2
+
+
+def test_mla_cache_holds_latent_and_rotated_key_of_the_chosen_pairs():
+    # each cache row is [c ; k^R] (r_kv + d_R values), k^R turned by the teacher pairs the layer keeps
+    model, m = mla_layer(2)
+    x = torch.randn(2, 5, 64)
+    cos, sin = model.rope(torch.arange(5)[None])
+    cache = m.allocate_cache(2, 5, torch.float32, "cpu")
+    with torch.no_grad():
+        m(x, cos, sin, cache, torch.zeros(2, dtype=torch.long))
+        ckv = m.kv_a_proj_with_mqa(x)
+    assert cache.kv.shape == (2, 5, 16 + 8)
+    torch.testing.assert_close(cache.kv[..., :16], ckv[..., :16])
+    torch.testing.assert_close(cache.kv[..., 16:], rope_complex(ckv[..., 16:], cos, sin, [5, 1, 6, 2]))
 
 
 def test_rope_llama3_scaling_matches_the_published_rule():
@@ -58,21 +143,89 @@ def test_rope_llama3_scaling_matches_the_published_rule():
         assert abs(f[j].item() - want) <= 1e-6 * want
 
 
-def test_checkpoint_roundtrip_is_strict_and_atomic(tmp_path):
+def saved(tmp_path, **kw):
     m = tiny(["mla", "m2", "attn", "m2"], rope_pairs={0: [1, 3, 5, 7]})
-    path = tmp_path / "x.pt"
-    M.save_checkpoint(str(path), m, "test", 7)
-    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
-    m2, ck = M.load_checkpoint(str(path))
+    path = str(tmp_path / "x.pt")
+    M.save_checkpoint(path, m, "test", 7, **kw)
+    return m, path
+
+
+def test_checkpoint_roundtrip_gives_the_same_model(tmp_path):
+    # a saved and reloaded hybrid keeps its stage, step, kinds and rope pairs, and gives identical logits
+    m, path = saved(tmp_path)
+    m2, ck = M.load_checkpoint(path)
     assert ck["stage"] == "test" and ck["step"] == 7 and m2.cfg.kinds == m.cfg.kinds
     assert m2.layers[0].self_attn.rope_pairs.tolist() == [1, 3, 5, 7]
     idx = torch.randint(0, 272, (1, 12))
-    assert torch.equal(m(idx), m2.eval()(idx))
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a readable zebra checkpoint"):
-        M.load_checkpoint(str(path))
+    assert torch.equal(m(idx), m2(idx))
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    # a cut-off file gives one ValueError naming it, not a torch.load traceback
+    _, path = saved(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=f"{path} is not a readable zebra checkpoint"):
+        M.load_checkpoint(path)
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path):
+    # no file: FileNotFoundError pointing at the scripts that write checkpoints
     with pytest.raises(FileNotFoundError, match="distill.py"):
         M.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    # a NaN anywhere in the weights stops the load, naming the file and the tensor
+    m = tiny(["mla", "m2", "attn", "m2"])
+    sd = m.state_dict()
+    sd["layers.2.mlp.up_proj.weight"][3, 4] = float("nan")
+    path = str(tmp_path / "nan.pt")
+    M.save_checkpoint(path, m, "kd", state_dict=sd)
+    with pytest.raises(ValueError, match=f"{path}: tensor layers.2.mlp.up_proj.weight holds NaN"):
+        M.load_checkpoint(path)
+
+
+def test_config_with_missing_keys_is_named(tmp_path):
+    # a config lacking fields names the file and the keys instead of a TypeError from the dataclass
+    _, path = saved(tmp_path)
+    ck = torch.load(path, weights_only=True)
+    del ck["config"]["d_ff"], ck["config"]["n_head"]
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=rf"config in {path} has missing keys \['d_ff', 'n_head'\]"):
+        M.load_checkpoint(path)
+
+
+def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    # a disk that fills up mid-write: OSError naming the folder, nothing left behind, the old file intact
+    _, path = saved(tmp_path)
+    before = open(path, "rb").read()
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=str(tmp_path)):
+        saved(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"] and open(path, "rb").read() == before
+
+
+def test_exported_directory_loads_through_convert(tmp_path, monkeypatch):
+    # a directory is read by convert.read_export and checked like a file (here: NaN weights refused)
+    import convert
+
+    m, _ = saved(tmp_path)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    export = dict(config=m.cfg.to_dict(), model=sd, stage="kd", step=3, tokenizer=None)
+    monkeypatch.setattr(
+        convert, "read_export", lambda d: export if d == str(tmp_path) else None, raising=False
+    )
+    idx = torch.randint(0, 272, (1, 12))
+    assert torch.equal(M.load_checkpoint(str(tmp_path))[0](idx), m(idx))
+    sd["norm.weight"][0] = float("inf")
+    with pytest.raises(ValueError, match="norm.weight holds NaN or inf"):
+        M.load_checkpoint(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -88,10 +241,27 @@ def test_paper_param_counts_and_kv_fractions(size, params, teacher_params, kv_pc
     assert round(100 * z.kv_bytes_per_token() / t.kv_bytes_per_token(), 3) == kv_pct
 
 
-def test_bf16_forward_and_bad_config():
+def test_bf16_forward_stays_bf16():
+    # a bf16 model gives bf16 logits (the fp32 norms and rope cast back)
     m = tiny(["mla", "m2", "attn", "m2"]).to(torch.bfloat16)
     assert m(torch.randint(0, 272, (1, 9))).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="kinds"):
-        M.size_config("tiny", kinds=["attn", "gru", "attn", "attn"])
-    with pytest.raises(ValueError, match="unknown size"):
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kinds=["attn", "gru", "attn", "attn"]),
+        dict(rope_pairs={0: [1, 2, 3]}),  # d_R/2 = 4 pairs needed
+        dict(rope_pairs={0: [1, 2, 3, 8]}),  # head_dim/2 = 8 teacher pairs exist
+    ],
+)
+def test_bad_config_is_refused(kw):
+    # each inconsistent config field gives a ValueError at construction
+    with pytest.raises(ValueError):
+        M.size_config("tiny", **kw)
+
+
+def test_unknown_size_is_named():
+    # a size key that does not exist lists the ones that do
+    with pytest.raises(ValueError, match="unknown size '2b'"):
         M.size_config("2b")
