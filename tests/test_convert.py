@@ -732,3 +732,66 @@ def test_conversion_bad_inputs_fail_before_any_work():
         C.make_student(tiny_teacher(qk_nope_head_dim=4), "mla")
     with pytest.raises(ValueError, match="not a 135m Llama"):
         C.with_hybrid_fields(cfg, "135m")
+
+
+# ----------------------------------------------------------------------------- export directory (safetensors)
+def tiny_hybrid_checkpoint(path, tie):
+    """A tiny hybrid with MLA (int64 rope_pairs), Mamba2 and attention layers, saved with the byte tokenizer."""
+    t = tiny_teacher(tie_embeddings=tie)
+    if not tie:
+        torch.nn.init.normal_(t.lm_head.weight, std=0.1)
+    t.cfg = C.with_hybrid_fields(t.cfg, "tiny")
+    h = C.compose_hybrid(t, C.make_student(t, "mla"), C.make_student(t, "m2"), [0], attn_layers=[2])
+    M.save_checkpoint(str(path), h, "dpo", 7, C.Tokenizer.byte_level())
+    return h
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_round_trips_to_identical_logits_and_tokenizer(tmp_path, tie):
+    # the exported directory rebuilds the same model (bit-identical logits), stage, step and tokenizer
+    h = tiny_hybrid_checkpoint(tmp_path / "h.pt", tie)
+    C.main(["--export", str(tmp_path / "h.pt"), str(tmp_path / "exp")])
+    d = C.read_export(str(tmp_path / "exp"))
+    back = M.Model.from_state_dict(M.ModelConfig(**d["config"]), d["model"])
+    idx = torch.randint(0, 259, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(back(idx), h(idx))
+    assert (d["stage"], d["step"], d["tokenizer"]) == ("dpo", 7, C.Tokenizer.byte_level().spec())
+
+
+def test_export_stores_a_tied_head_once(tmp_path):
+    # with tied embeddings the file holds embed_tokens only, and the reader ties lm_head to that very tensor
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    C.export(str(tmp_path / "h.pt"), str(tmp_path / "exp"))
+    assert "lm_head.weight" not in C.read_safetensors(tmp_path / "exp" / "model.safetensors")
+    sd = C.read_export(str(tmp_path / "exp"))["model"]
+    assert sd["lm_head.weight"] is sd["embed_tokens.weight"]
+
+
+def _cut(p):
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    "name, damage, error",
+    [
+        ("model.safetensors", lambda p: p.unlink(), FileNotFoundError),
+        ("model.safetensors", _cut, ValueError),
+        ("config.json", lambda p: p.write_text(json.dumps({"n_layer": 4, "stage": "dpo"})), ValueError),
+        ("config.json", lambda p: p.write_text('{"n_la'), ValueError),
+        ("tokenizer.zebra.json", lambda p: p.write_text('{"name": "bytes"}'), ValueError),
+    ],
+)
+def test_damaged_export_directories_give_one_error_naming_the_file(tmp_path, name, damage, error):
+    # each damaged or missing file of an export is refused with an error that names it
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    C.export(str(tmp_path / "h.pt"), str(tmp_path / "exp"))
+    damage(tmp_path / "exp" / name)
+    with pytest.raises(error, match=name):
+        C.read_export(str(tmp_path / "exp"))
+
+
+def test_export_refuses_a_missing_directory(tmp_path):
+    # read_export names the directory that is not there and the command that writes one
+    with pytest.raises(FileNotFoundError, match="nope.*convert.py --export"):
+        C.read_export(str(tmp_path / "nope"))
