@@ -127,6 +127,10 @@ def _chunks(text, n=25_000):
     return [text[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
+def _utf8(s):
+    return s.encode("utf-8", "surrogatepass")
+
+
 def _bpe(ranks, piece):
     """tiktoken's rule in Python, for bytes tiktoken cannot take: merge the adjacent pair of lowest rank."""
     parts = [piece[i : i + 1] for i in range(len(piece))]
@@ -161,23 +165,41 @@ class Tokenizer:
         self.bos_id = special_tokens["<|begin_of_text|>"] if llama3 else None  # SmolLM2 adds no BOS
         self.eos_id = special_tokens.get("<|eot_id|>" if llama3 else "<|im_end|>")  # end of turn: stop here
 
-    def encode(self, text):
-        """Plain text -> ids; special-token text stays text. A byte with no token (SmolLM2 has 21) is dropped inside
+    def encode(self, text, specials=False):
+        """Text -> ids. Special-token text stays text unless specials=True (then "<|im_end|>" is its one id, for
+        prompts already rendered in the chat template). A byte with no token (SmolLM2 has 21) is dropped inside
         its regex piece, as HF's byte-level BPE drops it: "a\\x04b" -> ids("a") + ids("b") (environment.md §8.1)."""
-        utf8, keep = (
-            lambda s: s.encode("utf-8", "surrogatepass"),
-            lambda s: utf8(s).translate(None, self.unmapped),
-        )
-        if len(keep(text)) == len(utf8(text)):  # the usual case
+        if specials and self.special:
+            names = sorted(self.special, key=len, reverse=True)  # longest first: no special eats a longer one
+            parts = regex.split("(" + "|".join(map(regex.escape, names)) + ")", text)
+            return [
+                t for p in parts if p for t in ([self.special[p]] if p in self.special else self.encode(p))
+            ]
+        raw = _utf8(text)
+        if len(raw.translate(None, self.unmapped)) == len(raw):  # the usual case: every byte has a token
             return [t for c in _chunks(text) for t in self.enc.encode_ordinary(c)]
-        return [
-            t
-            for p in regex.findall(self.pat_str, text)
-            for t in (self.enc.encode_ordinary(p) if keep(p) == utf8(p) else _bpe(self.ranks, keep(p)))
-        ]
+        ids = []
+        for piece in regex.findall(self.pat_str, text):
+            kept = _utf8(piece).translate(None, self.unmapped)
+            ids += (
+                self.enc.encode_ordinary(piece) if len(kept) == len(_utf8(piece)) else _bpe(self.ranks, kept)
+            )
+        return ids
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        """ids -> text; an id the tokenizer lacks (tiny's model has 272 ids, its tokenizer 259) becomes U+FFFD,
+        as do incomplete UTF-8 sequences."""
+        ids = list(ids)
+        try:
+            return self.enc.decode(ids)
+        except KeyError:
+            pieces = []
+            for i in ids:
+                try:
+                    pieces.append(self.enc.decode_single_token_bytes(i))
+                except KeyError:
+                    pieces.append("\ufffd".encode())
+            return b"".join(pieces).decode("utf-8", errors="replace")
 
     def chat(self, messages, add_generation_prompt=True):
         """[{"role", "content"}, ...] -> ids in the model's chat template, hand-written (environment.md §8.4)."""
@@ -908,13 +930,16 @@ def make_student(teacher, kind, rule="high", calib=None, seed=0):
     return student.eval()
 
 
+def hybrid_kinds(n_layer, mla_layers, attn_layers=()):
+    """Layer kinds of a hybrid: "mla" at mla_layers, "attn" at attn_layers, "m2" everywhere else."""
+    return ["mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(n_layer)]
+
+
 def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=()):
     """The hybrid of paper.md §1 step 4: layer i is the whole block (mixer, MLP, norms) of the MLA student if i is in mla_layers,
     the teacher's own if in attn_layers (bench's MambaInLlama-style peer), else the Mamba2 student's; embeddings, final norm
     and head come from the teacher."""
-    kinds = [
-        "mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(teacher.cfg.n_layer)
-    ]
+    kinds = hybrid_kinds(teacher.cfg.n_layer, mla_layers, attn_layers)
     src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
     sd = {k: v.clone() for k, v in src["attn"].items() if not k.startswith("layers.")}
     for i, kind in enumerate(kinds):
