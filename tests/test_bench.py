@@ -83,16 +83,12 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation():
     assert (ctx, cont) == (tok.encode("Answer:"), tok.encode(" Paris"))
 
 
-def test_encode_pair_takes_the_continuation_from_the_whole_encoding(smollm_tok):
-    # with merges across the boundary the continuation ids are the whole text's ids past the context's
-    ctx, cont = bench.encode_pair(smollm_tok, "The capital of France is", " Paris.")
-    whole = smollm_tok.encode("The capital of France is Paris.")
-    assert ctx + cont == whole and ctx == smollm_tok.encode("The capital of France is")
-
-
-@pytest.fixture(scope="module")
-def smollm_tok():
-    return convert.load_teacher("135m")[1]
+def test_encode_pair_continuation_is_the_merged_tail_of_the_whole_text():
+    # with merges, "Answer:" + " Paris" scores the one merged token " Paris" that the whole text encodes to
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks |= {b" P": 256, b"ar": 257, b"is": 258, b" Par": 259, b" Paris": 260}
+    tok = convert.Tokenizer("toy", convert.SMOLLM_PAT, ranks, {"<|endoftext|>": 261}, None)
+    assert bench.encode_pair(tok, "Answer:", " Paris") == (tok.encode("Answer:"), [260])
 
 
 def test_scores_equal_the_models_own_log_probs_batched_or_not():
@@ -166,23 +162,13 @@ def test_adapter_without_lm_eval_says_how_to_install_it(monkeypatch):
 @pytest.fixture(scope="module")
 def zebra_mc():
     """Teacher and untrained hybrid through the first LIMIT questions of the local zebra_mc task."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"  # the json builder must not reach the hub
-    cwd = os.getcwd()
-    os.chdir(REPO)  # the task's data_files path is relative to the repository root
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")  # the json builder must not reach the hub
+        mp.chdir(REPO)  # the task's data_files path is relative to the repository root
         teacher, tok = tiny_teacher()
         hybrid = tiny_hybrid(teacher)
-        acc = bench.accuracy_section(
-            (teacher, tok),
-            (hybrid, tok),
-            ["zebra_mc"],
-            LIMIT,
-            os.path.join(REPO, "tests", "evaltask"),
-            4,
-            False,
-        )
-    finally:
-        os.chdir(cwd)
+        manager = bench.task_manager(["zebra_mc"], os.path.join(REPO, "tests", "evaltask"))
+        acc = bench.accuracy_section((teacher, tok), (hybrid, tok), ["zebra_mc"], LIMIT, manager)
     return teacher, hybrid, tok, acc
 
 
@@ -229,3 +215,10 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string():
     stop = want[5:7]
     req = types.SimpleNamespace(args=("Question: hi\nAnswer:", {"until": [stop], "max_gen_toks": 12}))
     assert lm.generate_until([req]) == [want.split(stop)[0]]
+
+
+@needs_lm_eval
+def test_unknown_task_is_refused_before_any_model_loads():
+    # a task name lm-eval does not know gives one error naming it
+    with pytest.raises(ValueError, match="unknown lm-eval tasks \\['no_such_task'\\]"):
+        bench.task_manager(["zebra_mc", "no_such_task"], os.path.join(REPO, "tests", "evaltask"))

@@ -795,3 +795,41 @@ def test_export_refuses_a_missing_directory(tmp_path):
     # read_export names the directory that is not there and the command that writes one
     with pytest.raises(FileNotFoundError, match="nope.*convert.py --export"):
         C.read_export(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------- first-hour guards
+def test_teacher_with_non_finite_weights_is_refused(tiny, tmp_path):
+    # a GGUF whose weight bytes hold a NaN loads to an error naming the file, not to a silent model
+    _, _, root, _ = tiny
+    data = bytearray((root / "tiny.gguf").read_bytes())
+    data[-72:-68] = struct.pack("<f", float("nan"))  # inside blk.1.ffn_down, just before the rope_freqs
+    (tmp_path / "nan.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="nan.gguf has non-finite weights"):
+        C.load_teacher(str(tmp_path / "nan.gguf"))
+
+
+def test_hf_config_without_llama_keys_is_named(tiny, tmp_path):
+    # an HF config.json lacking a Llama key is refused with the file and the key named
+    _, _, root, _ = tiny
+    d = tmp_path / "hf"
+    d.mkdir()
+    for f in (root / "hf").iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    c = json.loads((d / "config.json").read_text())
+    del c["hidden_size"]
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="config.json lacks hidden_size"):
+        C.load_teacher(str(d))
+
+
+def test_decode_turns_ids_the_tokenizer_lacks_into_replacement_characters():
+    # tiny's model has 272 ids, its tokenizer 259: ids 259..271 decode to U+FFFD instead of raising
+    tok = C.Tokenizer.byte_level()
+    assert tok.decode([104, 105, 264, 33, 271]) == "hi\ufffd!\ufffd"
+
+
+def test_encode_with_specials_maps_rendered_chat_text_back_to_the_same_ids():
+    # a chat prompt rendered to text (as lm-eval's chat template passes it) encodes to the chat ids
+    tok = C.Tokenizer.byte_level()
+    ids = tok.chat([{"role": "user", "content": "hi <there>"}])
+    assert tok.encode(tok.decode(ids), specials=True) == ids
