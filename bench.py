@@ -63,8 +63,8 @@ def kv_section():
     print(f"{'size':<6}{'MLA layers':<34}{'teacher B':>10}{'zebra B':>9}{'% of T':>9}{'M2 state/seq':>14}")
     for r in rows:
         print(
-            f"{r['size']:<6}{str(r['mla_layers']):<34}{r['teacher_bytes']:>10}{r['zebra_bytes']:>9}{r['pct']:>8.3f}%"
-            f"{r['mamba_state_bytes'] / 2**20:>11.2f} MiB"
+            f"{r['size']:<6}{str(r['mla_layers']):<34}{r['teacher_bytes']:>10}{r['zebra_bytes']:>9}"
+            f"{r['pct']:>8.3f}%{r['mamba_state_bytes'] / 2**20:>11.2f} MiB"
         )
     return rows
 
@@ -433,10 +433,12 @@ def print_throughput(results, gpu):
         cells = "".join(f"{v:>14.1f}" for v in tps.values())
         r = ratios[-1]
         print(
-            f"{d['context']:>8}{d['batch']:>6}{cells}{r['zebra_vs_teacher']:>8.2f}x{r['zebra_vs_mambainllama']:>9.2f}x"
+            f"{d['context']:>8}{d['batch']:>6}{cells}"
+            f"{r['zebra_vs_teacher']:>8.2f}x{r['zebra_vs_mambainllama']:>9.2f}x"
         )
     if "tok_s_compiled" in results["teacher"]["decode"][0]:
         print("\n== Decode step compiled by torch.compile (tokens/s: eager -> compiled) ==")
+        print(f"{'context':>8}{'batch':>6}" + "".join(f"{n:>22}" for n in results))
         for i, d in enumerate(results["teacher"]["decode"]):
             pairs = [
                 f"{r['decode'][i]['tok_s']:.1f} -> {r['decode'][i]['tok_s_compiled']:.1f}"
