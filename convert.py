@@ -372,9 +372,8 @@ class Tokenizer:
             name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
         )
         self.n_vocab = self.enc.n_vocab
-        self.unmapped = bytes(
-            b for b in range(256) if bytes([b]) not in mergeable_ranks
-        )  # tiktoken panics on these
+        # bytes with no token of their own (SmolLM2 has 21): tiktoken panics on them, encode drops them
+        self.unmapped = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)
         llama3 = chat_format == "llama3"
         self.bos_id = special_tokens["<|begin_of_text|>"] if llama3 else None  # SmolLM2 adds no BOS
         self.eos_id = special_tokens.get("<|eot_id|>" if llama3 else "<|im_end|>")  # end of turn: stop here
@@ -585,7 +584,7 @@ def read_safetensors(path, dtype=torch.float32):
     cast to dtype (None keeps the stored one), integer tensors are kept as they are."""
     path = Path(path)
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(path)["weight_map"].values()))
         return {k: v for s in shards for k, v in read_safetensors(path.parent / s, dtype).items()}
     try:
         with open(path, "rb") as f:
@@ -704,11 +703,11 @@ def read_meta(d, dtype=torch.float32):
             f"{d} needs one consolidated.*.pth (found {len(files)}) and a tokenizer.model: "
             "download the whole original/ folder (1B/3B/8B have one weight file)"
         )
-    raw = {
-        k: v.to(dtype)
-        for k, v in torch.load(files[0], weights_only=True, mmap=True).items()
-        if k != "rope.freqs"
-    }
+    try:
+        raw = torch.load(files[0], weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or foreign file: name it
+        raise ValueError(f"{files[0]} is not a readable Meta checkpoint ({e}); download it again") from None
+    raw = {k: v.to(dtype) for k, v in raw.items() if k != "rope.freqs"}
     dim, H, G = p["dim"], p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
     # Meta's SwiGLU width: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of (8b: 14,336)
     hidden, m = int((p.get("ffn_dim_multiplier") or 1.0) * int(2 * 4 * dim / 3)), p.get("multiple_of", 256)
@@ -821,16 +820,8 @@ def _parse_gguf(path):
     return meta, [(n, s, t, start + o) for n, s, t, o in infos], buf
 
 
-def read_gguf(path, dtype=torch.float32):
-    """A llama.cpp GGUF file: Llama weights (F32, F16, BF16, Q8_0, Q4_0, Q4_1), config and tokenizer."""
-    try:
-        meta, infos, buf = _parse_gguf(path)
-    except (ValueError, KeyError, struct.error, OverflowError) as e:
-        raise ValueError(f"{path} is truncated or not a GGUF file ({e}); download it again") from None
-    if meta.get("general.architecture") != "llama":
-        raise ValueError(
-            f"{path}: architecture {meta.get('general.architecture')!r}; only Llama GGUFs can be read"
-        )
+def _gguf_tensors(path, infos, buf, dtype):
+    """{GGUF name: dequantized tensor}; an unsupported type or a tensor past the end of the file is named."""
     raw = {}
     for name, shape, t, off in infos:
         if t not in GGML_TYPES:
@@ -846,19 +837,22 @@ def read_gguf(path, dtype=torch.float32):
                 f"{path} is truncated: {name} ends at byte {end:,} of {len(buf):,}; download it again"
             )
         x = dequantize(kind, np.frombuffer(buf, np.uint8, end - off, off))
-        raw[name] = (
-            torch.from_numpy(x.astype(np.float32)).reshape(shape).to(dtype)
-        )  # astype copies: off the map
+        # astype copies: the tensor no longer points into the map
+        raw[name] = torch.from_numpy(x.astype(np.float32)).reshape(shape).to(dtype)
+    return raw
+
+
+def _gguf_tokenizer(path, meta):
+    """The Tokenizer in a GGUF's metadata: gpt2-style BPE with the smollm or llama-bpe split."""
     pre, pats = meta.get("tokenizer.ggml.pre", "default"), {"smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in pats:
         raise ValueError(
             f"{path}: tokenizer {meta.get('tokenizer.ggml.model')}/{pre} is not supported, only gpt2 + "
             "smollm or llama-bpe"
         )
-    toks = list(
-        zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"])
-    )  # 1 normal, 3/4 special
-    tok = Tokenizer.from_bpe(
+    # token types: 1 normal, 3 control, 4 user-defined (both special)
+    toks = list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]))
+    return Tokenizer.from_bpe(
         {s: i for i, (s, k) in enumerate(toks) if k == 1},
         meta["tokenizer.ggml.merges"],
         {s: i for i, (s, k) in enumerate(toks) if k in (3, 4)},
@@ -866,13 +860,26 @@ def read_gguf(path, dtype=torch.float32):
         name=Path(path).stem,
     )
 
+
+def read_gguf(path, dtype=torch.float32):
+    """A llama.cpp GGUF file: Llama weights (F32, F16, BF16, Q8_0, Q4_0, Q4_1), config and tokenizer."""
+    try:
+        meta, infos, buf = _parse_gguf(path)
+    except (ValueError, KeyError, struct.error, OverflowError) as e:
+        raise ValueError(f"{path} is truncated or not a GGUF file ({e}); download it again") from None
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(
+            f"{path}: architecture {meta.get('general.architecture')!r}; only Llama GGUFs can be read"
+        )
+    raw = _gguf_tensors(path, infos, buf, dtype)
+    tok = _gguf_tokenizer(path, meta)
+
     def g(key, default=None):
         return meta.get(f"llama.{key}", default)
 
     H, D, divisors = g("attention.head_count"), g("embedding_length"), raw.pop("rope_freqs.weight", None)
-    sd = _to_ours(
-        raw, 2, "blk.", H, g("attention.head_count_kv", H)
-    )  # llama.cpp keeps Meta's q/k layout (§6)
+    # llama.cpp keeps Meta's interleaved q/k rows (environment.md §6)
+    sd = _to_ours(raw, 2, "blk.", H, g("attention.head_count_kv", H))
     sd, cfg, tok = _finish(
         sd,
         tok,
