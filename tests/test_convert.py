@@ -224,129 +224,103 @@ P = dict(
 )  # d_ff = 192 by Meta's rule; 552 = 256 bytes + 40 merges + 256 Llama-3 specials
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, toy):
-    """Raw Meta-layout weights written as a Meta dir, an HF dir (2 shards) and an F32 GGUF with rope_freqs."""
-    g, root = torch.Generator().manual_seed(0), tmp_path_factory.mktemp("tiny")
+def uni(b):
+    """Bytes -> GPT-2's printable unicode string (the form HF and GGUF vocabularies store)."""
+    u = bytes_to_unicode()
+    return "".join(u[c] for c in b)
+
+
+def tiny_meta_weights():
+    """Random Meta-layout weights of the P Llama (2 layers, tied head as in Llama-3.2-1B)."""
+    g = torch.Generator().manual_seed(0)
 
     def r(*s):
         return torch.randn(*s, generator=g) * 0.2
 
+    shapes = [
+        ("attention.wq", 64, 64),
+        ("attention.wk", 32, 64),
+        ("attention.wv", 32, 64),
+        ("attention.wo", 64, 64),
+        ("feed_forward.w1", 192, 64),
+        ("feed_forward.w3", 192, 64),
+        ("feed_forward.w2", 64, 192),
+    ]
     w = {"tok_embeddings.weight": r(552, 64), "norm.weight": 1 + r(64)}
     for i in range(2):
-        w |= {
-            f"layers.{i}.{n}.weight": r(o, d)
-            for n, o, d in [
-                ("attention.wq", 64, 64),
-                ("attention.wk", 32, 64),
-                ("attention.wv", 32, 64),
-                ("attention.wo", 64, 64),
-                ("feed_forward.w1", 192, 64),
-                ("feed_forward.w3", 192, 64),
-                ("feed_forward.w2", 64, 192),
-            ]
-        }
+        w |= {f"layers.{i}.{n}.weight": r(o, d) for n, o, d in shapes}
         w |= {f"layers.{i}.attention_norm.weight": 1 + r(64), f"layers.{i}.ffn_norm.weight": 1 + r(64)}
-    w["output.weight"] = w["tok_embeddings.weight"]  # tied, as in Llama-3.2-1B
-    vocab, merges = toy
-    (meta := root / "meta").mkdir()
-    (meta / "params.json").write_text(json.dumps(P))
-    torch.save(w, meta / "consolidated.00.pth")
-    (meta / "tokenizer.model").write_text(
+    w["output.weight"] = w["tok_embeddings.weight"]
+    return w
+
+
+def write_meta_dir(d, w, vocab):
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps(P))
+    torch.save(w, d / "consolidated.00.pth")
+    (d / "tokenizer.model").write_text(
         "".join(f"{base64.b64encode(t).decode()} {i}\n" for t, i in vocab.items())
     )
 
-    # HF: rename, and turn q/k rows half-split as transformers' convert_llama_weights_to_hf does
+
+HF_CONFIG = dict(
+    vocab_size=552,
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=192,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=512,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+
+
+def write_hf_dir(d, w, vocab, merges):
+    """HF names, q/k rows turned half-split as transformers' convert_llama_weights_to_hf does, two shards."""
+
     def to_hf(t, n):
         return t.view(n, t.shape[0] // n // 2, 2, 64).transpose(1, 2).reshape(t.shape)
 
     meta2hf, hf = {m: h for h, m, _ in C._NAMES}, {}
     for k, v in w.items():
-        *layer, rest = (
-            k.removesuffix(".weight").split(".", 2)
-            if k.startswith("layers.")
-            else [k.removesuffix(".weight")]
-        )
+        base = k.removesuffix(".weight")
+        *layer, rest = base.split(".", 2) if k.startswith("layers.") else [base]
         if rest in ("attention.wq", "attention.wk"):
             v = to_hf(v, 4 if rest == "attention.wq" else 2)
         if rest != "output":  # tied: HF stores no lm_head
             hf[f"model.{'layers.' + layer[1] + '.' if layer else ''}{meta2hf[rest]}.weight"] = v
-    (d := root / "hf").mkdir()
+    d.mkdir()
     names = sorted(hf)
     for j, part in enumerate((names[:9], names[9:])):
         write_safetensors(d / f"model-{j}.safetensors", {n: hf[n] for n in part})
-    (d / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: f"model-{int(n not in names[:9])}.safetensors" for n in names}})
+    weight_map = {n: f"model-{int(n not in names[:9])}.safetensors" for n in names}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps(HF_CONFIG))
+    split = dict(type="Split", pattern=dict(Regex=C.LLAMA3_PAT), behavior="Isolated")
+    tokenizer = dict(
+        added_tokens=[dict(id=296 + i, content=t, special=True) for i, t in enumerate(C.LLAMA3_SPECIALS)],
+        model=dict(
+            type="BPE",
+            vocab={uni(t): i for t, i in vocab.items()},
+            merges=[f"{uni(a)} {uni(b)}" for a, b in merges],
+        ),
+        pre_tokenizer=dict(type="Sequence", pretokenizers=[split, dict(type="ByteLevel", use_regex=False)]),
     )
-    (d / "config.json").write_text(
-        json.dumps(
-            dict(
-                vocab_size=552,
-                num_hidden_layers=2,
-                hidden_size=64,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                intermediate_size=192,
-                rms_norm_eps=1e-5,
-                rope_theta=10000.0,
-                tie_word_embeddings=True,
-                max_position_embeddings=512,
-                rope_scaling=dict(
-                    rope_type="llama3",
-                    factor=8.0,
-                    low_freq_factor=1.0,
-                    high_freq_factor=4.0,
-                    original_max_position_embeddings=8192,
-                ),
-            )
-        )
-    )
-    u = bytes_to_unicode()
+    (d / "tokenizer.json").write_text(json.dumps(tokenizer))
 
-    def uni(b):
-        return "".join(u[c] for c in b)
 
-    specials = [dict(id=552 - 256 + i, content=t, special=True) for i, t in enumerate(C.LLAMA3_SPECIALS)]
-    (d / "tokenizer.json").write_text(
-        json.dumps(
-            dict(
-                added_tokens=specials,
-                model=dict(
-                    type="BPE",
-                    vocab={uni(t): i for t, i in vocab.items()},
-                    merges=[f"{uni(a)} {uni(b)}" for a, b in merges],
-                ),
-                pre_tokenizer=dict(
-                    type="Sequence",
-                    pretokenizers=[
-                        dict(type="Split", pattern=dict(Regex=C.LLAMA3_PAT), behavior="Isolated"),
-                        dict(type="ByteLevel", use_regex=False),
-                    ],
-                ),
-            )
-        )
-    )
-    # GGUF: same raw rows (llama.cpp keeps Meta's layout), llama.cpp's rope_freqs for factor 8
-    f = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).double() / 16)
-    s = (8192 / (2 * math.pi / f) - 1) / 3
-    freqs = torch.where(s > 1, 1.0, torch.where(s < 0, 8.0, 1 / ((1 - s) / 8 + s))).float()
-    gg = {"token_embd": "tok_embeddings", "output_norm": "norm"}
-    tensors = [
-        (n, 0, list(w[m + ".weight"].shape), w[m + ".weight"].numpy().tobytes()) for n, m in gg.items()
-    ]
-    tensors += [
-        (
-            f"blk.{i}.{gn}.weight",
-            0,
-            list(w[f"layers.{i}.{mn}.weight"].shape),
-            w[f"layers.{i}.{mn}.weight"].numpy().tobytes(),
-        )
-        for i in range(2)
-        for _, mn, gn in C._NAMES[3:]
-    ]
-    tensors.append(("rope_freqs.weight", 0, [8], freqs.numpy().tobytes()))
+def tiny_gguf_kv(vocab, merges):
     tokens = [uni(t) for t in vocab] + C.LLAMA3_SPECIALS
-    kv = {
+    return {
         "general.architecture": (8, "llama"),
         "llama.block_count": (4, 2),
         "llama.embedding_length": (4, 64),
@@ -362,7 +336,34 @@ def tiny(tmp_path_factory, toy):
         "tokenizer.ggml.token_type": (9, (5, [1] * 296 + [3] * 256)),
         "tokenizer.ggml.merges": (9, (8, [f"{uni(a)} {uni(b)}" for a, b in merges])),
     }
-    (root / "tiny.gguf").write_bytes(gguf_bytes(kv, tensors))
+
+
+def write_gguf(path, w, kv):
+    """F32 tensors with Meta's raw q/k rows (llama.cpp keeps that layout) and llama.cpp's rope_freqs for
+    factor 8."""
+    f = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).double() / 16)
+    s = (8192 / (2 * math.pi / f) - 1) / 3
+    freqs = torch.where(s > 1, 1.0, torch.where(s < 0, 8.0, 1 / ((1 - s) / 8 + s))).float()
+    names = {"token_embd": "tok_embeddings", "output_norm": "norm"}
+    names |= {f"blk.{i}.{gn}": f"layers.{i}.{mn}" for i in range(2) for _, mn, gn in C._NAMES[3:]}
+    tensors = [
+        (f"{g}.weight", 0, list(w[f"{m}.weight"].shape), w[f"{m}.weight"].numpy().tobytes())
+        for g, m in names.items()
+    ]
+    tensors.append(("rope_freqs.weight", 0, [8], freqs.numpy().tobytes()))
+    path.write_bytes(gguf_bytes(kv, tensors))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, toy):
+    """One random Llama as a Meta dir, an HF dir (2 shards) and an F32 GGUF with rope_freqs
+    -> (Meta weights, params, root folder, GGUF metadata)."""
+    root, (vocab, merges) = tmp_path_factory.mktemp("tiny"), toy
+    w = tiny_meta_weights()
+    write_meta_dir(root / "meta", w, vocab)
+    write_hf_dir(root / "hf", w, vocab, merges)
+    kv = tiny_gguf_kv(vocab, merges)
+    write_gguf(root / "tiny.gguf", w, kv)
     return w, dict(P, factor=8.0), root, kv
 
 
