@@ -1,5 +1,6 @@
-"""What the hybrid buys: KV cache per token, decode throughput and memory against the teacher and a
-MambaInLlama-style hybrid (paper.md §8.2, §15, §17; protocol in kernels.md §8).
+"""What the hybrid buys and what it keeps: KV cache per token, decode throughput and memory against the
+teacher and a MambaInLlama-style hybrid (paper.md §8.2, §15, §17; protocol in kernels.md §8), and zero-shot
+accuracy retention on lm-evaluation-harness tasks (paper.md §14).
 
 Peers, built from the same teacher weights by the same conversion (convert.py) and timed in one run:
   teacher       every layer GQA attention
@@ -10,7 +11,10 @@ random contents (decode speed does not depend on the values); prefill is timed s
 
   python bench.py                          # 135m on CPU, fp32, contexts 512..16k, batch 1 and 8 (<= 10 min)
   python bench.py --size 1b --teacher PATH # on a GPU, bf16, contexts up to 32k
+  python bench.py --compile                # also time the decode step compiled by torch.compile
   python bench.py --plot bench.png         # also draw throughput and memory (needs matplotlib)
+  python bench.py --tasks zebra_mc         # accuracy, teacher vs newest distilled model (pip install lm-eval)
+  python bench.py --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,openbookqa --ckpt out/135m/dpo.pt
 """
 
 import argparse
@@ -164,11 +168,12 @@ def encode_pair(tok, context, continuation, specials=False):
     """(context, continuation) text -> (context ids, continuation ids) at HFLM's boundary: trailing spaces of
     the context move to the continuation, the pair is encoded whole and the continuation is the tail past the
     context's own encoding (so a merge across the boundary stays whole). E.g. ("Answer: ", "Paris") encodes
-    "Answer: Paris" and scores the ids after those of "Answer:". An empty context becomes the prefix token."""
+    "Answer: Paris" and scores the ids after those of "Answer:". An empty context becomes the prefix token.
+    specials=True: the context is a chat render whose special-token text becomes their ids."""
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    bos = [tok.bos_id] if tok.bos_id is not None else []
+    bos = [tok.bos_id] if tok.bos_id is not None and not specials else []  # a chat render starts with BOS
     if not context:
         prefix = tok.bos_id if tok.bos_id is not None else tok.special.get("<|endoftext|>", tok.eos_id)
         return [prefix], tok.encode(continuation, specials)
