@@ -175,8 +175,7 @@ def encode_pair(tok, context, continuation, specials=False):
         context, continuation = context[:-n], context[-n:] + continuation
     bos = [tok.bos_id] if tok.bos_id is not None and not specials else []  # a chat render starts with BOS
     if not context:
-        prefix = tok.bos_id if tok.bos_id is not None else tok.special.get("<|endoftext|>", tok.eos_id)
-        return [prefix], tok.encode(continuation, specials)
+        return [prefix_id(tok)], tok.encode(continuation, specials)
     whole, ctx = tok.encode(context + continuation, specials), tok.encode(context, specials)
     return bos + ctx, whole[len(ctx) :]
 
@@ -222,6 +221,38 @@ def rolling_pairs(ids, prefix, window):
         pairs.append((ids[end - window - 1 : pos], ids[pos:end]))  # context + continuation[:-1]: window ids
         pos = end
     return pairs
+
+
+def prefix_id(tok):
+    """The token an empty context starts from (lm-eval's HFLM: BOS, else the end-of-text token)."""
+    return tok.bos_id if tok.bos_id is not None else tok.eos_id
+
+
+def generate_until(model, tok, contexts, until, max_new_tokens, specials=False):
+    """Greedy continuations of a batch of context strings, decoded together with the model's caches
+    (generate.generate); each stops at the end-of-turn token or once it contains a stop string, and is cut
+    before the first stop string. Contexts keep their last max_seq_len - max_new_tokens tokens."""
+    window = model.cfg.max_seq_len - max_new_tokens
+    if window < 1:
+        raise ValueError(
+            f"max_gen_toks {max_new_tokens} leaves no room in the context of {model.cfg.max_seq_len}"
+        )
+    bos = [tok.bos_id] if tok.bos_id is not None and not specials else []
+    prompts = [(bos + tok.encode(c, specials))[-window:] or [prefix_id(tok)] for c in contexts]
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    for nxt in generate.generate(model, prompts, max_new_tokens, stop_ids={tok.eos_id}):
+        for b, t in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if t == tok.eos_id:
+                done[b] = True
+                continue
+            out[b].append(t)
+            done[b] = any(u in tok.decode(out[b]) for u in until)
+        if all(done):
+            break
+    texts = [tok.decode(o) for o in out]
+    return [min((t.split(u)[0] for u in until), key=len, default=t) for t in texts]
 
 
 def accuracy_table(acc):
@@ -293,7 +324,7 @@ def zebra_lm_class():
             return score_continuations(self.model, pairs, self.batch_size)
 
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            prefix = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+            prefix = prefix_id(self.tok)
             docs = [
                 rolling_pairs(self.tok.encode(r.args[0]), prefix, self.model.cfg.max_seq_len)
                 for r in requests
@@ -302,25 +333,22 @@ def zebra_lm_class():
             return [sum(next(scores)[0] for _ in d) for d in docs]
 
         def generate_until(self, requests, disable_tqdm=False):
-            return [self._generate(r.args[0], r.args[1]) for r in requests]
-
-        def _generate(self, context, kw):
-            until = kw.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            n = int(kw.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tok.encode(context, self.chat)
-            ids = ([self.tok.bos_id] if self.tok.bos_id is not None and not self.chat else []) + ids
-            ids = ids[-(self.model.cfg.max_seq_len - n) :]
-            out = []
-            for nxt in generate.generate(self.model, [ids], n, stop_ids={self.tok.eos_id}):
-                if nxt[0].item() == self.tok.eos_id:
-                    break
-                out.append(nxt[0].item())
-                text = self.tok.decode(out)
-                if any(u in text for u in until):
-                    break
-            text = self.tok.decode(out)
-            return min((text.split(u)[0] for u in until), key=len, default=text)
+            """Requests with the same stop strings and length limit are generated together, batch_size at
+            a time."""
+            groups, out = {}, [None] * len(requests)
+            for i, r in enumerate(requests):
+                until = r.args[1].get("until") or []
+                until = (until,) if isinstance(until, str) else tuple(until)
+                n = int(r.args[1].get("max_gen_toks", self.max_gen_toks))
+                groups.setdefault((until, n), []).append(i)
+            for (until, n), rows in groups.items():
+                for start in range(0, len(rows), self.batch_size):
+                    batch = rows[start : start + self.batch_size]
+                    contexts = [requests[i].args[0] for i in batch]
+                    texts = generate_until(self.model, self.tok, contexts, until, n, self.chat)
+                    for i, text in zip(batch, texts):
+                        out[i] = text
+            return out
 
     return ZebraLM
 

@@ -202,19 +202,37 @@ def test_loglikelihood_rolling_is_the_documents_log_prob_after_the_prefix():
     assert abs(got - oracle_logprob(teacher, [tok.eos_id], tok.encode(text))) < 1e-4
 
 
-@needs_lm_eval
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string():
-    # generate_until returns the greedy continuation (full-forward argmax loop) up to the first stop string
+    # the continuation is the full-forward argmax loop's text up to the first stop string
     teacher, tok = tiny_teacher()
-    lm = bench.zebra_lm_class()(model=teacher, tokenizer=tok)
     ids = tok.encode("Question: hi\nAnswer:")
     with torch.no_grad():
         for _ in range(12):
             ids.append(int(teacher(torch.tensor([ids]))[0, -1].argmax()))
     want = tok.decode(ids[-12:])
     stop = want[5:7]
-    req = types.SimpleNamespace(args=("Question: hi\nAnswer:", {"until": [stop], "max_gen_toks": 12}))
-    assert lm.generate_until([req]) == [want.split(stop)[0]]
+    got = bench.generate_until(teacher, tok, ["Question: hi\nAnswer:"], [stop], 12)
+    assert got == [want.split(stop)[0]]
+
+
+def test_generate_until_in_a_batch_equals_one_at_a_time():
+    # contexts of different lengths generated together give what each gives alone
+    teacher, tok = tiny_teacher()
+    contexts = ["Q: a\nA:", "Question: what is two plus two?\nAnswer:", "Hi"]
+    alone = [bench.generate_until(teacher, tok, [c], ["\n\n"], 10)[0] for c in contexts]
+    assert bench.generate_until(teacher, tok, contexts, ["\n\n"], 10) == alone
+
+
+@needs_lm_eval
+def test_adapter_answers_generate_requests_in_order_across_stop_strings():
+    # requests with different stop strings are grouped for batching but answered in the order given
+    teacher, tok = tiny_teacher()
+    lm = bench.zebra_lm_class()(model=teacher, tokenizer=tok, batch_size=2)
+    reqs = [("Q: a\nA:", "x"), ("Hi", "y"), ("Question: b\nA:", "x")]
+    got = lm.generate_until(
+        [types.SimpleNamespace(args=(c, {"until": [u], "max_gen_toks": 6})) for c, u in reqs]
+    )
+    assert got == [bench.generate_until(teacher, tok, [c], [u], 6)[0] for c, u in reqs]
 
 
 @needs_lm_eval
