@@ -164,6 +164,11 @@ def peak_rss():
 # The paper's headline: hybrid accuracy on lm-evaluation-harness zero-shot tasks as a share of the teacher's.
 # The harness asks a model for log-likelihoods of (context, continuation) pairs and for greedy generations;
 # the functions below answer with our own model and caches, and ZebraLM wraps them as an lm_eval.api.model.LM.
+def prefix_id(tok):
+    """The token an empty context starts from (lm-eval's HFLM: BOS, else the end-of-text token)."""
+    return tok.bos_id if tok.bos_id is not None else tok.eos_id
+
+
 def encode_pair(tok, context, continuation, specials=False):
     """(context, continuation) text -> (context ids, continuation ids) at HFLM's boundary: trailing spaces of
     the context move to the continuation, the pair is encoded whole and the continuation is the tail past the
@@ -194,9 +199,8 @@ def score_continuations(model, pairs, batch_size=8):
     )
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        inputs = [
-            (pairs[i][0] + pairs[i][1])[-(window + 1) : -1] for i in rows
-        ]  # the last token is only a target
+        # the model reads context + continuation but its last token, which is only a target
+        inputs = [(pairs[i][0] + pairs[i][1])[-(window + 1) : -1] for i in rows]
         idx = torch.zeros(len(rows), max(map(len, inputs)), dtype=torch.long)  # (B, T) right-padded
         for b, inp in enumerate(inputs):
             idx[b, : len(inp)] = torch.tensor(inp)
@@ -221,11 +225,6 @@ def rolling_pairs(ids, prefix, window):
         pairs.append((ids[end - window - 1 : pos], ids[pos:end]))  # context + continuation[:-1]: window ids
         pos = end
     return pairs
-
-
-def prefix_id(tok):
-    """The token an empty context starts from (lm-eval's HFLM: BOS, else the end-of-text token)."""
-    return tok.bos_id if tok.bos_id is not None else tok.eos_id
 
 
 def generate_until(model, tok, contexts, until, max_new_tokens, specials=False):

@@ -812,9 +812,10 @@ def _parse_gguf(path):
 
     n_tensors, n_kv = take(10), take(10)
     meta = {take(8): take(take(4)) for _ in range(n_kv)}
+    # per tensor: name, dims (ggml lists ne0 = the input dim first: reversed to torch order), type, offset
     infos = [
         (take(8), [int(x) for x in take(10, take(4))[::-1]], take(4), take(10)) for _ in range(n_tensors)
-    ]  # ne0 = input dim
+    ]
     align = int(meta.get("general.alignment", 32))
     start = -(-pos // align) * align  # the data section starts at the next multiple of the alignment
     return meta, [(n, s, t, start + o) for n, s, t, o in infos], buf
