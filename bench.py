@@ -99,7 +99,7 @@ def time_decode(model, S, batch, steps, repeats, device, compiled=False):
     for layer_cache in cache.layers:
         for t in layer_cache:
             t.normal_()
-    step = torch.compile(generate.decode_one) if compiled else generate.decode_one
+    step = generate.compiled_decode_one(torch.device(device).type) if compiled else generate.decode_one
     tok = torch.randint(0, model.cfg.vocab_size, (batch,), device=device)
     times = []
     for r in range(repeats + 1):  # the first round is warm-up (and compilation)

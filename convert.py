@@ -39,6 +39,7 @@ from model import (
     Model,
     ModelConfig,
     atomic_write,
+    check_finite,
     read_checkpoint,
     read_json,
     rope_freqs,
@@ -259,12 +260,7 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
             f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those"
         )
     sd, cfg, tok = read(p, dtype)
-    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(
-            f"{p} has non-finite weights (NaN or inf in {', '.join(bad[:3])}"
-            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the file is damaged, download it again"
-        )
+    check_finite(sd, p)
     return Model.from_state_dict(cfg, sd), tok
 
 
@@ -920,11 +916,7 @@ def export(ckpt_path, folder):
     ckpt = read_checkpoint(ckpt_path)
     cfg = ModelConfig(**ckpt["config"])
     sd = {k: v for k, v in ckpt["model"].items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(
-            f"{ckpt_path} has non-finite weights ({', '.join(bad[:3])}): export a good checkpoint"
-        )
+    check_finite(sd, ckpt_path)
     weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
     write_safetensors(weights, sd, {"format": "zebra"})
     if ckpt.get("tokenizer") is not None:
@@ -951,19 +943,7 @@ def read_export(folder):
                 f"{f} is missing: export again with python convert.py --export CKPT {folder}"
             )
     d = read_json(config)
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    required = {f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING}
-    missing = sorted(required - set(d))
-    unknown = sorted(set(d) - names - {"stage", "step"})
-    if missing or unknown:
-        raise ValueError(
-            f"{config} is not a zebra export config (missing {missing}, unknown {unknown}): "
-            f"export again with python convert.py --export CKPT {folder}"
-        )
-    try:
-        cfg = ModelConfig(**{k: v for k, v in d.items() if k in names})
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{config}: {e}") from None
+    cfg = ModelConfig.from_dict({k: v for k, v in d.items() if k not in ("stage", "step")}, config)
     sd = read_safetensors(weights, dtype=None)
     if cfg.tie_embeddings and "embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
