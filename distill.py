@@ -16,6 +16,7 @@ Stages (paper.md §1, one checkpoint file each under out/<size>/, skipped when f
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 import convert
 from generate import reply
-from model import load_checkpoint, save_checkpoint
+from model import load_checkpoint, read_checkpoint, save_checkpoint
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -46,7 +47,6 @@ class DistillConfig:
     max_chats: int = 0  # use only the first N conversations (0 = all)
     seq_len: int = 2048
     batch_size: int = 8  # sequences per optimizer step, summed over ranks
-    grad_accum: int = 1
     ild_steps: int = 1000
     kd_steps: int = 4000
     dpo_steps: int = 100
@@ -71,6 +71,8 @@ class DistillConfig:
     seed: int = 42
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (8b: a student plus the teacher exceed one GPU)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    # memory plan, micro-batching, precision (issue 10)
+    micro_batch: int = 0  # sequences (DPO: pairs) per forward and rank; 0 = the whole share of the rank
 
 
 # per-size defaults; 1b/3b/8b keep the paper's hyper-parameters (paper.md §10-§12)
@@ -108,9 +110,9 @@ PRESETS = {
         eval_batches=4,
         ckpt_every=10,
     ),
-    "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5, grad_accum=2),
-    "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5, grad_accum=2),
-    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, grad_accum=2, fsdp=True),
+    "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5),
+    "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5),
+    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, fsdp=True),
 }
 
 
@@ -261,15 +263,26 @@ def prepare_data(cfg, tok, out):
     return meta
 
 
-def get_batch(out, meta, split, step, cfg, rank=0, world=1):
-    """The step-th global batch of a split (a fixed shuffle, so resuming at a step gives the same data);
-    each rank takes its slice of the global batch."""
+def batch_rows(step, batch_size, n_rows, rank=0, world=1, micro=0, n_micro=1):
+    """Positions (into a split of n_rows rows, or a list of DPO pairs) of micro-batch `micro` of `n_micro` of
+    this rank's share of global step `step`. The global batch is rows step*batch_size ... +batch_size-1
+    (wrapping around): rank r takes the r-th contiguous slice of batch_size // world, which is split into
+    n_micro near-equal parts. The union over ranks and micro-batches is the same for every world and
+    n_micro, so resuming, torchrun and an out-of-memory retry see the same global batch."""
+    per_rank = batch_size // world
+    part = np.array_split(np.arange(rank * per_rank, (rank + 1) * per_rank), n_micro)[micro]
+    return [int((step * batch_size + j) % n_rows) for j in part]
+
+
+def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
+    """The rows batch_rows picks from a split, through a fixed shuffle of the split (seeded, so resuming
+    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device."""
     arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(
         -1, cfg.seq_len
     )
     order = np.random.default_rng(cfg.seed).permutation(len(arr))
-    idx = order[(step * cfg.batch_size + np.arange(cfg.batch_size)) % len(arr)][rank::world]
-    return torch.from_numpy(arr[np.sort(idx)].astype(np.int64)).to(cfg.device)
+    rows = batch_rows(step, cfg.batch_size, len(arr), rank, world, micro, n_micro)
+    return torch.from_numpy(arr[np.sort(order[rows])].astype(np.int64)).to(cfg.device)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -281,7 +294,10 @@ def ild_layer_losses(student, teacher, idx):
     with torch.no_grad():
         _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
     _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
-    l2 = lambda a, b: (a.float() - b.float()).norm(dim=-1).mean()
+
+    def l2(a, b):  # per-token L2 distance, averaged over tokens
+        return (a.float() - b.float()).norm(dim=-1).mean()
+
     return torch.stack([l2(so, to) + l2(sm, tm) for so, to, sm, tm in zip(s_out, t_out, s_mix, t_mix)])
 
 
@@ -347,18 +363,63 @@ def smart_scores(teacher, m2, mla, batches):
 
 
 # ----------------------------------------------------------------------------- training loop
+def stage_batch(cfg, stage):
+    """Global batch of a stage per optimizer step: sequences (ILD, KD) or preference pairs (DPO)."""
+    return cfg.batch_size
+
+
+def accumulate(model, step_loss, step, per_rank, micro, amp, say):
+    """Forward and backward of one global step, this rank's share of per_rank rows in micro-batches of at
+    most `micro` rows; the micro losses are weighted by their share of rows, so the gradient is that of the
+    whole share whatever the split. On torch.OutOfMemoryError the gradients are cleared, the micro-batch is
+    halved (the global batch stays) and the step is redone. Returns (loss, terms, micro)."""
+    while True:
+        n_micro = math.ceil(per_rank / micro)
+        total, terms = 0.0, {}
+        try:
+            for m in range(n_micro):
+                # this micro-batch's share of the rank's rows, by the rule step_loss slices with
+                w = len(batch_rows(step, per_rank, per_rank, 0, 1, m, n_micro)) / per_rank
+                with sync_gradients(model, m == n_micro - 1):
+                    with amp:
+                        loss, t = step_loss(model, step, m, n_micro)
+                    (loss * w).backward()
+                total = total + loss.detach() * w
+                terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
+            return total, terms, micro
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            model.zero_grad(set_to_none=True)
+            micro //= 2
+            say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
+
+
+def sync_gradients(model, last):
+    """Gradient accumulation without a collective per micro-batch: DDP and FSDP2 reduce only on the last."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    if hasattr(model, "no_sync") and not last:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
-    """AdamW + warmup/cosine + clipping + grad accumulation (+ bf16 autocast on GPU), tqdm and a log line,
-    an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint."""
+    """AdamW + warmup/cosine + clipping + micro-batches (+ bf16 autocast on GPU), tqdm and a log line,
+    an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
+    step_loss(model, step, micro, n_micro) -> (loss, terms): micro-batch `micro` of `n_micro` of this
+    rank's share of global step `step` (rows from batch_rows)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-    )
+
+    def schedule(s):  # linear warmup, then cosine to 0
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     start, history = 0, []
     if os.path.isfile(path):  # an unfinished checkpoint of this stage: resume
-        ck = torch.load(path, map_location=cfg.device, weights_only=True)
+        ck = read_checkpoint(path, cfg.device)
         unwrap(model).load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -368,22 +429,21 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
             tqdm.write(f"[{stage}] resuming from step {start}/{steps}")
     model.train()
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda"))
+    per_rank = stage_batch(cfg, stage) // world
+    micro = min(per_rank, cfg.micro_batch or per_rank)
+
+    def say(msg):
+        if rank == 0:
+            tqdm.write(f"[{stage}] {msg}")
+
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=rank != 0)
     t0, tokens = time.time(), 0
+    stop = f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
     for step in bar:
-        terms = {}
-        stop = (
-            f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
-        )
-        for micro in range(cfg.grad_accum):
-            try:
-                with amp:
-                    loss, terms = step_loss(model, step * cfg.grad_accum + micro)
-            except (
-                ValueError
-            ) as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
-                raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
-            (loss / cfg.grad_accum).backward()
+        try:
+            loss, terms, micro = accumulate(model, step_loss, step, per_rank, micro, amp, say)
+        except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
+            raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
         if world > 1:  # log the loss of the global batch: the mean over ranks
             dist.all_reduce(loss := loss.detach().clone())
             loss /= world
@@ -394,16 +454,16 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
         sched.step()
         opt.zero_grad(set_to_none=True)
         history.append(round(loss.item(), 6))
-        tokens += cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        tokens += stage_batch(cfg, stage) * cfg.seq_len
         bar.set_postfix(
             loss=f"{loss.item():.4f}",
             lr=f"{sched.get_last_lr()[0]:.2e}",
             tok_s=f"{tokens / (time.time() - t0):.0f}",
         )
-        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             eta = (time.time() - t0) / (step + 1 - start) * (steps - step - 1)
-            tqdm.write(
-                f"[{stage}] step {step + 1}/{steps} loss {loss.item():.4f} "
+            say(
+                f"step {step + 1}/{steps} loss {loss.item():.4f} "
                 + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                 + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s"
             )
@@ -554,7 +614,10 @@ def main(argv=None):
             student.embed_tokens.requires_grad_(False)  # embeddings and head get no gradient in ILD
             student.lm_head.requires_grad_(False)
             model = wrap_model(student, cfg, world)
-            step_loss = lambda m, s: ild_loss(m, teacher, get_batch(out, meta, "ild", s, cfg, rank, world))
+
+            def step_loss(m, s, mi, n):
+                return ild_loss(m, teacher, get_batch(out, meta, "ild", s, cfg, rank, world, mi, n))
+
             train(
                 f"ild_{kind}",
                 model,
@@ -604,8 +667,8 @@ def main(argv=None):
     if todo("kd", "kd.pt"):
         student = load("hybrid_init.pt")  # train() resumes from an unfinished kd.pt itself
 
-        def kd_step(m, s):
-            idx = get_batch(out, meta, "kd", s, cfg, rank, world)
+        def kd_step(m, s, mi, n):
+            idx = get_batch(out, meta, "kd", s, cfg, rank, world, mi, n)
             with torch.no_grad():
                 t = teacher(idx)
             logits = m(idx)
@@ -648,10 +711,9 @@ def main(argv=None):
         with torch.no_grad():
             ref_lp = seq_logprobs(ref, idx, mask)
         n = len(pairs)
-        half = max(1, cfg.batch_size // 2)
 
-        def dpo_step(m, s):
-            sel = [(s * half + j) % n for j in range(half)][rank::world]
+        def dpo_step(m, s, mi, n_micro):
+            sel = batch_rows(s, stage_batch(cfg, "dpo"), n, rank, world, mi, n_micro)
             rows = torch.tensor(sel + [n + i for i in sel], device=idx.device)
             lp = seq_logprobs(m, idx[rows], mask[rows])
             k = len(sel)
