@@ -1,13 +1,16 @@
 """The Zebra-Llama post-training pipeline: teacher -> students -> ILD -> SMART -> hybrid -> KD -> DPO -> eval.
 
-Stages (paper.md §1, one checkpoint file each under out/<size>/, skipped when finished, resumed when not):
-  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students   convert.make_student
-  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer        §10  ild_loss
-  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows) §9   smart_scores/select
-  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher    §1   convert.compose_hybrid
-  kd.pt                     end-to-end KL(p_teacher || p_student) distillation               §11  kd_loss
-  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model                                   §12  dpo_loss
-  eval.json                 held-out perplexity, KL and top-1 agreement to the teacher, KV cache per token
+Stages (paper.md §1, the STAGES table at the end; files under out/<size>/):
+  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students     §4, §6
+  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer          §10
+  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows)   §9
+  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher      §1
+  kd.pt                     end-to-end KL(p_teacher || p_student) distillation                 §11
+  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model                                     §12
+  eval.json                 held-out perplexity, KL and top-1 agreement to the teacher, KV cache
+stages.json records what each stage was made from (settings, data, input stages): a rerun skips a stage
+that is finished and made from today's inputs, resumes an unfinished one, and reruns any other (and so
+everything after it).
 
   python distill.py                      # 135m: SmolLM2-135M-Instruct + chitchat corpus, CPU
   python distill.py --size tiny          # random tiny teacher, every stage in about a minute
@@ -318,6 +321,14 @@ def chat_prompt(messages):
     return None
 
 
+def data_path(out, split):
+    return os.path.join(out, f"data_{split}.bin")
+
+
+def file_size(path):
+    return os.path.getsize(path) if os.path.isfile(path) else -1
+
+
 def prepare_data(cfg, tok, out, max_prompts=4096):
     """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 files.
     Split by conversation: the last 5 % are held out (read by the final evaluation only); of the rest the
@@ -331,11 +342,12 @@ def prepare_data(cfg, tok, out, max_prompts=4096):
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)
-        if meta["key"] == key:
+        if meta["key"] != key:
+            print(f"data: {out} holds data prepared from {meta['key']}; preparing {key} (stages rerun)")
+        elif all(file_size(data_path(out, s)) == n * cfg.seq_len * 4 for s, n in meta["n"].items()):
             return meta
-        print(
-            f"data: {out} holds data prepared from {meta['key']}; preparing {key}, stages made from it rerun"
-        )
+        else:
+            print(f"data: a file of {out}/data_*.bin is missing or truncated; preparing it anew")
         os.remove(meta_path)  # first, so that a kill below never leaves new files under the old key
     chats = (
         read_jsonl(cfg.data, chat_record, CHAT_FORM)
@@ -361,7 +373,7 @@ def prepare_data(cfg, tok, out, max_prompts=4096):
                 "give more data (--data, --max-chats) or a shorter --seq-len"
             )
         rows = np.asarray(ids[: n * cfg.seq_len], dtype=np.uint32)  # (n * seq_len,), read as (n, seq_len)
-        atomic_write(os.path.join(out, f"data_{name}.bin"), rows.tofile)
+        atomic_write(data_path(out, name), rows.tofile)
         meta["n"][name] = n
     write_json(meta_path, meta)
     return meta
@@ -434,9 +446,10 @@ def seq_logprobs(model, idx, mask):
 
 # ----------------------------------------------------------------------------- SMART (paper.md §9)
 def smart_select(scores, n_mla):
-    """Choose n_mla layers (paper.md §9): layers 0 and L-2 forced (the published lists' terminal MLA layers), every gap
-    within one of the uniform gap (L-2)/(n_mla-1) (all published lists obey this), and the largest total score among such
-    sets, found by dynamic programming over (k-th chosen layer, its index). E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
+    """Choose n_mla layers (paper.md §9): layers 0 and L-2 forced (the published lists' terminal MLA
+    layers), every gap within one of the uniform gap (L-2)/(n_mla-1) (all published lists obey this), and the
+    largest total score among such sets, found by dynamic programming over (k-th chosen layer, its index).
+    E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
     L = len(scores)
     if not 2 <= n_mla <= L - 1:
         raise ValueError(f"SMART needs 2 <= N_MLA <= L-1 = {L - 1}, got {n_mla}")
@@ -824,7 +837,8 @@ def dpo_pairs(r):
         prompts = r.meta["prompts"][: cfg.dpo_pairs]
         pairs, dropped = build_dpo_pairs(r.kd_teacher, r.load("kd.pt"), r.tok, prompts, cfg.dpo_max_new)
         print(
-            f"DPO: {len(pairs)} pairs from {len(prompts)} prompts, {dropped} dropped (same replies or too long)"
+            f"DPO: {len(pairs)} pairs from {len(prompts)} prompts; {dropped} dropped "
+            "(both replies the same tokens, or the prompt too long)"
         )
         if pairs:
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs)))
@@ -886,8 +900,8 @@ class Stage:
     name: str
     run: object  # run(Run) writes the stage's files; returns why it was skipped, if it was
     files: tuple  # what it writes under out/<size>/
-    inputs: tuple  # the stages whose files it reads
-    settings: tuple  # the DistillConfig fields its result depends on (besides the data and its inputs)
+    inputs: tuple = ()  # the stages whose files it reads
+    settings: tuple = ()  # the DistillConfig fields its result depends on (besides the data and its inputs)
     all_ranks: bool = False  # training runs on every rank; the other stages on rank 0 while the rest wait
     scratch: tuple = ()  # files it may also write, removed with it but not needed to call it finished
 
@@ -897,52 +911,20 @@ class Stage:
 
 
 TRAIN = ("batch_size", "warmup", "weight_decay", "grad_clip", "seed")
+ILD = ("teacher", "ild_steps", "ild_lr", *TRAIN)
+KD = ("kd_teacher", "kd_steps", "kd_lr", "ce_weight", *TRAIN)
+DPO = ("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_steps", "dpo_lr", "dpo_beta", *TRAIN)
+SMART = ("teacher", "mla_layers", "smart_batches")
+EVAL = ("kd_teacher", "eval_batches")
 STAGES = (
-    Stage("init", run_init, ("init_mla.pt", "init_m2.pt"), (), ("teacher", "rope_rule")),
-    Stage(
-        "ild_mla",
-        partial(run_ild, kind="mla"),
-        ("ild_mla.pt",),
-        ("init",),
-        ("teacher", "ild_steps", "ild_lr", *TRAIN),
-        True,
-    ),
-    Stage(
-        "ild_m2",
-        partial(run_ild, kind="m2"),
-        ("ild_m2.pt",),
-        ("init",),
-        ("teacher", "ild_steps", "ild_lr", *TRAIN),
-        True,
-    ),
-    Stage(
-        "smart", run_smart, ("smart.json",), ("ild_mla", "ild_m2"), ("teacher", "mla_layers", "smart_batches")
-    ),
+    Stage("init", run_init, ("init_mla.pt", "init_m2.pt"), settings=("teacher", "rope_rule")),
+    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), ("init",), ILD, all_ranks=True),
+    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), ("init",), ILD, all_ranks=True),
+    Stage("smart", run_smart, ("smart.json",), ("ild_mla", "ild_m2"), SMART),
     Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",), ("ild_mla", "ild_m2", "smart"), ("teacher",)),
-    Stage(
-        "kd",
-        run_kd,
-        ("kd.pt",),
-        ("hybrid_init",),
-        ("kd_teacher", "kd_steps", "kd_lr", "ce_weight", *TRAIN),
-        True,
-    ),
-    Stage(
-        "dpo",
-        run_dpo,
-        ("dpo.pt",),
-        ("kd",),
-        ("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_steps", "dpo_lr", "dpo_beta", *TRAIN),
-        True,
-        ("dpo_pairs.jsonl",),
-    ),
-    Stage(
-        "eval",
-        run_eval,
-        ("eval.json",),
-        ("init", "hybrid_init", "kd", "dpo", "smart"),
-        ("kd_teacher", "eval_batches"),
-    ),
+    Stage("kd", run_kd, ("kd.pt",), ("hybrid_init",), KD, all_ranks=True),
+    Stage("dpo", run_dpo, ("dpo.pt",), ("kd",), DPO, all_ranks=True, scratch=("dpo_pairs.jsonl",)),
+    Stage("eval", run_eval, ("eval.json",), ("init", "hybrid_init", "kd", "dpo", "smart"), EVAL),
 )
 
 
@@ -1032,22 +1014,18 @@ def run_stage(stage, r):
 
 def load_teachers(cfg):
     """(teacher, KD teacher, tokenizer): the model to convert, and the teacher of KD, DPO pairs and
-    evaluation (the same model unless --kd-teacher). Both must speak the same vocabulary and hold --seq-len."""
+    evaluation (the same model unless --kd-teacher). Both must share one vocabulary and hold --seq-len."""
     cache = cfg.cache_dir or None
     teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
     mla_layers = [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
     teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layers)
     kd_teacher, kd_tok = (teacher, tok) if not cfg.kd_teacher else convert.load_teacher(cfg.kd_teacher, cache)
-    same = (kd_tok.ranks, kd_tok.special, kd_teacher.cfg.vocab_size) == (
-        tok.ranks,
-        tok.special,
-        teacher.cfg.vocab_size,
-    )
-    if not same:
+    same_ids = (kd_tok.ranks, kd_tok.special) == (tok.ranks, tok.special)
+    if not same_ids or kd_teacher.cfg.vocab_size != teacher.cfg.vocab_size:
         raise ValueError(
-            f"--kd-teacher {cfg.kd_teacher} has another vocabulary ({kd_tok.name}, {kd_teacher.cfg.vocab_size} "
-            f"ids) than the teacher ({tok.name}, {teacher.cfg.vocab_size} ids): KD compares their next-token "
-            "distributions id by id; pick a KD teacher of the same model family"
+            f"--kd-teacher {cfg.kd_teacher} has another vocabulary ({kd_tok.name}, "
+            f"{kd_teacher.cfg.vocab_size} ids) than the teacher ({tok.name}, {teacher.cfg.vocab_size} ids): "
+            "KD compares their next-token distributions id by id; pick a KD teacher of the same family"
         )
     for name, m in (("teacher", teacher), ("KD teacher", kd_teacher)):
         if cfg.seq_len > m.cfg.max_seq_len:

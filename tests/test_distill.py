@@ -189,7 +189,8 @@ def test_diverging_training_stops_clearly_and_keeps_the_last_good_checkpoint(tmp
 
 
 # ---- stages, data, arguments (issue 11/14)
-TINY = ["--size", "tiny", "--ild-steps", "2", "--kd-steps", "2", "--dpo-steps", "3"]
+TINY = "--size tiny --batch-size 2 --ild-steps 2 --kd-steps 2 --dpo-steps 2 --dpo-pairs 4".split()
+TINY += "--dpo-max-new 6 --smart-batches 1 --eval-batches 1".split()
 
 
 def distill_main(out, *args):
@@ -252,6 +253,15 @@ def test_other_kd_settings_rerun_kd_and_everything_after_it(rerun):
     assert [s for s in before if before[s] != after[s]] == ["kd", "dpo", "eval"]
 
 
+def test_unfinished_stage_restarts_rather_than_resumes_on_other_settings(rerun, capsys):
+    # kd left unfinished (as after a kill), then rerun with another --kd-lr: it starts afresh, saying why
+    records = M.read_json(rerun / "tiny" / "stages.json")
+    records["kd"]["done"] = False
+    M.write_json(rerun / "tiny" / "stages.json", records)
+    distill_main(rerun, "--kd-lr", "3e-3")
+    assert "[kd] restarts: made from --kd-lr 0.001 -> 0.003" in capsys.readouterr().out
+
+
 def test_other_data_reruns_every_stage_and_dpo_takes_system_first_prompts(rerun, tmp_path):
     # another --data (system-first multi-turn chats) is prepared anew; no stage made from the old data stays
     before = run_ids(M.read_json(rerun / "tiny" / "stages.json"))
@@ -302,13 +312,13 @@ def test_dpo_moves_the_mean_margin_above_zero(finished):
 
 
 def test_dpo_pairs_end_of_turn_only_on_replies_that_ended(finished):
-    # a stored reply ends with the end-of-turn id exactly when it is shorter than --dpo-max-new (12 at tiny)
+    # a reply ends with end-of-turn unless it was cut at --dpo-max-new (6 here), which adds none
     pairs = distill.read_jsonl(
         finished[0] / "tiny" / "dpo_pairs.jsonl", distill.pair_record, distill.PAIR_FORM
     )
     eos = distill.convert.Tokenizer.byte_level().eos_id
     for ids in [p[k] for p in pairs for k in ("chosen_ids", "rejected_ids")]:
-        assert (ids[-1] == eos) == (len(ids) < 12 or eos in ids) and eos not in ids[:-1]
+        assert len(ids) <= 6 and eos not in ids[:-1] and (ids[-1] == eos or len(ids) == 6)
 
 
 def test_dpo_pairs_with_equal_replies_are_dropped():
