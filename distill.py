@@ -153,7 +153,7 @@ HELP = dict(
     eval_batches="held-out batches of the final evaluation",
     mla_layers="comma-separated MLA layers, e.g. 0,6,12,18,24,28 ('' = chosen by SMART)",
     rope_rule="MLA rope pairs: 2norm (calibrated on training tokens) or high (highest frequencies)",
-    stage="rerun this stage (and any missing or stale one before it), drop every stage after it, stop",
+    stage="rerun this stage (and any missing or stale one before it), drop the stages after it, stop",
     force="rerun every stage",
     ckpt_every="steps between resumable checkpoints",
     log_every="steps between log lines",
@@ -189,18 +189,19 @@ def parse_args(argv=None):
     them); every value is checked here, before any download or data preparation."""
     pre = ArgumentParser(add_help=False)
     pre.add_argument("--size", default=DistillConfig.size, choices=list(PRESETS))
-    defaults = {**asdict(DistillConfig()), **PRESETS[pre.parse_known_args(argv)[0].size]}
+    size = pre.parse_known_args(argv)[0].size
+    defaults = {**asdict(DistillConfig()), **PRESETS[size], "size": size}
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
-    stages = "\n".join(f"  {s.name:<12} {', '.join(s.files) or '-':<30} {s.doc}" for s in STAGES)
+    stages = "\n".join(f"  {s.name:<12} {', '.join(s.files):<24} {s.doc}" for s in STAGES)
     p = ArgumentParser(
         description=__doc__.split("\n")[0],
         formatter_class=Formatter,
         epilog=f"stages, in order (files under OUT_DIR/SIZE):\n{stages}",
     )
-    choices = dict(size=list(PRESETS), rope_rule=["2norm", "high"], stage=[""] + [s.name for s in STAGES])
+    choices = dict(size=list(PRESETS), rope_rule=["2norm", "high"])
     for f in fields(DistillConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=defaults[f.name], help=HELP[f.name])
         if f.type is bool:
@@ -212,6 +213,8 @@ def parse_args(argv=None):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and RANGES[rule](v)):
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
+    if cfg.stage and cfg.stage not in [s.name for s in STAGES]:
+        raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(s.name for s in STAGES)}")
     if cfg.mla_layers and not re.fullmatch(r"\d+(,\d+)*", cfg.mla_layers):
         raise ValueError(
             f"--mla-layers must be comma-separated layer indices like 0,6,12, got {cfg.mla_layers!r}"
@@ -749,7 +752,7 @@ class Run:
 
 
 def run_init(r):
-    """The two students, initialised from the teacher's weights (paper.md §4, §6)."""
+    """All-MLA (SVD) and all-Mamba2 students from the teacher's weights (paper.md §4, §6)."""
     calib = get_batch(r.out, r.meta, "ild", 0, r.cfg)  # training tokens choose the MLA rope pairs (§3.4)
     for kind in ("mla", "m2"):
         student = convert.make_student(r.teacher, kind, r.cfg.rope_rule, calib)
@@ -757,7 +760,7 @@ def run_init(r):
 
 
 def run_ild(r, kind):
-    """ILD of one student against the teacher on the ILD split, every layer teacher-forced (paper.md §10)."""
+    """ILD of one student, every layer teacher-forced, on the ILD split (paper.md §10)."""
     student = r.load(f"init_{kind}.pt").train()
     student.embed_tokens.requires_grad_(False)  # embeddings and head get no gradient in ILD
     student.lm_head.requires_grad_(False)
@@ -781,8 +784,8 @@ def run_ild(r, kind):
 
 
 def run_smart(r):
-    """Which layers stay MLA (paper.md §9), scored on the first batches of the ILD split: training data, so
-    that the held-out split stays unseen until the final evaluation. --mla-layers overrides."""
+    """Which layers stay MLA, scored on the first ILD (training) batches (paper.md §9).
+    The held-out split stays unseen until the final evaluation. --mla-layers overrides the choice."""
     if r.cfg.mla_layers:
         res = dict(rule="given by --mla-layers", chosen=r.teacher.cfg.mla_layers)
     else:
@@ -799,7 +802,7 @@ def run_smart(r):
 
 
 def run_hybrid(r):
-    """Compose the hybrid from the ILD students and the teacher (paper.md §1 step 4)."""
+    """The hybrid composed from the two ILD students and the teacher (paper.md §1 step 4)."""
     hybrid = convert.compose_hybrid(r.teacher, r.load("ild_mla.pt"), r.load("ild_m2.pt"), r.mla_layers())
     save_checkpoint(r.path("hybrid_init.pt"), hybrid, "hybrid_init", 0, r.tok, done=True)
 
@@ -847,7 +850,8 @@ def dpo_pairs(r):
 
 
 def run_dpo(r):
-    """DPO against the frozen KD model (paper.md §12). Returns why it was skipped, if it was."""
+    """DPO against the frozen KD model (paper.md §12).
+    Returns why it was skipped, if it was (no pairs)."""
     cfg = r.cfg
     pairs, why = dpo_pairs(r)
     if not pairs:
