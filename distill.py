@@ -341,7 +341,12 @@ def prepare_data(cfg, tok, out, max_prompts=4096):
     meta_path = os.path.join(out, "data.json")
     source = cfg.data or "chitchat-dataset==0.9.0"
     key = dict(
-        source=source, max_chats=cfg.max_chats, seq_len=cfg.seq_len, tokenizer=tok.name, n_vocab=tok.n_vocab
+        source=source,
+        max_chats=cfg.max_chats,
+        seq_len=cfg.seq_len,
+        tokenizer=tok.name,
+        n_vocab=tok.n_vocab,
+        prompts="first user turn with its system turn",  # older data.json files kept the user text only
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)
@@ -739,6 +744,12 @@ class Run:
             get_batch(self.out, self.meta, split, i, self.cfg) for i in range(min(n, self.meta["n"][split]))
         ]
 
+    def train(self, stage, model, step_loss, steps, lr):
+        """Train a model as stage (written to <stage>.pt), wrapped for DDP/FSDP2 under torchrun."""
+        model = wrap_model(model.train(), self.cfg, self.world)
+        path = self.path(f"{stage}.pt")
+        train(stage, model, step_loss, self.cfg, path, steps, lr, self.rank, self.world, self.tok)
+
     def records(self):
         """stages.json: what each stage was made from (provenance below)."""
         return read_json(self.path("stages.json")) if os.path.isfile(self.path("stages.json")) else {}
@@ -768,19 +779,7 @@ def run_ild(r, kind):
     def step_loss(m, step, micro, n_micro):
         return ild_loss(m, r.teacher, r.batch("ild", step, micro, n_micro))
 
-    model, cfg = wrap_model(student, r.cfg, r.world), r.cfg
-    train(
-        f"ild_{kind}",
-        model,
-        step_loss,
-        cfg,
-        r.path(f"ild_{kind}.pt"),
-        cfg.ild_steps,
-        cfg.ild_lr,
-        r.rank,
-        r.world,
-        r.tok,
-    )
+    r.train(f"ild_{kind}", student, step_loss, r.cfg.ild_steps, r.cfg.ild_lr)
 
 
 def run_smart(r):
@@ -822,8 +821,7 @@ def run_kd(r):
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
         return kl + cfg.ce_weight * ce, dict(kl=kl.item(), ce=ce.item())
 
-    model = wrap_model(r.load("hybrid_init.pt").train(), cfg, r.world)  # train() resumes an unfinished kd.pt
-    train("kd", model, kd_step, cfg, r.path("kd.pt"), cfg.kd_steps, cfg.kd_lr, r.rank, r.world, r.tok)
+    r.train("kd", r.load("hybrid_init.pt"), kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
 
 
 def dpo_pairs(r):
@@ -869,8 +867,7 @@ def run_dpo(r):
         margin = (lp[:k] - ref[:k]) - (lp[k:] - ref[k:])
         return dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], cfg.dpo_beta), dict(margin=margin.mean().item())
 
-    model = wrap_model(r.load("kd.pt").train(), cfg, r.world)
-    train("dpo", model, dpo_step, cfg, r.path("dpo.pt"), cfg.dpo_steps, cfg.dpo_lr, r.rank, r.world, r.tok)
+    r.train("dpo", r.load("kd.pt"), dpo_step, cfg.dpo_steps, cfg.dpo_lr)
     return ""
 
 
