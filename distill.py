@@ -1,13 +1,16 @@
 """The Zebra-Llama post-training pipeline: teacher -> students -> ILD -> SMART -> hybrid -> KD -> DPO -> eval.
 
-Stages (paper.md §1, one checkpoint file each under out/<size>/, skipped when finished, resumed when not):
-  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students   convert.make_student
-  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer        §10  ild_loss
-  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows) §9   smart_scores/select
-  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher    §1   convert.compose_hybrid
-  kd.pt                     end-to-end KL(p_teacher || p_student) distillation               §11  kd_loss
-  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model                                   §12  dpo_loss
-  eval.json                 held-out perplexity, KL and top-1 agreement to the teacher, KV cache per token
+Stages (paper.md §1, the STAGES table at the end; files under out/<size>/):
+  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students     §4, §6
+  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer          §10
+  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows)   §9
+  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher      §1
+  kd.pt                     end-to-end KL(p_teacher || p_student) distillation                 §11
+  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model                                     §12
+  eval.json                 held-out perplexity, KL and top-1 agreement to the teacher, KV cache
+stages.json records what each stage was made from (settings, data, input stages): a rerun skips a stage
+that is finished and made from today's inputs, resumes an unfinished one, and reruns any other (and so
+everything after it).
 
   python distill.py                      # 135m: SmolLM2-135M-Instruct + chitchat corpus, CPU
   python distill.py --size tiny          # random tiny teacher, every stage in about a minute
@@ -16,12 +19,17 @@ Stages (paper.md §1, one checkpoint file each under out/<size>/, skipped when f
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,47 +38,49 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import convert
-from generate import reply
-from model import load_checkpoint, save_checkpoint
+from generate import generate
+from model import atomic_write, load_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json
 
 
 # ----------------------------------------------------------------------------- configuration
 @dataclass
 class DistillConfig:
     size: str = "135m"
-    teacher: str = ""  # size key or path to a Llama directory / GGUF; default: the size itself
+    teacher: str = ""
+    kd_teacher: str = ""
     out_dir: str = "out"
-    data: str = ""  # chat JSONL ({"messages": [...]} per line); default: the chitchat corpus
-    dpo_data: str = ""  # JSONL {prompt, chosen, rejected}; default: built from teacher vs KD student replies
-    cache_dir: str = ""  # downloads (teacher, corpus); default $ZEBRA_CACHE or ~/.cache/zebra
-    max_chats: int = 0  # use only the first N conversations (0 = all)
+    data: str = ""
+    dpo_data: str = ""
+    cache_dir: str = ""
+    max_chats: int = 0
     seq_len: int = 2048
-    batch_size: int = 8  # sequences per optimizer step, summed over ranks
-    grad_accum: int = 1
+    batch_size: int = 8
     ild_steps: int = 1000
     kd_steps: int = 4000
     dpo_steps: int = 100
-    ild_lr: float = 2e-4  # paper.md §10
-    kd_lr: float = 8e-5  # §11
-    dpo_lr: float = 5e-7  # §12
-    warmup: float = 0.01  # fraction of steps
+    ild_lr: float = 2e-4
+    kd_lr: float = 8e-5
+    dpo_lr: float = 5e-7
+    warmup: float = 0.01
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ce_weight: float = 0.0  # KD loss = KL + ce_weight * CE (the paper uses pure KL)
+    ce_weight: float = 0.0
     dpo_beta: float = 0.01
     dpo_pairs: int = 64
     dpo_max_new: int = 64
     smart_batches: int = 4
     eval_batches: int = 8
-    mla_layers: str = ""  # e.g. "0,6,12,18,24,28": skip SMART
-    rope_rule: str = "2norm"  # MLA rope pairs: 2norm (calibrated) or high
-    stage: str = ""  # rerun only this stage
-    force: bool = False  # rerun every stage
+    mla_layers: str = ""
+    rope_rule: str = "2norm"
+    stage: str = ""
+    force: bool = False
     ckpt_every: int = 100
     log_every: int = 10
     seed: int = 42
-    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (8b: a student plus the teacher exceed one GPU)
+    fsdp: bool = False
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    # memory plan, micro-batching, precision (issue 10)
+    micro_batch: int = 0  # sequences (DPO: pairs) per forward and rank; 0 = the whole share of the rank
 
 
 # per-size defaults; 1b/3b/8b keep the paper's hyper-parameters (paper.md §10-§12)
@@ -108,29 +118,122 @@ PRESETS = {
         eval_batches=4,
         ckpt_every=10,
     ),
-    "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5, grad_accum=2),
-    "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5, grad_accum=2),
-    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, grad_accum=2, fsdp=True),
+    "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5),
+    "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5),
+    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, fsdp=True),
 }
 
 
+# one line of --help per DistillConfig field, the only place the options are described
+HELP = dict(
+    size="model size: tiny (random teacher, a minute), 135m (SmolLM2, CPU), 1b, 3b, 8b (local --teacher)",
+    teacher="teacher to convert: a size, an HF or Meta Llama directory or a .gguf file ('' = --size)",
+    kd_teacher="teacher of KD, DPO pairs and evaluation, any --teacher source ('' = --teacher)",
+    out_dir="folder for data and checkpoints (a size writes under OUT_DIR/SIZE)",
+    data="chat JSONL, one {'messages': [{'role', 'content'}, ...]} per line ('' = the chitchat corpus)",
+    dpo_data="DPO JSONL, one {'prompt', 'chosen', 'rejected'} per line ('' = teacher vs KD replies)",
+    cache_dir="downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)",
+    max_chats="use only the first N conversations (0 = all)",
+    seq_len="tokens per packed training sequence, at most the teacher's context",
+    batch_size="global batch per optimizer step: sequences (DPO: pairs), summed over ranks and micro-steps",
+    ild_steps="optimizer steps of each ILD run (paper.md §10)",
+    kd_steps="optimizer steps of end-to-end KD (paper.md §11)",
+    dpo_steps="optimizer steps of DPO (paper.md §12)",
+    ild_lr="peak learning rate of ILD",
+    kd_lr="peak learning rate of KD",
+    dpo_lr="peak learning rate of DPO",
+    warmup="fraction of each stage's steps spent warming up the learning rate, in [0, 1]",
+    weight_decay="AdamW weight decay",
+    grad_clip="clip the gradient norm to this",
+    ce_weight="KD loss = KL + CE_WEIGHT * cross-entropy (the paper: pure KL)",
+    dpo_beta="DPO beta (paper.md §12)",
+    dpo_pairs="default DPO pairs to build from corpus prompts (0 = skip DPO)",
+    dpo_max_new="reply tokens at most when building DPO pairs",
+    smart_batches="batches of the ILD (training) split that SMART scores layers on",
+    eval_batches="held-out batches of the final evaluation",
+    mla_layers="comma-separated MLA layers, e.g. 0,6,12,18,24,28 ('' = chosen by SMART)",
+    rope_rule="MLA rope pairs: 2norm (calibrated on training tokens) or high (highest frequencies)",
+    stage="rerun this stage (and any missing or stale one before it), drop the stages after it, stop",
+    force="rerun every stage",
+    ckpt_every="steps between resumable checkpoints",
+    log_every="steps between log lines",
+    seed="seed of the data order and initialisation",
+    fsdp="under torchrun: FSDP2 instead of DDP (8b: a student and the teacher exceed one GPU)",
+    device="cpu, cuda or cuda:N",
+    micro_batch="sequences (DPO: pairs) per forward and rank (0 = the whole share of the rank)",
+)
+# the range every numeric option must lie in, checked at parse time
+RANGES = {
+    "positive": lambda v: v > 0,
+    "at least 0": lambda v: v >= 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+RANGE_OF = {
+    **dict.fromkeys(
+        "seq_len batch_size ild_steps kd_steps dpo_steps dpo_max_new smart_batches eval_batches ckpt_every "
+        "log_every ild_lr kd_lr dpo_lr dpo_beta grad_clip".split(),
+        "positive",
+    ),
+    **dict.fromkeys("max_chats dpo_pairs seed weight_decay ce_weight".split(), "at least 0"),
+    "warmup": "in [0, 1]",
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one `error: ...` line and exit 1 through main's handler, not a usage dump
+        raise ValueError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    """DistillConfig from the command line: the chosen size's presets are the defaults (and --help shows
+    them); every value is checked here, before any download or data preparation."""
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--size", default=DistillConfig.size, choices=list(PRESETS))
+    size = pre.parse_known_args(argv)[0].size
+    defaults = {**asdict(DistillConfig()), **PRESETS[size], "size": size}
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    stages = "\n".join(f"  {s.name:<12} {', '.join(s.files):<24} {s.doc}" for s in STAGES)
+    p = ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=Formatter,
+        epilog=f"stages, in order (files under OUT_DIR/SIZE):\n{stages}",
     )
+    choices = dict(size=list(PRESETS), rope_rule=["2norm", "high"])
     for f in fields(DistillConfig):
-        kw = dict(type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type)
-        p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            default=None,
-            help=f"default {f.default!r} (per-size presets apply)",
-            **kw,
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=defaults[f.name], help=HELP[f.name])
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
+    cfg = DistillConfig(**vars(p.parse_args(argv)))
+    for name, rule in RANGE_OF.items():
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and RANGES[rule](v)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
+    if cfg.stage and cfg.stage not in [s.name for s in STAGES]:
+        raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(s.name for s in STAGES)}")
+    if cfg.mla_layers and not re.fullmatch(r"\d+(,\d+)*", cfg.mla_layers):
+        raise ValueError(
+            f"--mla-layers must be comma-separated layer indices like 0,6,12, got {cfg.mla_layers!r}"
         )
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    size = given.get("size", DistillConfig.size)
-    if size not in PRESETS:
-        raise ValueError(f"unknown --size {size!r}: choose one of {', '.join(PRESETS)}")
-    return DistillConfig(**{**PRESETS[size], **given})
+    check_device(cfg.device)
+    return cfg
+
+
+def check_device(device):
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: this torch build ({torch.__version__}) sees no CUDA GPU; use --device cpu"
+        )
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -172,16 +275,22 @@ def full_state_dict(model):
 
 
 # ----------------------------------------------------------------------------- data
+CHAT_FORM = '{"messages": [{"role": ..., "content": ...}, ...]}'
+PAIR_FORM = '{"prompt": ..., "chosen": ..., "rejected": ...}'
+
+
 def read_jsonl(path, record, form):
-    """The records of a JSONL file; malformed lines are reported with their line numbers (record() asserts the form)."""
+    """The records of a JSONL file; malformed lines are reported with their line numbers (record() asserts
+    the form)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file at {path}: pass a JSONL file with one {form} per line")
     rows, bad = [], []
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
-        try:
-            rows += [record(json.loads(line))] if line.strip() else []
-        except Exception:
-            bad.append(n)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rows += [record(json.loads(line))] if line.strip() else []
+            except Exception:
+                bad.append(n)
     if bad:
         raise ValueError(
             f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be {form}"
@@ -197,49 +306,70 @@ def chat_record(d):
     return d["messages"]
 
 
-PAIR_FORM = '{"prompt": ..., "chosen": ..., "rejected": ...}'
-
-
 def pair_record(d):
+    """A DPO pair: texts, plus token ids in the pairs distill.py builds itself (text alone is re-encoded)."""
     assert all(isinstance(d[k], str) for k in ("prompt", "chosen", "rejected"))
+    ids = [d[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids") if k in d]
+    assert len(ids) in (0, 3) and all(isinstance(t, int) for row in ids for t in row)
     return d
 
 
-def prepare_data(cfg, tok, out):
-    """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 memmaps.
-    Split by conversation: the last 5 % are held out (never trained on); of the rest the first 20 % feed
-    ILD and the other 80 % KD (paper.md §13). Reused on the next run when source and tokenizer match."""
+def chat_prompt(messages):
+    """The prompt of a default DPO pair: the first user turn, with the system turn just before it if any;
+    None for a chat without a user turn."""
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            start = i - 1 if i and messages[i - 1]["role"] == "system" else i
+            return messages[start : i + 1]
+    return None
+
+
+def data_path(out, split):
+    return os.path.join(out, f"data_{split}.bin")
+
+
+def file_size(path):
+    return os.path.getsize(path) if os.path.isfile(path) else -1
+
+
+def prepare_data(cfg, tok, out, max_prompts=4096):
+    """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 files.
+    Split by conversation: the last 5 % are held out (read by the final evaluation only); of the rest the
+    first 20 % feed ILD (and SMART) and the other 80 % KD (paper.md §13); DPO prompts come from the KD split.
+    Reused while source, length and tokenizer match; otherwise prepared anew, and every stage made from the
+    old data reruns (its recorded data key differs)."""
     meta_path = os.path.join(out, "data.json")
     source = cfg.data or "chitchat-dataset==0.9.0"
     key = dict(
-        source=source, max_chats=cfg.max_chats, seq_len=cfg.seq_len, tokenizer=tok.name, n_vocab=tok.n_vocab
+        source=source,
+        max_chats=cfg.max_chats,
+        seq_len=cfg.seq_len,
+        tokenizer=tok.name,
+        n_vocab=tok.n_vocab,
+        prompts="first user turn with its system turn",  # older data.json files kept the user text only
     )
     if os.path.isfile(meta_path):
-        meta = json.load(open(meta_path))
-        if meta["key"]["source"] == source and meta["key"] != key:
-            raise ValueError(
-                f"{out} holds data prepared with {meta['key']}, not {key} (another teacher vocabulary or "
-                f"length); use another --out-dir or delete {meta_path}"
-            )
-        if meta["key"] == key:
+        meta = read_json(meta_path)
+        if meta["key"] != key:
+            print(f"data: {out} holds data prepared from {meta['key']}; preparing {key} (stages rerun)")
+        elif all(file_size(data_path(out, s)) == n * cfg.seq_len * 4 for s, n in meta["n"].items()):
             return meta
-    chat_form = '{"messages": [{"role": ..., "content": ...}, ...]}'
+        else:
+            print(f"data: a file of {out}/data_*.bin is missing or truncated; preparing it anew")
+        os.remove(meta_path)  # first, so that a kill below never leaves new files under the old key
     chats = (
-        read_jsonl(cfg.data, chat_record, chat_form)
+        read_jsonl(cfg.data, chat_record, CHAT_FORM)
         if cfg.data
         else convert.chitchat_chats(cfg.cache_dir or None)
     )
     chats = chats[: cfg.max_chats] if cfg.max_chats else chats
     if not chats:
-        raise ValueError(
-            f"{source} holds no conversations: give a chat JSONL with one {{'messages': [...]}} per line"
-        )
+        raise ValueError(f"{source} holds no conversations: give a chat JSONL with one {CHAT_FORM} per line")
     n_held = max(1, len(chats) // 20)
     n_ild = (len(chats) - n_held) // 5
     splits = {"ild": chats[:n_ild], "kd": chats[n_ild:-n_held], "heldout": chats[-n_held:]}
-    meta = dict(
-        key=key, prompts=[c[0]["content"] for c in splits["kd"][:512] if c[0]["role"] == "user"], n={}
-    )
+    prompts = [p for p in map(chat_prompt, splits["kd"]) if p]
+    meta = dict(key=key, prompts=prompts[:max_prompts], n={})
     for name, part in splits.items():
         ids = []
         for msgs in tqdm(part, desc=f"tokenize {name}", leave=False):
@@ -250,26 +380,33 @@ def prepare_data(cfg, tok, out):
                 f"the {name} split has {len(ids)} tokens, fewer than one sequence of {cfg.seq_len}: "
                 "give more data (--data, --max-chats) or a shorter --seq-len"
             )
-        arr = np.memmap(
-            os.path.join(out, f"data_{name}.bin"), dtype=np.uint32, mode="w+", shape=(n, cfg.seq_len)
-        )
-        arr[:] = np.asarray(ids[: n * cfg.seq_len], dtype=np.uint32).reshape(n, cfg.seq_len)
-        arr.flush()
+        rows = np.asarray(ids[: n * cfg.seq_len], dtype=np.uint32)  # (n * seq_len,), read as (n, seq_len)
+        atomic_write(data_path(out, name), rows.tofile)
         meta["n"][name] = n
-    json.dump(meta, open(meta_path + ".tmp", "w"))
-    os.replace(meta_path + ".tmp", meta_path)
+    write_json(meta_path, meta)
     return meta
 
 
-def get_batch(out, meta, split, step, cfg, rank=0, world=1):
-    """The step-th global batch of a split (a fixed shuffle, so resuming at a step gives the same data);
-    each rank takes its slice of the global batch."""
+def batch_rows(step, batch_size, n_rows, rank=0, world=1, micro=0, n_micro=1):
+    """Positions (into a split of n_rows rows, or a list of DPO pairs) of micro-batch `micro` of `n_micro` of
+    this rank's share of global step `step`. The global batch is rows step*batch_size ... +batch_size-1
+    (wrapping around): rank r takes the r-th contiguous slice of batch_size // world, which is split into
+    n_micro near-equal parts. The union over ranks and micro-batches is the same for every world and
+    n_micro, so resuming, torchrun and an out-of-memory retry see the same global batch."""
+    per_rank = batch_size // world
+    part = np.array_split(np.arange(rank * per_rank, (rank + 1) * per_rank), n_micro)[micro]
+    return [int((step * batch_size + j) % n_rows) for j in part]
+
+
+def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
+    """The rows batch_rows picks from a split, through a fixed shuffle of the split (seeded, so resuming
+    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device."""
     arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(
         -1, cfg.seq_len
     )
     order = np.random.default_rng(cfg.seed).permutation(len(arr))
-    idx = order[(step * cfg.batch_size + np.arange(cfg.batch_size)) % len(arr)][rank::world]
-    return torch.from_numpy(arr[np.sort(idx)].astype(np.int64)).to(cfg.device)
+    rows = batch_rows(step, cfg.batch_size, len(arr), rank, world, micro, n_micro)
+    return torch.from_numpy(arr[np.sort(order[rows])].astype(np.int64)).to(cfg.device)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -281,7 +418,10 @@ def ild_layer_losses(student, teacher, idx):
     with torch.no_grad():
         _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
     _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
-    l2 = lambda a, b: (a.float() - b.float()).norm(dim=-1).mean()
+
+    def l2(a, b):  # per-token L2 distance, averaged over tokens
+        return (a.float() - b.float()).norm(dim=-1).mean()
+
     return torch.stack([l2(so, to) + l2(sm, tm) for so, to, sm, tm in zip(s_out, t_out, s_mix, t_mix)])
 
 
@@ -314,9 +454,10 @@ def seq_logprobs(model, idx, mask):
 
 # ----------------------------------------------------------------------------- SMART (paper.md §9)
 def smart_select(scores, n_mla):
-    """Choose n_mla layers (paper.md §9): layers 0 and L-2 forced (the published lists' terminal MLA layers), every gap
-    within one of the uniform gap (L-2)/(n_mla-1) (all published lists obey this), and the largest total score among such
-    sets, found by dynamic programming over (k-th chosen layer, its index). E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
+    """Choose n_mla layers (paper.md §9): layers 0 and L-2 forced (the published lists' terminal MLA
+    layers), every gap within one of the uniform gap (L-2)/(n_mla-1) (all published lists obey this), and the
+    largest total score among such sets, found by dynamic programming over (k-th chosen layer, its index).
+    E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
     L = len(scores)
     if not 2 <= n_mla <= L - 1:
         raise ValueError(f"SMART needs 2 <= N_MLA <= L-1 = {L - 1}, got {n_mla}")
@@ -347,18 +488,63 @@ def smart_scores(teacher, m2, mla, batches):
 
 
 # ----------------------------------------------------------------------------- training loop
+def stage_batch(cfg, stage):
+    """Global batch of a stage per optimizer step: sequences (ILD, KD) or preference pairs (DPO)."""
+    return cfg.batch_size
+
+
+def accumulate(model, step_loss, step, per_rank, micro, amp, say):
+    """Forward and backward of one global step, this rank's share of per_rank rows in micro-batches of at
+    most `micro` rows; the micro losses are weighted by their share of rows, so the gradient is that of the
+    whole share whatever the split. On torch.OutOfMemoryError the gradients are cleared, the micro-batch is
+    halved (the global batch stays) and the step is redone. Returns (loss, terms, micro)."""
+    while True:
+        n_micro = math.ceil(per_rank / micro)
+        total, terms = 0.0, {}
+        try:
+            for m in range(n_micro):
+                # this micro-batch's share of the rank's rows, by the rule step_loss slices with
+                w = len(batch_rows(step, per_rank, per_rank, 0, 1, m, n_micro)) / per_rank
+                with sync_gradients(model, m == n_micro - 1):
+                    with amp:
+                        loss, t = step_loss(model, step, m, n_micro)
+                    (loss * w).backward()
+                total = total + loss.detach() * w
+                terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
+            return total, terms, micro
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            model.zero_grad(set_to_none=True)
+            micro //= 2
+            say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
+
+
+def sync_gradients(model, last):
+    """Gradient accumulation without a collective per micro-batch: DDP and FSDP2 reduce only on the last."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    if hasattr(model, "no_sync") and not last:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
-    """AdamW + warmup/cosine + clipping + grad accumulation (+ bf16 autocast on GPU), tqdm and a log line,
-    an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint."""
+    """AdamW + warmup/cosine + clipping + micro-batches (+ bf16 autocast on GPU), tqdm and a log line,
+    an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
+    step_loss(model, step, micro, n_micro) -> (loss, terms): micro-batch `micro` of `n_micro` of this
+    rank's share of global step `step` (rows from batch_rows)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-    )
+
+    def schedule(s):  # linear warmup, then cosine to 0
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     start, history = 0, []
     if os.path.isfile(path):  # an unfinished checkpoint of this stage: resume
-        ck = torch.load(path, map_location=cfg.device, weights_only=True)
+        ck = read_checkpoint(path, cfg.device)
         unwrap(model).load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -368,22 +554,21 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
             tqdm.write(f"[{stage}] resuming from step {start}/{steps}")
     model.train()
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda"))
+    per_rank = stage_batch(cfg, stage) // world
+    micro = min(per_rank, cfg.micro_batch or per_rank)
+
+    def say(msg):
+        if rank == 0:
+            tqdm.write(f"[{stage}] {msg}")
+
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=rank != 0)
     t0, tokens = time.time(), 0
+    stop = f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
     for step in bar:
-        terms = {}
-        stop = (
-            f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
-        )
-        for micro in range(cfg.grad_accum):
-            try:
-                with amp:
-                    loss, terms = step_loss(model, step * cfg.grad_accum + micro)
-            except (
-                ValueError
-            ) as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
-                raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
-            (loss / cfg.grad_accum).backward()
+        try:
+            loss, terms, micro = accumulate(model, step_loss, step, per_rank, micro, amp, say)
+        except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
+            raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
         if world > 1:  # log the loss of the global batch: the mean over ranks
             dist.all_reduce(loss := loss.detach().clone())
             loss /= world
@@ -394,16 +579,16 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
         sched.step()
         opt.zero_grad(set_to_none=True)
         history.append(round(loss.item(), 6))
-        tokens += cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        tokens += stage_batch(cfg, stage) * cfg.seq_len
         bar.set_postfix(
             loss=f"{loss.item():.4f}",
             lr=f"{sched.get_last_lr()[0]:.2e}",
             tok_s=f"{tokens / (time.time() - t0):.0f}",
         )
-        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             eta = (time.time() - t0) / (step + 1 - start) * (steps - step - 1)
-            tqdm.write(
-                f"[{stage}] step {step + 1}/{steps} loss {loss.item():.4f} "
+            say(
+                f"step {step + 1}/{steps} loss {loss.item():.4f} "
                 + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                 + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s"
             )
@@ -430,26 +615,60 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
 
 
 # ----------------------------------------------------------------------------- DPO pairs and evaluation
-def build_dpo_pairs(teacher, student, tok, prompts, cfg):
+def greedy_replies(model, tok, prompts, max_new):
+    """Greedy reply ids per prompt. The end-of-turn id closes only the replies that ended within max_new
+    tokens; a reply cut at max_new stays open (DPO must not learn that it ended there)."""
+    replies = [[] for _ in prompts]
+    for nxt in generate(model, prompts, max_new_tokens=max_new, stop_ids={tok.eos_id}):
+        for ids, t in zip(replies, nxt.tolist()):
+            if not ids or ids[-1] != tok.eos_id:
+                ids.append(t)
+    return replies
+
+
+def build_dpo_pairs(teacher, student, tok, prompts, max_new, batch=8):
     """Default preference pairs (paper.md §12 [project]): chosen = the teacher's greedy reply, rejected = the
-    student's own reply before DPO, for prompts from the training split."""
-    pairs = []
-    for i in tqdm(range(0, len(prompts), 8), desc="DPO pairs", leave=False):
-        ids = [tok.chat([{"role": "user", "content": p}]) for p in prompts[i : i + 8]]
-        chosen = reply(teacher, tok, ids, max_new_tokens=cfg.dpo_max_new)
-        rejected = reply(student, tok, ids, max_new_tokens=cfg.dpo_max_new)
-        pairs += [
-            dict(prompt=p, chosen=c, rejected=r) for p, c, r in zip(prompts[i : i + 8], chosen, rejected)
-        ]
-    return pairs
+    student's own reply before DPO, for prompts (message lists) from the training split. Kept as token ids,
+    so that replies that differ as tokens stay different; the text beside them is for people. Returns
+    (pairs, dropped): pairs whose two replies are the same ids teach nothing and are dropped."""
+
+    def text(ids):  # ids beyond the tokenizer (a padded vocabulary) have no text
+        return tok.decode([t for t in ids if t < tok.n_vocab])
+
+    pairs, dropped = [], 0
+    fits = [p for p in prompts if len(tok.chat(p)) + max_new <= teacher.cfg.max_seq_len]
+    for i in tqdm(range(0, len(fits), batch), desc="DPO pairs", leave=False):
+        ids = [tok.chat(p) for p in fits[i : i + batch]]
+        chosen = greedy_replies(teacher, tok, ids, max_new)
+        rejected = greedy_replies(student, tok, ids, max_new)
+        for msgs, p, c, r in zip(fits[i : i + batch], ids, chosen, rejected):
+            if c == r:
+                dropped += 1
+                continue
+            prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+            pairs.append(
+                dict(
+                    prompt=prompt,
+                    chosen=text(c),
+                    rejected=text(r),
+                    prompt_ids=p,
+                    chosen_ids=c,
+                    rejected_ids=r,
+                )
+            )
+    return pairs, dropped + len(prompts) - len(fits)
 
 
 def pair_batch(tok, pairs, device):
-    """Prompt (chat template) + response + end-of-turn, right-padded -> (idx, response mask) for chosen then rejected."""
+    """Prompt + response, right-padded -> (idx, response mask), chosen rows then rejected rows. Pairs with ids
+    are used as they are; text-only pairs (--dpo-data) get the chat template and an end-of-turn token."""
     seqs, masks = [], []
     for key in ("chosen", "rejected"):
         for d in pairs:
-            p, r = tok.chat([{"role": "user", "content": d["prompt"]}]), tok.encode(d[key]) + [tok.eos_id]
+            if "prompt_ids" in d:
+                p, r = d["prompt_ids"], d[key + "_ids"]
+            else:
+                p, r = tok.chat([{"role": "user", "content": d["prompt"]}]), tok.encode(d[key]) + [tok.eos_id]
             seqs.append(p + r)
             masks.append([0] * len(p) + [1] * len(r))
     T = max(map(len, seqs))
@@ -459,8 +678,9 @@ def pair_batch(tok, pairs, device):
 
 
 @torch.no_grad()
-def evaluate(models, teacher, batches):
-    """Per model: held-out perplexity, KL(p_T || p_S) per token, top-1 agreement with the teacher, KV cache."""
+def evaluate(models, teacher, batches, kv_base):
+    """Per model: held-out perplexity, KL(p_T || p_S) per token and top-1 agreement with `teacher`, and its
+    KV cache per token, also as a percentage of kv_base's (the model it was converted from)."""
     acc = {name: np.zeros(3) for name in models}
     for idx in tqdm(batches, desc="evaluate", leave=False):
         t = teacher(idx)
@@ -469,25 +689,354 @@ def evaluate(models, teacher, batches):
             ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
             agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
             acc[name] += [ce.item(), kd_loss(s, t).item(), agree.item()]
-    t_kv = teacher.cfg.kv_bytes_per_token()
-    row = lambda m, ce, kl, agree: dict(
-        ppl=math.exp(ce),
-        kl=kl,
-        top1=agree,
-        kv_bytes_per_token_bf16=m.cfg.kv_bytes_per_token(),
-        kv_pct=100 * m.cfg.kv_bytes_per_token() / t_kv,
-        params=m.num_params(),
-    )
-    return {name: row(m, *(acc[name] / len(batches))) for name, m in models.items()}
+    rows = {}
+    for name, m in models.items():
+        ce, kl, agree = acc[name] / len(batches)
+        kv = m.cfg.kv_bytes_per_token()
+        rows[name] = dict(
+            ppl=math.exp(ce),
+            kl=kl,
+            top1=agree,
+            kv_bytes_per_token_bf16=kv,
+            kv_pct=100 * kv / kv_base.cfg.kv_bytes_per_token(),
+            params=m.num_params(),
+        )
+    return rows
 
 
-def print_table(rows):
+def print_table(rows, skipped):
     print(f"{'model':<22}{'ppl':>9}{'KL to T':>10}{'top-1':>8}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
     for name, r in rows.items():
         print(
             f"{name:<22}{r['ppl']:>9.2f}{r['kl']:>10.4f}{r['top1']:>8.3f}{r['kv_bytes_per_token_bf16']:>10}"
             f"{r['kv_pct']:>7.2f}%{r['params']:>13,}"
         )
+    for name, why in skipped.items():
+        print(f"{name:<22}skipped: {why}")
+
+
+# ----------------------------------------------------------------------------- the stages (paper.md §1)
+@dataclass
+class Run:
+    """What every stage reads: the settings, this process's place under torchrun, the teachers, the data."""
+
+    cfg: DistillConfig
+    rank: int
+    world: int
+    out: str
+    tok: convert.Tokenizer
+    teacher: torch.nn.Module  # the model converted into the hybrid; teacher of ILD and SMART
+    kd_teacher: torch.nn.Module  # teacher of KD, DPO pairs and evaluation (--kd-teacher; else the same)
+    meta: dict  # data.json
+
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+    def load(self, name):
+        return load_checkpoint(self.path(name), self.cfg.device)[0].eval()
+
+    def batch(self, split, step, micro=0, n_micro=1):
+        return get_batch(self.out, self.meta, split, step, self.cfg, self.rank, self.world, micro, n_micro)
+
+    def first_batches(self, split, n):
+        """The first n whole batches of a split (fewer when the split has fewer rows)."""
+        return [
+            get_batch(self.out, self.meta, split, i, self.cfg) for i in range(min(n, self.meta["n"][split]))
+        ]
+
+    def train(self, stage, model, step_loss, steps, lr):
+        """Train a model as stage (written to <stage>.pt), wrapped for DDP/FSDP2 under torchrun."""
+        model = wrap_model(model.train(), self.cfg, self.world)
+        path = self.path(f"{stage}.pt")
+        train(stage, model, step_loss, self.cfg, path, steps, lr, self.rank, self.world, self.tok)
+
+    def records(self):
+        """stages.json: what each stage was made from (provenance below)."""
+        return read_json(self.path("stages.json")) if os.path.isfile(self.path("stages.json")) else {}
+
+    def mla_layers(self):
+        return read_json(self.path("smart.json"))["chosen"]
+
+    def sync(self):  # ranks wait for rank 0's files
+        if self.world > 1:
+            dist.barrier()
+
+
+def run_init(r):
+    """All-MLA (SVD) and all-Mamba2 students from the teacher's weights (paper.md §4, §6)."""
+    calib = get_batch(r.out, r.meta, "ild", 0, r.cfg)  # training tokens choose the MLA rope pairs (§3.4)
+    for kind in ("mla", "m2"):
+        student = convert.make_student(r.teacher, kind, r.cfg.rope_rule, calib)
+        save_checkpoint(r.path(f"init_{kind}.pt"), student, "init_" + kind, 0, r.tok, done=True)
+
+
+def run_ild(r, kind):
+    """ILD of one student, every layer teacher-forced, on the ILD split (paper.md §10)."""
+    student = r.load(f"init_{kind}.pt").train()
+    student.embed_tokens.requires_grad_(False)  # embeddings and head get no gradient in ILD
+    student.lm_head.requires_grad_(False)
+
+    def step_loss(m, step, micro, n_micro):
+        return ild_loss(m, r.teacher, r.batch("ild", step, micro, n_micro))
+
+    r.train(f"ild_{kind}", student, step_loss, r.cfg.ild_steps, r.cfg.ild_lr)
+
+
+def run_smart(r):
+    """Which layers stay MLA, scored on the first ILD (training) batches (paper.md §9).
+    The held-out split stays unseen until the final evaluation. --mla-layers overrides the choice."""
+    if r.cfg.mla_layers:
+        res = dict(rule="given by --mla-layers", chosen=r.teacher.cfg.mla_layers)
+    else:
+        m2, mla = r.load("ild_m2.pt"), r.load("ild_mla.pt")
+        scores, base_kl = smart_scores(r.teacher, m2, mla, r.first_batches("ild", r.cfg.smart_batches))
+        res = dict(
+            rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
+            kl_all_m2=base_kl,
+            scores=scores.tolist(),
+            chosen=smart_select(scores, len(r.teacher.cfg.mla_layers)),
+        )
+    write_json(r.path("smart.json"), res)
+    print(f"SMART: MLA layers {res['chosen']}")
+
+
+def run_hybrid(r):
+    """The hybrid composed from the two ILD students and the teacher (paper.md §1 step 4)."""
+    hybrid = convert.compose_hybrid(r.teacher, r.load("ild_mla.pt"), r.load("ild_m2.pt"), r.mla_layers())
+    save_checkpoint(r.path("hybrid_init.pt"), hybrid, "hybrid_init", 0, r.tok, done=True)
+
+
+def run_kd(r):
+    """End-to-end KL distillation from the KD teacher on the KD split (paper.md §11)."""
+    cfg = r.cfg
+
+    def kd_step(m, step, micro, n_micro):
+        idx = r.batch("kd", step, micro, n_micro)
+        with torch.no_grad():
+            t = r.kd_teacher(idx)
+        logits = m(idx)
+        kl = kd_loss(logits, t)
+        if not cfg.ce_weight:
+            return kl, dict(kl=kl.item())
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+        return kl + cfg.ce_weight * ce, dict(kl=kl.item(), ce=ce.item())
+
+    r.train("kd", r.load("hybrid_init.pt"), kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
+
+
+def dpo_pairs(r):
+    """The DPO pairs: --dpo-data, or built once (rank 0) into dpo_pairs.jsonl. -> (pairs, why none)."""
+    cfg, path = r.cfg, r.path("dpo_pairs.jsonl")
+    if cfg.dpo_data:
+        return read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM), ""
+    if not cfg.dpo_pairs:
+        return [], "--dpo-pairs 0"
+    if not r.meta["prompts"]:
+        return [], "the KD split has no chat with a user turn to take DPO prompts from"
+    why = "every reply pair was the same tokens (nothing to prefer)"
+    if r.rank == 0 and not os.path.isfile(path):
+        prompts = r.meta["prompts"][: cfg.dpo_pairs]
+        pairs, dropped = build_dpo_pairs(r.kd_teacher, r.load("kd.pt"), r.tok, prompts, cfg.dpo_max_new)
+        print(
+            f"DPO: {len(pairs)} pairs from {len(prompts)} prompts; {dropped} dropped "
+            "(both replies the same tokens, or the prompt too long)"
+        )
+        if pairs:
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs)))
+    r.sync()
+    return (read_jsonl(path, pair_record, PAIR_FORM), "") if os.path.isfile(path) else ([], why)
+
+
+def run_dpo(r):
+    """DPO against the frozen KD model (paper.md §12).
+    Returns why it was skipped, if it was (no pairs)."""
+    cfg = r.cfg
+    pairs, why = dpo_pairs(r)
+    if not pairs:
+        print(f"DPO skipped: {why}")
+        return why
+    idx, mask = pair_batch(r.tok, pairs, cfg.device)  # (2 * pairs, T): chosen rows, then rejected rows
+    with torch.no_grad():
+        ref_lp = seq_logprobs(r.load("kd.pt"), idx, mask)
+    n = len(pairs)
+
+    def dpo_step(m, step, micro, n_micro):
+        sel = batch_rows(step, stage_batch(cfg, "dpo"), n, r.rank, r.world, micro, n_micro)
+        rows = torch.tensor(sel + [n + i for i in sel], device=idx.device)
+        lp, ref, k = seq_logprobs(m, idx[rows], mask[rows]), ref_lp[rows], len(sel)
+        margin = (lp[:k] - ref[:k]) - (lp[k:] - ref[k:])
+        return dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], cfg.dpo_beta), dict(margin=margin.mean().item())
+
+    r.train("dpo", r.load("kd.pt"), dpo_step, cfg.dpo_steps, cfg.dpo_lr)
+    return ""
+
+
+def run_eval(r):
+    """Every stage's model on the held-out split, against the KD teacher (paper.md §14)."""
+    fresh = convert.compose_hybrid(r.teacher, r.load("init_mla.pt"), r.load("init_m2.pt"), r.mla_layers())
+    models = {"teacher": r.teacher}
+    if r.kd_teacher is not r.teacher:
+        models["KD teacher"] = r.kd_teacher
+    models.update(
+        {
+            "hybrid (no training)": fresh,
+            "hybrid after ILD": r.load("hybrid_init.pt"),
+            "after KD": r.load("kd.pt"),
+        }
+    )
+    skipped = {}
+    if os.path.isfile(r.path("dpo.pt")):
+        models["after DPO"] = r.load("dpo.pt")
+    else:
+        skipped["after DPO"] = r.records()["dpo"]["skipped"]
+    rows = evaluate(models, r.kd_teacher, r.first_batches("heldout", r.cfg.eval_batches), r.teacher)
+    res = dict(
+        size=r.cfg.size, mla_layers=r.mla_layers(), config=asdict(r.cfg), results=rows, skipped=skipped
+    )
+    write_json(r.path("eval.json"), res)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: object  # run(Run) writes the stage's files; returns why it was skipped, if it was
+    files: tuple  # what it writes under out/<size>/
+    inputs: tuple = ()  # the stages whose files it reads
+    settings: tuple = ()  # the DistillConfig fields its result depends on (besides the data and its inputs)
+    all_ranks: bool = False  # training runs on every rank; the other stages on rank 0 while the rest wait
+    scratch: tuple = ()  # files it may also write, removed with it but not needed to call it finished
+
+    @property
+    def doc(self):
+        return getattr(self.run, "func", self.run).__doc__.split("\n")[0]
+
+
+TRAIN = ("batch_size", "warmup", "weight_decay", "grad_clip", "seed")
+ILD = ("teacher", "ild_steps", "ild_lr", *TRAIN)
+KD = ("kd_teacher", "kd_steps", "kd_lr", "ce_weight", *TRAIN)
+DPO = ("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_steps", "dpo_lr", "dpo_beta", *TRAIN)
+SMART = ("teacher", "mla_layers", "smart_batches")
+EVAL = ("kd_teacher", "eval_batches")
+STAGES = (
+    Stage("init", run_init, ("init_mla.pt", "init_m2.pt"), settings=("teacher", "rope_rule")),
+    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), ("init",), ILD, all_ranks=True),
+    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), ("init",), ILD, all_ranks=True),
+    Stage("smart", run_smart, ("smart.json",), ("ild_mla", "ild_m2"), SMART),
+    Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",), ("ild_mla", "ild_m2", "smart"), ("teacher",)),
+    Stage("kd", run_kd, ("kd.pt",), ("hybrid_init",), KD, all_ranks=True),
+    Stage("dpo", run_dpo, ("dpo.pt",), ("kd",), DPO, all_ranks=True, scratch=("dpo_pairs.jsonl",)),
+    Stage("eval", run_eval, ("eval.json",), ("init", "hybrid_init", "kd", "dpo", "smart"), EVAL),
+)
+
+
+# ----------------------------------------------------------------------------- provenance: which stages run
+def made_from(stage, r, records):
+    """What a stage's result depends on: its settings, the data, and the run of each input stage (a rerun
+    input gets a new run id, so everything downstream of it reruns too)."""
+    settings = {name: getattr(r.cfg, name) for name in stage.settings}
+    if "dpo_data" in settings and r.cfg.dpo_data:  # the file's contents, not only its name
+        settings["dpo_data_sha256"] = hashlib.sha256(Path(r.cfg.dpo_data).read_bytes()).hexdigest()
+    inputs = {name: records.get(name, {}).get("run") for name in stage.inputs}
+    return json.loads(json.dumps(dict(settings=settings, data=r.meta["key"], inputs=inputs)))  # as stored
+
+
+def changes(old, new):
+    """What differs between two made_from records, in words."""
+    said = [
+        f"--{k.replace('_', '-')} {old['settings'].get(k)} -> {v}"
+        for k, v in new["settings"].items()
+        if old["settings"].get(k) != v
+    ]
+    said += ["other data"] if old["data"] != new["data"] else []
+    said += [f"a new {k}" for k, v in new["inputs"].items() if old["inputs"].get(k) != v]
+    return ", ".join(said)
+
+
+RESUME = "unfinished: resume"
+
+
+def why_run(stage, r, records):
+    """The question: None when the stage is finished and made from today's settings, data and inputs; else
+    why it runs. Only RESUME keeps its files (an unfinished stage made from the same inputs)."""
+    rec, cfg = records.get(stage.name), r.cfg
+    if cfg.force or cfg.stage == stage.name:
+        return "--force" if cfg.force else f"--stage {stage.name}"
+    if rec is None:
+        found = any(os.path.isfile(r.path(f)) for f in stage.files)
+        return "its files carry no record of what they were made from" if found else "not run yet"
+    now = made_from(stage, r, records)
+    if rec["made_from"] != now:
+        return f"made from {changes(rec['made_from'], now)}"
+    for f in stage.files:  # kept or resumed from here on: a damaged file stops the run, named, right now
+        if f.endswith(".pt") and os.path.isfile(r.path(f)):
+            read_checkpoint(r.path(f))
+        elif f.endswith(".json") and os.path.isfile(r.path(f)):
+            read_json(r.path(f))
+    if not rec["done"]:
+        return RESUME
+    missing = [f for f in stage.files if not os.path.isfile(r.path(f))]
+    return f"{missing[0]} is missing" if missing and not rec["skipped"] else None
+
+
+def invalidate(stage, r, records):
+    """The action: remove a stage's files and record, so that nothing reads them before it has rerun."""
+    for f in stage.files + stage.scratch:
+        if os.path.isfile(r.path(f)):
+            os.remove(r.path(f))
+    records.pop(stage.name, None)
+    write_json(r.path("stages.json"), records)
+
+
+def run_stage(stage, r):
+    """Ask whether a stage must run, and if so (re)start or resume it, recording what it is made from."""
+    records = r.records()
+    why = why_run(stage, r, records)
+    r.sync()  # every rank has asked before rank 0 changes any file
+    if why is None:
+        return
+    if r.rank == 0:
+        if why not in ("not run yet", RESUME):
+            rec = records.get(stage.name)
+            print(f"[{stage.name}] {'restarts' if rec and not rec['done'] else 'reruns'}: {why}")
+        if why != RESUME:
+            invalidate(stage, r, records)
+            run_id = os.urandom(8).hex()
+            records[stage.name] = dict(made_from=made_from(stage, r, records), run=run_id, done=False)
+            write_json(r.path("stages.json"), records)
+    r.sync()
+    skipped = stage.run(r) if stage.all_ranks or r.rank == 0 else None
+    r.sync()
+    if r.rank == 0:
+        records = r.records()
+        records[stage.name].update(done=True, skipped=skipped or "")
+        write_json(r.path("stages.json"), records)
+    r.sync()
+
+
+def load_teachers(cfg):
+    """(teacher, KD teacher, tokenizer): the model to convert, and the teacher of KD, DPO pairs and
+    evaluation (the same model unless --kd-teacher). Both must share one vocabulary and hold --seq-len."""
+    cache = cfg.cache_dir or None
+    teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
+    mla_layers = [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
+    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layers)
+    kd_teacher, kd_tok = (teacher, tok) if not cfg.kd_teacher else convert.load_teacher(cfg.kd_teacher, cache)
+    same_ids = (kd_tok.ranks, kd_tok.special) == (tok.ranks, tok.special)
+    if not same_ids or kd_teacher.cfg.vocab_size != teacher.cfg.vocab_size:
+        raise ValueError(
+            f"--kd-teacher {cfg.kd_teacher} has another vocabulary ({kd_tok.name}, "
+            f"{kd_teacher.cfg.vocab_size} ids) than the teacher ({tok.name}, {teacher.cfg.vocab_size} ids): "
+            "KD compares their next-token distributions id by id; pick a KD teacher of the same family"
+        )
+    for name, m in (("teacher", teacher), ("KD teacher", kd_teacher)):
+        if cfg.seq_len > m.cfg.max_seq_len:
+            raise ValueError(
+                f"--seq-len {cfg.seq_len} exceeds the {name}'s context of {m.cfg.max_seq_len} tokens: pass "
+                f"--seq-len {m.cfg.max_seq_len} or less"
+            )
+    teacher = teacher.to(cfg.device).eval().requires_grad_(False)
+    kd_teacher = kd_teacher.to(cfg.device).eval().requires_grad_(False)
+    return teacher, kd_teacher, tok
 
 
 # ----------------------------------------------------------------------------- the stage runner
@@ -501,197 +1050,28 @@ def main(argv=None):
         raise ValueError(
             f"--batch-size {cfg.batch_size} must be a multiple of the number of processes {world}"
         )
-    stages = ["init", "ild_mla", "ild_m2", "smart", "hybrid_init", "kd", "dpo", "eval"]
-    if cfg.stage and cfg.stage not in stages:
-        raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(stages)}")
-    if cfg.dpo_data and not read_jsonl(
-        cfg.dpo_data, pair_record, PAIR_FORM
-    ):  # checked now, not after hours of KD
+    if cfg.dpo_data and not read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM):  # now, not after hours of KD
         raise ValueError(f"{cfg.dpo_data} holds no DPO pairs: give one {PAIR_FORM} per line")
-    teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cfg.cache_dir or None)
-    teacher.cfg = convert.with_hybrid_fields(
-        teacher.cfg, cfg.size, [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
-    )
-    teacher = teacher.to(cfg.device).eval().requires_grad_(False)
-    meta = prepare_data(cfg, tok, out) if rank == 0 else None
+    teacher, kd_teacher, tok = load_teachers(cfg)
+    meta = [prepare_data(cfg, tok, out) if rank == 0 else None]
     if world > 1:
-        holder = [meta]
-        dist.broadcast_object_list(holder)
-        meta = holder[0]
-    path = lambda name: os.path.join(out, name)
-    sync = dist.barrier if world > 1 else lambda: None  # ranks wait for rank 0's files
-
-    def todo(stage, file):  # run a stage when asked to, or when its file is missing or unfinished
-        if cfg.force or cfg.stage == stage:
-            if os.path.isfile(path(file)) and rank == 0:
-                os.remove(path(file))
-            sync()
-            return True
-        if cfg.stage or not os.path.isfile(path(file)):
-            return not cfg.stage
-        return not file.endswith(".json") and not torch.load(path(file), weights_only=True, mmap=True).get(
-            "done"
-        )
-
-    heldout = lambda n: [get_batch(out, meta, "heldout", i, cfg) for i in range(min(n, meta["n"]["heldout"]))]
-    load = lambda name: load_checkpoint(path(name), cfg.device)[0].eval()
-
-    # 1. the two students, initialised from the teacher's weights (paper.md §4, §6)
-    if todo("init", "init_m2.pt"):
-        calib = get_batch(
-            out, meta, "ild", 0, cfg
-        )  # held-in tokens to choose the MLA rope pairs (paper.md §3.4)
-        for kind in ("mla", "m2"):
-            student = convert.make_student(teacher, kind, cfg.rope_rule, calib)
-            if rank == 0:
-                save_checkpoint(path(f"init_{kind}.pt"), student, "init_" + kind, 0, tok, done=True)
-    sync()
-
-    # 2. ILD of each student against the teacher, on the ILD split (paper.md §10)
-    for kind in ("mla", "m2"):
-        if todo(f"ild_{kind}", f"ild_{kind}.pt"):
-            student = load(f"init_{kind}.pt").train()
-            student.embed_tokens.requires_grad_(False)  # embeddings and head get no gradient in ILD
-            student.lm_head.requires_grad_(False)
-            model = wrap_model(student, cfg, world)
-            step_loss = lambda m, s: ild_loss(m, teacher, get_batch(out, meta, "ild", s, cfg, rank, world))
-            train(
-                f"ild_{kind}",
-                model,
-                step_loss,
-                cfg,
-                path(f"ild_{kind}.pt"),
-                cfg.ild_steps,
-                cfg.ild_lr,
-                rank,
-                world,
-                tok,
-            )
-
-    # 3. SMART: which layers stay MLA (paper.md §9); --mla-layers overrides
-    if todo("smart", "smart.json"):
-        if cfg.mla_layers:
-            res = dict(rule="given by --mla-layers", chosen=teacher.cfg.mla_layers)
-        else:
-            m2, mla = load("ild_m2.pt"), load("ild_mla.pt")
-            scores, base_kl = smart_scores(teacher, m2, mla, heldout(cfg.smart_batches))
-            n = len(teacher.cfg.mla_layers)
-            res = dict(
-                rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
-                kl_all_m2=base_kl,
-                scores=scores.tolist(),
-                chosen=smart_select(scores, n),
-            )
-        if rank == 0:
-            json.dump(res, open(path("smart.json"), "w"), indent=1)
-            print(f"SMART: MLA layers {res['chosen']}")
-    sync()
-
-    def chosen():  # the MLA layers picked by SMART
-        if not os.path.isfile(path("smart.json")):
-            raise ValueError(
-                f"{path('smart.json')} is missing: run the smart stage first (python distill.py --stage smart)"
-            )
-        return json.load(open(path("smart.json")))["chosen"]
-
-    # 4. compose the hybrid from the ILD students and the teacher (paper.md §1 step 4)
-    if todo("hybrid_init", "hybrid_init.pt") and rank == 0:
-        hybrid = convert.compose_hybrid(teacher, load("ild_mla.pt"), load("ild_m2.pt"), chosen())
-        save_checkpoint(path("hybrid_init.pt"), hybrid, "hybrid_init", 0, tok, done=True)
-    sync()
-
-    # 5. end-to-end KL distillation on the KD split (paper.md §11)
-    if todo("kd", "kd.pt"):
-        student = load("hybrid_init.pt")  # train() resumes from an unfinished kd.pt itself
-
-        def kd_step(m, s):
-            idx = get_batch(out, meta, "kd", s, cfg, rank, world)
-            with torch.no_grad():
-                t = teacher(idx)
-            logits = m(idx)
-            kl = kd_loss(logits, t)
-            ce = (
-                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
-                if cfg.ce_weight
-                else 0.0
-            )
-            return kl + cfg.ce_weight * ce, dict(kl=kl.item())
-
-        train(
-            "kd",
-            wrap_model(student.train(), cfg, world),
-            kd_step,
-            cfg,
-            path("kd.pt"),
-            cfg.kd_steps,
-            cfg.kd_lr,
-            rank,
-            world,
-            tok,
-        )
-
-    # 6. DPO against the frozen KD model (paper.md §12)
-    if todo("dpo", "dpo.pt"):
-        ref = load("kd.pt")
-        if cfg.dpo_data:
-            pairs = read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM)
-        else:
-            if not os.path.isfile(path("dpo_pairs.jsonl")):
-                pairs = build_dpo_pairs(teacher, ref, tok, meta["prompts"][: cfg.dpo_pairs], cfg)
-                if rank == 0:
-                    with open(path("dpo_pairs.jsonl.tmp"), "w") as f:
-                        f.writelines(json.dumps(p) + "\n" for p in pairs)
-                    os.replace(path("dpo_pairs.jsonl.tmp"), path("dpo_pairs.jsonl"))
-            sync()
-            pairs = read_jsonl(path("dpo_pairs.jsonl"), pair_record, PAIR_FORM)
-        idx, mask = pair_batch(tok, pairs, cfg.device)
-        with torch.no_grad():
-            ref_lp = seq_logprobs(ref, idx, mask)
-        n = len(pairs)
-        half = max(1, cfg.batch_size // 2)
-
-        def dpo_step(m, s):
-            sel = [(s * half + j) % n for j in range(half)][rank::world]
-            rows = torch.tensor(sel + [n + i for i in sel], device=idx.device)
-            lp = seq_logprobs(m, idx[rows], mask[rows])
-            k = len(sel)
-            loss = dpo_loss(lp[:k], lp[k:], ref_lp[rows][:k], ref_lp[rows][k:], cfg.dpo_beta)
-            return loss, dict(
-                margin=((lp[:k] - ref_lp[rows][:k]) - (lp[k:] - ref_lp[rows][k:])).mean().item()
-            )
-
-        train(
-            "dpo",
-            wrap_model(load("kd.pt").train(), cfg, world),
-            dpo_step,
-            cfg,
-            path("dpo.pt"),
-            cfg.dpo_steps,
-            cfg.dpo_lr,
-            rank,
-            world,
-            tok,
-        )
-
-    # 7. evaluation on the held-out split
-    if rank == 0 and todo("eval", "eval.json"):
-        fresh = convert.compose_hybrid(teacher, load("init_mla.pt"), load("init_m2.pt"), chosen())
-        models = {
-            "teacher": teacher,
-            "hybrid (no training)": fresh,
-            "hybrid after ILD": load("hybrid_init.pt"),
-            "after KD": load("kd.pt"),
-            "after DPO": load("dpo.pt"),
-        }
-        rows = evaluate(models, teacher, heldout(cfg.eval_batches))
-        json.dump(
-            dict(size=cfg.size, mla_layers=chosen(), config=asdict(cfg), results=rows),
-            open(path("eval.json"), "w"),
-            indent=1,
-        )
-    if rank == 0 and os.path.isfile(path("eval.json")):
-        print_table(json.load(open(path("eval.json")))["results"])
-        print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {path('dpo.pt')}")
+        dist.broadcast_object_list(meta)
+    r = Run(cfg, rank, world, out, tok, teacher, kd_teacher, meta[0])
+    names = [s.name for s in STAGES]
+    last = names.index(cfg.stage) if cfg.stage else len(STAGES) - 1
+    for stage in STAGES[: last + 1]:
+        run_stage(stage, r)
+    if rank == 0 and cfg.stage:  # --stage X: what came after X was made from the old X
+        records = r.records()
+        for stage in STAGES[last + 1 :]:
+            if stage.name in records or any(os.path.isfile(r.path(f)) for f in stage.files):
+                print(f"[{stage.name}] removed: made from the {cfg.stage} that was just rerun")
+                invalidate(stage, r, records)
+    if rank == 0 and os.path.isfile(r.path("eval.json")):
+        res = read_json(r.path("eval.json"))
+        print_table(res["results"], res.get("skipped", {}))
+        newest = r.path("dpo.pt") if os.path.isfile(r.path("dpo.pt")) else r.path("kd.pt")
+        print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {newest}")
     if world > 1:
         dist.destroy_process_group()
 

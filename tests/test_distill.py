@@ -1,9 +1,11 @@
 """distill.py: losses, SMART selection, ILD teacher forcing, the tiny pipeline end to end, resume after a
 kill, torchrun (gloo) = one process, bad input. Run: python -m pytest tests/test_distill.py"""
 
+import base64
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,7 +87,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 
 
 def test_killed_kd_resumes_where_it_stopped(tmp_path):
-    args = ["--kd-steps", "400", "--ckpt-every", "5", "--dpo-steps", "2"]
+    args = (
+        "--kd-steps 150 --ckpt-every 5 --ild-steps 2 --dpo-steps 1 --dpo-pairs 2 --batch-size 2 --seq-len 32"
+    )
+    args = args.split()
     p = subprocess.Popen(
         [
             sys.executable,
@@ -107,19 +112,19 @@ def test_killed_kd_resumes_where_it_stopped(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     before = torch.load(kd, weights_only=True)
-    assert not before.get("done") and before["step"] < 400
+    assert not before.get("done") and before["step"] < 150
     r = run(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"[kd] resuming from step {before['step']}/400" in r.stdout
+    assert f"[kd] resuming from step {before['step']}/150" in r.stdout
     after = torch.load(kd, weights_only=True)
     assert (
         after["done"]
         and after["history"][: before["step"]] == before["history"]
-        and len(after["history"]) == 400
+        and len(after["history"]) == 150
     )
 
 
-@pytest.mark.parametrize("fsdp", ["false", "true"])
+@pytest.mark.parametrize("fsdp", ["--no-fsdp", "--fsdp"])
 def test_torchrun_two_processes_match_one(tmp_path, fsdp):
     args = ["--ild-steps", "4", "--kd-steps", "4", "--dpo-steps", "1", "--seed", "3"]
     single = run(args, tmp_path / "one")
@@ -138,7 +143,6 @@ def test_torchrun_two_processes_match_one(tmp_path, fsdp):
             "--out-dir",
             str(tmp_path / "two"),
             *args,
-            "--fsdp",
             fsdp,
         ],
         capture_output=True,
@@ -179,43 +183,178 @@ def test_big_size_without_weights_says_where_to_get_them(tmp_path):
     assert r.returncode != 0 and "--teacher" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_data_of_another_vocabulary_is_refused(tmp_path):
-    """Data prepared with the tiny byte tokenizer, then a teacher (same dims, Meta format) with a Llama-3 style vocabulary."""
-    data = tmp_path / "c.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"hello {i} " * 20},
-                        {"role": "assistant", "content": f"hi {i} " * 20},
-                    ]
-                }
-            )
-            + "\n"
-            for i in range(60)
-        )
+def test_diverging_training_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = run(["--kd-lr", "1e30", "--kd-steps", "20", "--ckpt-every", "1"], tmp_path)
+    assert r.returncode != 0 and "last good checkpoint" in r.stderr and "Traceback" not in r.stderr
+    kd = torch.load(tmp_path / "tiny" / "kd.pt", weights_only=True)
+    assert not kd.get("done") and all(math.isfinite(x) for x in kd["history"])
+    assert all(torch.isfinite(v).all() for v in kd["model"].values() if v.is_floating_point())
+
+
+# ---- stages, data, arguments (issue 11/14)
+TINY = "--size tiny --batch-size 2 --ild-steps 2 --kd-steps 2 --dpo-steps 2 --dpo-pairs 4".split()
+TINY += "--dpo-max-new 6 --smart-batches 1 --eval-batches 1".split()
+
+
+def distill_main(out, *args):
+    """One in-process tiny run into out; -> its stages.json."""
+    distill.main([*TINY, "--out-dir", str(out), *args])
+    return M.read_json(out / "tiny" / "stages.json")
+
+
+def run_ids(records):
+    return {name: rec["run"] for name, rec in records.items()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run, and the token rows that SMART and the evaluation read (recorded on the way)."""
+    out, seen = tmp_path_factory.mktemp("finished"), {}
+    smart_scores, evaluate = distill.smart_scores, distill.evaluate
+
+    def smart_spy(teacher, m2, mla, batches):
+        seen["smart"] = batches
+        return smart_scores(teacher, m2, mla, batches)
+
+    def eval_spy(models, teacher, batches, kv_base):
+        seen["eval"] = batches
+        return evaluate(models, teacher, batches, kv_base)
+
+    distill.smart_scores, distill.evaluate = smart_spy, eval_spy
+    try:
+        distill_main(out)
+    finally:
+        distill.smart_scores, distill.evaluate = smart_scores, evaluate
+    return out, seen
+
+
+@pytest.fixture
+def rerun(finished, tmp_path):
+    """A copy of the finished run to rerun with other settings."""
+    shutil.copytree(finished[0], tmp_path / "o")
+    return tmp_path / "o"
+
+
+def write_chats(path, n, system_first=True):
+    """n numbered chats, each with a system turn first (the common format) and two user turns."""
+    with open(path, "w") as f:
+        for i in range(n):
+            msgs = [
+                {"role": "user", "content": f"question {i}: what is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+                {"role": "user", "content": f"and {i} times two? ({i})"},
+            ]
+            system = [{"role": "system", "content": f"You answer sums, chat {i}."}] if system_first else []
+            f.write(json.dumps({"messages": system + msgs}) + "\n")
+    return path
+
+
+def test_other_kd_settings_rerun_kd_and_everything_after_it(rerun):
+    # a stage made from other settings reruns, and so does every stage downstream of it; the rest is kept
+    before = run_ids(M.read_json(rerun / "tiny" / "stages.json"))
+    after = run_ids(distill_main(rerun, "--kd-lr", "3e-3"))
+    assert [s for s in before if before[s] != after[s]] == ["kd", "dpo", "eval"]
+
+
+def test_unfinished_stage_restarts_rather_than_resumes_on_other_settings(rerun, capsys):
+    # kd left unfinished (as after a kill), then rerun with another --kd-lr: it starts afresh, saying why
+    records = M.read_json(rerun / "tiny" / "stages.json")
+    records["kd"]["done"] = False
+    M.write_json(rerun / "tiny" / "stages.json", records)
+    distill_main(rerun, "--kd-lr", "3e-3")
+    assert "[kd] restarts: made from --kd-lr 0.001 -> 0.003" in capsys.readouterr().out
+
+
+def test_other_data_reruns_every_stage_and_dpo_takes_system_first_prompts(rerun, tmp_path):
+    # another --data (system-first multi-turn chats) is prepared anew; no stage made from the old data stays
+    before = run_ids(M.read_json(rerun / "tiny" / "stages.json"))
+    after = distill_main(rerun, "--data", str(write_chats(tmp_path / "chats.jsonl", 80)))
+    assert all(before[s] != after[s]["run"] for s in before) and not after["dpo"]["skipped"]
+
+
+def test_stage_kd_drops_what_came_after_and_a_plain_rerun_remakes_it(rerun):
+    # --stage kd reruns kd and removes dpo and eval; a plain rerun then remakes them from the new kd
+    before = run_ids(M.read_json(rerun / "tiny" / "stages.json"))
+    mid = distill_main(rerun, "--stage", "kd")
+    assert list(mid) == list(before)[:6] and mid["kd"]["run"] != before["kd"]
+    assert not (rerun / "tiny" / "dpo.pt").exists() and not (rerun / "tiny" / "eval.json").exists()
+    after = distill_main(rerun)
+    assert (
+        after["eval"]["made_from"]["inputs"]["kd"] == mid["kd"]["run"]
+        and (rerun / "tiny" / "dpo.pt").exists()
     )
-    assert run(["--data", str(data), "--stage", "init"], tmp_path / "o").returncode == 0
-    meta = tmp_path / "meta"
-    meta.mkdir()
-    (meta / "tokenizer.model").write_text(
-        "".join(f"{__import__('base64').b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+
+
+def test_truncated_checkpoint_is_one_error_naming_it(rerun):
+    # a truncated newest checkpoint stops the skip check with an error naming the file, not a torch traceback
+    kd = rerun / "tiny" / "kd.pt"
+    kd.write_bytes(kd.read_bytes()[: kd.stat().st_size // 2])
+    with pytest.raises(ValueError, match="kd.pt is not a readable zebra checkpoint"):
+        distill_main(rerun)
+
+
+def test_no_dpo_pairs_skips_dpo_and_the_eval_table_says_so(rerun):
+    # --dpo-pairs 0 skips DPO (no dpo.pt, no pair file) and eval.json records why instead of a row
+    distill_main(rerun, "--dpo-pairs", "0")
+    res = M.read_json(rerun / "tiny" / "eval.json")
+    assert res["skipped"] == {"after DPO": "--dpo-pairs 0"} and "after DPO" not in res["results"]
+    assert not (rerun / "tiny" / "dpo.pt").exists() and not (rerun / "tiny" / "dpo_pairs.jsonl").exists()
+
+
+def test_dpo_moves_the_mean_margin_above_zero(finished):
+    # the DPO model prefers the chosen replies more than the KD reference does (margin 0 before DPO)
+    out = finished[0] / "tiny"
+    tok = M.read_checkpoint(out / "kd.pt")["tokenizer"]
+    pairs = distill.read_jsonl(out / "dpo_pairs.jsonl", distill.pair_record, distill.PAIR_FORM)
+    idx, mask = distill.pair_batch(distill.convert.Tokenizer.from_spec(tok), pairs, "cpu")
+    with torch.no_grad():
+        ref = distill.seq_logprobs(M.load_checkpoint(out / "kd.pt")[0], idx, mask)
+        pol = distill.seq_logprobs(M.load_checkpoint(out / "dpo.pt")[0], idx, mask)
+    n = len(pairs)
+    assert ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:])).mean() > 0
+
+
+def test_dpo_pairs_end_of_turn_only_on_replies_that_ended(finished):
+    # a reply ends with end-of-turn unless it was cut at --dpo-max-new (6 here), which adds none
+    pairs = distill.read_jsonl(
+        finished[0] / "tiny" / "dpo_pairs.jsonl", distill.pair_record, distill.PAIR_FORM
     )
-    (meta / "params.json").write_text(
-        json.dumps(
-            dict(
-                dim=64,
-                n_layers=4,
-                n_heads=4,
-                n_kv_heads=2,
-                vocab_size=512,
-                multiple_of=32,
-                norm_eps=1e-5,
-                rope_theta=1e4,
-            )
-        )
+    eos = distill.convert.Tokenizer.byte_level().eos_id
+    for ids in [p[k] for p in pairs for k in ("chosen_ids", "rejected_ids")]:
+        assert len(ids) <= 6 and eos not in ids[:-1] and (ids[-1] == eos or len(ids) == 6)
+
+
+def test_dpo_pairs_with_equal_replies_are_dropped():
+    # teacher == student gives the same replies: every pair is dropped and counted
+    teacher, tok = distill.convert.load_teacher("tiny")
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "name a colour"}]]
+    assert distill.build_dpo_pairs(teacher, teacher, tok, prompts, 4) == ([], 2)
+
+
+def test_dpo_prompt_is_the_first_user_turn_with_its_system_turn():
+    # system-first chats keep the system turn; a chat without a user turn gives no prompt
+    sys_, user, bot = ({"role": r, "content": r} for r in ("system", "user", "assistant"))
+    assert distill.chat_prompt([sys_, user, bot, user]) == [sys_, user]
+    assert distill.chat_prompt([bot, user, bot]) == [user]
+    assert distill.chat_prompt([sys_, bot]) is None
+
+
+def test_smart_scores_training_rows_disjoint_from_the_heldout_rows(finished):
+    # SMART reads a slice of the ILD (training) split; no row of it is one the final evaluation reads
+    out, seen = finished
+    ild = distill.np.fromfile(out / "tiny" / "data_ild.bin", dtype=distill.np.uint32).reshape(-1, 64)
+    rows = {name: {tuple(r.tolist()) for idx in seen[name] for r in idx} for name in ("smart", "eval")}
+    assert rows["smart"] <= {tuple(r) for r in ild.tolist()} and not rows["smart"] & rows["eval"]
+
+
+def write_meta_teacher(d, n_layers, seed=0):
+    """A random Llama in Meta's original format (tiny dims, a 256-byte Llama-3 style vocabulary)."""
+    d.mkdir()
+    (d / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
     )
+    params = dict(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32)
+    (d / "params.json").write_text(json.dumps(dict(params, norm_eps=1e-5, rope_theta=1e4)))
     names = {
         "embed_tokens": "tok_embeddings",
         "lm_head": "output",
@@ -230,22 +369,109 @@ def test_data_of_another_vocabulary_is_refused(tmp_path):
         "mlp.up_proj": "feed_forward.w3",
         "mlp.down_proj": "feed_forward.w2",
     }
-    sd = M.Model(M.size_config("tiny", vocab_size=512, d_ff=192, tie_embeddings=False)).state_dict()
+    torch.manual_seed(seed)
+    cfg = M.size_config("tiny", n_layer=n_layers, vocab_size=512, d_ff=192, tie_embeddings=False)
     meta_sd = {}
-    for k, v in sd.items():
+    for k, v in M.Model(cfg).state_dict().items():
         base = k.removesuffix(".weight")
         layer = base.split(".")[1] if base.startswith("layers.") else None
         rest = base.split(".", 2)[2] if layer else base
         meta_sd[(f"layers.{layer}." if layer else "") + names[rest] + ".weight"] = v
-    torch.save(meta_sd, meta / "consolidated.00.pth")
-    r = run(["--data", str(data), "--teacher", str(meta)], tmp_path / "o")
-    assert r.returncode != 0 and "vocabulary" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o" / "tiny" / "ild_mla.pt").exists()
+    torch.save(meta_sd, d / "consolidated.00.pth")
+    return d
 
 
-def test_diverging_training_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
-    r = run(["--kd-lr", "1e30", "--kd-steps", "20", "--ckpt-every", "1"], tmp_path)
-    assert r.returncode != 0 and "last good checkpoint" in r.stderr and "Traceback" not in r.stderr
-    kd = torch.load(tmp_path / "tiny" / "kd.pt", weights_only=True)
-    assert not kd.get("done") and all(math.isfinite(x) for x in kd["history"])
-    assert all(torch.isfinite(v).all() for v in kd["model"].values() if v.is_floating_point())
+@pytest.fixture(scope="module")
+def kd_teacher_run(tmp_path_factory):
+    """A tiny run converting a 4-layer teacher and distilling from a 2-layer one (--kd-teacher)."""
+    root = tmp_path_factory.mktemp("kdt")
+    a, b = write_meta_teacher(root / "a", 4, seed=1), write_meta_teacher(root / "b", 2, seed=2)
+    data = write_chats(root / "chats.jsonl", 80)
+    args = ["--teacher", str(a), "--kd-teacher", str(b), "--data", str(data), "--out-dir", str(root / "o")]
+    distill.main([*TINY, *args])
+    return root / "o" / "tiny", distill.convert.load_teacher(str(b))[0], distill.parse_args([*TINY, *args])
+
+
+def test_kd_trains_against_the_kd_teacher(kd_teacher_run):
+    # KD's first loss is KL(kd teacher || hybrid after ILD) on the first KD batch
+    out, b, cfg = kd_teacher_run
+    idx = distill.get_batch(out, M.read_json(out / "data.json"), "kd", 0, cfg)
+    with torch.no_grad():
+        want = distill.kd_loss(M.load_checkpoint(out / "hybrid_init.pt")[0](idx), b(idx)).item()
+    assert abs(M.read_checkpoint(out / "kd.pt")["history"][0] - want) < 1e-4 * max(1.0, want)
+
+
+def test_evaluation_measures_against_the_kd_teacher(kd_teacher_run):
+    # eval.json lists the KD teacher at KL 0 and the converted teacher apart from it
+    res = M.read_json(kd_teacher_run[0] / "eval.json")["results"]
+    assert res["KD teacher"]["kl"] < 1e-6 < res["teacher"]["kl"]
+
+
+def test_dpo_chosen_replies_are_the_kd_teachers_greedy_replies(kd_teacher_run):
+    # the first pair's chosen ids are the KD teacher's greedy continuation (a full forward per token)
+    out, b, _ = kd_teacher_run
+    pair = distill.read_jsonl(out / "dpo_pairs.jsonl", distill.pair_record, distill.PAIR_FORM)[0]
+    ids = list(pair["prompt_ids"])
+    with torch.no_grad():
+        for _ in pair["chosen_ids"]:
+            ids.append(b(torch.tensor([ids]))[0, -1].argmax().item())
+    assert ids[len(pair["prompt_ids"]) :] == pair["chosen_ids"]
+
+
+def test_kd_teacher_of_another_vocabulary_is_refused(tmp_path):
+    # the byte-level tiny teacher and a Llama-3 style KD teacher cannot be compared id by id
+    b = write_meta_teacher(tmp_path / "b", 2)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        distill.main([*TINY, "--kd-teacher", str(b), "--out-dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "tiny" / "data.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--seq-len", "0"),
+        ("--batch-size", "-64"),
+        ("--log-every", "0"),
+        ("--warmup", "1.5"),
+        ("--kd-lr", "nan"),
+        ("--dpo-pairs", "-1"),
+        ("--rope-rule", "foo"),
+        ("--size", "2b"),
+        ("--stage", "sft"),
+        ("--mla-layers", "0;6"),
+        ("--device", "tpu"),
+    ],
+)
+def test_bad_argument_is_refused_at_parse_time_naming_it(flag, value):
+    # each bad value is one ValueError that names its option (main prints it as one `error:` line)
+    with pytest.raises(ValueError, match=flag):
+        distill.parse_args(["--size", "tiny", flag, value])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_refused():
+    # --device cuda on a CPU build names the problem and the fix
+    with pytest.raises(ValueError, match="--device cpu"):
+        distill.parse_args(["--device", "cuda"])
+
+
+def test_booleans_are_flags():
+    # --force and --no-fsdp take no value (8b's preset turns fsdp on)
+    cfg = distill.parse_args(["--size", "8b", "--force", "--no-fsdp"])
+    assert cfg.force is True and cfg.fsdp is False
+
+
+def test_help_shows_the_sizes_defaults_and_the_stages(capsys):
+    # --help at --size tiny shows tiny's preset values and lists every stage
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--size", "tiny", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 64)" in text and "(default: 30)" in text
+    assert all(f" {s.name} " in text for s in distill.STAGES)
+
+
+def test_seq_len_beyond_the_teachers_context_is_refused_before_data_prep(tmp_path):
+    # the tiny teacher holds 512 tokens: --seq-len 1024 stops before any data file is written
+    with pytest.raises(ValueError, match="context of 512"):
+        distill.main(["--size", "tiny", "--seq-len", "1024", "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.rglob("data*"))
