@@ -72,14 +72,24 @@ class DistillConfig:
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (8b: a student plus the teacher exceed one GPU)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     # memory plan, micro-batching, precision (issue 10)
-    micro_batch: int = 0  # sequences (DPO: pairs) per forward and rank; 0 = the whole share of the rank
+    kd_batch_size: int = 8  # KD sequences per optimizer step, summed over ranks (--batch-size: ILD's)
+    dpo_batch_size: int = 4  # DPO preference pairs per optimizer step, summed over ranks
+    dpo_warmup: float = 0.1  # DPO's warmup fraction (paper.md §12); --warmup is ILD's and KD's
+    micro_batch: int = 0  # sequences (DPO: pairs) per forward and rank; 0 = chosen by the memory plan
 
 
-# per-size defaults; 1b/3b/8b keep the paper's hyper-parameters (paper.md §10-§12)
+# Per-size defaults. 1b/3b/8b are the official configs (paper.md §10-§12): global batches per optimizer step
+# (ILD batch_size, KD kd_batch_size sequences of 2048 tokens; DPO dpo_batch_size pairs), peak learning rates,
+# warmup 0.01 (DPO 0.1) and token budgets: ILD 20 % of 6.8B tokens = 1.36B per student, KD 1 epoch of the 80 %
+# (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). The paper distils KD and DPO from
+# Llama-3.1-8B-Instruct for every size (a separate KD teacher; --plan counts its memory). tiny/135m are
+# CPU presets: short sequences and few steps so that every stage runs in minutes on 2 cores.
 PRESETS = {
     "tiny": dict(
         seq_len=64,
         batch_size=4,
+        kd_batch_size=4,
+        dpo_batch_size=2,
         ild_steps=30,
         kd_steps=40,
         dpo_steps=6,
@@ -98,6 +108,8 @@ PRESETS = {
     "135m": dict(
         seq_len=256,
         batch_size=4,
+        kd_batch_size=4,
+        dpo_batch_size=2,
         ild_steps=30,
         kd_steps=80,
         dpo_steps=8,
@@ -110,9 +122,37 @@ PRESETS = {
         eval_batches=4,
         ckpt_every=10,
     ),
-    "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5),
-    "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5),
-    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, fsdp=True),
+    "1b": dict(
+        batch_size=96,
+        ild_steps=6_917,
+        ild_lr=2e-4,
+        kd_batch_size=192,
+        kd_steps=13_835,
+        kd_lr=8e-5,
+        dpo_batch_size=32,
+        dpo_lr=5e-7,
+    ),
+    "3b": dict(
+        batch_size=96,
+        ild_steps=6_917,
+        ild_lr=2e-4,
+        kd_batch_size=96,
+        kd_steps=37_842,
+        kd_lr=4e-5,
+        dpo_batch_size=32,
+        dpo_lr=5e-7,
+    ),
+    "8b": dict(
+        batch_size=48,
+        ild_steps=13_835,
+        ild_lr=1e-4,
+        kd_batch_size=64,
+        kd_steps=72_021,
+        kd_lr=4e-5,
+        dpo_batch_size=32,
+        dpo_lr=5e-7,
+        fsdp=True,
+    ),
 }
 
 
@@ -281,7 +321,7 @@ def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
         -1, cfg.seq_len
     )
     order = np.random.default_rng(cfg.seed).permutation(len(arr))
-    rows = batch_rows(step, cfg.batch_size, len(arr), rank, world, micro, n_micro)
+    rows = batch_rows(step, stage_batch(cfg, split), len(arr), rank, world, micro, n_micro)
     return torch.from_numpy(arr[np.sort(order[rows])].astype(np.int64)).to(cfg.device)
 
 
@@ -364,8 +404,9 @@ def smart_scores(teacher, m2, mla, batches):
 
 # ----------------------------------------------------------------------------- training loop
 def stage_batch(cfg, stage):
-    """Global batch of a stage per optimizer step: sequences (ILD, KD) or preference pairs (DPO)."""
-    return cfg.batch_size
+    """Global batch of a stage (or data split) per optimizer step: sequences (ILD, KD; SMART and evaluation
+    batches are ILD-sized) or preference pairs (DPO)."""
+    return {"kd": cfg.kd_batch_size, "dpo": cfg.dpo_batch_size}.get(stage, cfg.batch_size)
 
 
 def accumulate(model, step_loss, step, per_rank, micro, amp, say):
@@ -411,7 +452,7 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
     rank's share of global step `step` (rows from batch_rows)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup * steps))
+    warm = max(1, int((cfg.dpo_warmup if stage == "dpo" else cfg.warmup) * steps))
 
     def schedule(s):  # linear warmup, then cosine to 0
         return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))

@@ -249,3 +249,37 @@ def test_diverging_training_stops_clearly_and_keeps_the_last_good_checkpoint(tmp
     kd = torch.load(tmp_path / "tiny" / "kd.pt", weights_only=True)
     assert not kd.get("done") and all(math.isfinite(x) for x in kd["history"])
     assert all(torch.isfinite(v).all() for v in kd["model"].values() if v.is_floating_point())
+
+
+# ---- memory plan, micro-batching, dry run (issue 10)
+# the official configs as paper.md §10-§12 tabulate them: (ILD batch, lr), (KD batch, lr, tokens), DPO pairs
+OFFICIAL = {
+    "1b": dict(ild=(96, 2e-4), kd=(192, 8e-5, 5.44e9), dpo=(32, 5e-7)),
+    "3b": dict(ild=(96, 2e-4), kd=(96, 4e-5, 37_842 * 96 * 2048), dpo=(32, 5e-7)),
+    "8b": dict(ild=(48, 1e-4), kd=(64, 4e-5, 72_021 * 64 * 2048), dpo=(32, 5e-7)),
+}
+
+
+@pytest.mark.parametrize("size", OFFICIAL)
+def test_presets_are_the_official_global_batches_rates_warmups_and_token_budgets(size):
+    # every stage's global batch, peak rate, warmup and tokens match the official config
+    cfg, want = distill.parse_args(["--size", size]), OFFICIAL[size]
+    assert cfg.seq_len == 2048 and cfg.warmup == 0.01 and cfg.dpo_warmup == 0.1 and cfg.dpo_beta == 0.01
+    assert (cfg.batch_size, cfg.ild_lr) == want["ild"]
+    assert abs(cfg.ild_steps * cfg.batch_size * cfg.seq_len / 1.36e9 - 1) < 1e-3  # 20 % of 6.8B tokens
+    assert (cfg.kd_batch_size, cfg.kd_lr) == want["kd"][:2]
+    assert abs(cfg.kd_steps * cfg.kd_batch_size * cfg.seq_len / want["kd"][2] - 1) < 1e-3
+    assert (cfg.dpo_batch_size, cfg.dpo_lr) == want["dpo"]
+
+
+def test_batch_rows_cover_the_same_global_batch_for_any_world_and_micro_split():
+    # the union over ranks and micro-batches is the step's global batch, whatever the split
+    want = [(3 * 12 + j) % 40 for j in range(12)]
+    for world, n_micro in ((1, 1), (1, 5), (2, 3), (4, 3), (3, 4)):
+        got = [
+            r
+            for rank in range(world)
+            for m in range(n_micro)
+            for r in distill.batch_rows(3, 12, 40, rank, world, m, n_micro)
+        ]
+        assert sorted(got) == sorted(want), (world, n_micro)
