@@ -795,7 +795,9 @@ def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=())
         "mla" if i in mla_layers else "attn" if i in attn_layers else "m2" for i in range(teacher.cfg.n_layer)
     ]
     src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
-    sd = {k: v.clone() for k, v in src["attn"].items() if not k.startswith("layers.")}
+    # embeddings, norm and head in the students' dtype: a bf16 teacher must not make a mixed-dtype hybrid
+    dtype = mla_student.embed_tokens.weight.dtype
+    sd = {k: v.to(dtype, copy=True) for k, v in src["attn"].items() if not k.startswith("layers.")}
     for i, kind in enumerate(kinds):
         sd.update({k: v.clone() for k, v in src[kind].items() if k.startswith(f"layers.{i}.")})
     return Model.from_state_dict(
