@@ -600,7 +600,7 @@ def saved_bytes(fn, exclude):
     return sum(seen.values())
 
 
-def per_token(fn, lengths=(128, 256)):
+def per_token(fn, lengths=(64, 128)):
     """(bytes per token, constant bytes) of fn(T), from its saved bytes at two lengths: the slope is the
     activation memory per token, the intercept what does not grow with T (bf16 copies of the weights that
     autocast keeps for backward)."""

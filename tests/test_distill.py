@@ -1,6 +1,8 @@
 """distill.py: losses, SMART selection, ILD teacher forcing, the tiny pipeline end to end, resume after a
 kill, torchrun (gloo) = one process, bad input. Run: python -m pytest tests/test_distill.py"""
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +14,7 @@ import time
 import pytest
 import torch
 
+import convert
 import distill
 import model as M
 
@@ -283,3 +286,132 @@ def test_batch_rows_cover_the_same_global_batch_for_any_world_and_micro_split():
             for r in distill.batch_rows(3, 12, 40, rank, world, m, n_micro)
         ]
         assert sorted(got) == sorted(want), (world, n_micro)
+
+
+# one real training step twice (the second with AdamW state resident) in a fresh process: the peak RSS
+# above the baseline after loading (VmHWM reset by /proc/self/clear_refs) against the plan's estimate of
+# the same (peak minus the weights and teacher already resident)
+MEASURE = r"""
+import dataclasses, gc, sys, torch, convert, distill, model as M
+size, stage, seq, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
+cfg = dataclasses.replace(
+    distill.parse_args(["--size", size]), seq_len=seq, batch_size=batch, kd_batch_size=batch,
+    precision="fp32", device="cpu",
+)
+teacher, tok = convert.load_teacher(size)
+teacher.cfg = convert.with_hybrid_fields(teacher.cfg, size)
+teacher.requires_grad_(False)
+plan = distill.memory_plan(cfg, teacher.cfg, 1)[stage]
+idx = torch.randint(0, teacher.cfg.vocab_size, (batch, seq))
+if stage.startswith("ild"):
+    student = convert.make_student(teacher, stage[4:]).train()
+    student.embed_tokens.requires_grad_(False)
+    student.lm_head.requires_grad_(False)
+else:
+    kinds = ["mla" if i in teacher.cfg.mla_layers else "m2" for i in range(teacher.cfg.n_layer)]
+    student = M.Model(dataclasses.replace(teacher.cfg, kinds=kinds)).train()
+def step_loss(m, s, mi, n):
+    rows = idx[distill.batch_rows(s, batch, batch, 0, 1, mi, n)]
+    if stage.startswith("ild"):
+        return distill.ild_loss(m, teacher, rows)
+    with torch.no_grad():
+        t = teacher(rows)
+    return distill.kd_loss(m(rows), t), {}
+opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad])
+gc.collect()
+base = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")
+for step in range(2):
+    off = torch.autocast("cpu", enabled=False)
+    distill.accumulate(student, step_loss, step, batch, plan["micro"], off, print)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print("RESULT", status("VmHWM:") - base, plan["peak"] - plan["weights"] - plan["teacher"], plan["micro"])
+"""
+
+
+@pytest.mark.parametrize(
+    "size,stage,seq,batch", [("tiny", "ild_m2", 256, 16), ("tiny", "kd", 256, 16), ("135m", "kd", 64, 2)]
+)
+def test_memory_plan_is_within_30_percent_of_the_measured_peak(size, stage, seq, batch):
+    # the plan's peak above the resident weights is within 30 % of the measured peak RSS of real steps
+    r = subprocess.run(
+        [sys.executable, "-c", MEASURE, size, stage, str(seq), str(batch)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured, estimated, micro = map(float, r.stdout.split("RESULT")[1].split())
+    assert micro == batch  # the whole batch fits this machine: one micro-batch
+    assert abs(estimated / measured - 1) < 0.3, (measured / 2**20, estimated / 2**20)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step_on_the_same_global_batch():
+    # an OutOfMemoryError mid-step halves the micro-batch; the redone step gives the whole batch's loss, grads
+    torch.manual_seed(0)
+    model = M.Model(M.size_config("tiny"))
+    idx = torch.randint(0, 272, (8, 16))
+    calls = []
+
+    def ce(m, rows):
+        logits = m(idx[rows])
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[rows][:, 1:].flatten())
+
+    def step_loss(m, step, micro, n_micro):
+        rows = distill.batch_rows(step, 8, 8, 0, 1, micro, n_micro)
+        calls.append(rows)
+        if len(calls) == 2:  # the second micro-batch of the first try: gradients are half accumulated
+            raise torch.OutOfMemoryError("simulated")
+        return ce(m, rows), {}
+
+    log = []
+    loss, _, micro = distill.accumulate(model, step_loss, 0, 8, 4, contextlib.nullcontext(), log.append)
+    assert micro == 2 and "halved to 2" in log[0] and len(log) == 1
+    assert calls[2:] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # the redone step: the same 8 rows, 2 at a time
+    oracle = M.Model(M.size_config("tiny"))
+    oracle.load_state_dict(model.state_dict())
+    want = ce(oracle, list(range(8)))
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-5
+    for p, q in zip(model.parameters(), oracle.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), "gradients of the first try were not cleared"
+
+
+def test_plan_for_1b_on_eight_80gb_gpus_fits_and_covers_every_global_batch(capsys):
+    # the plan (from SIZES, no weights) gives every training stage a split of its global batch that fits
+    cfg = dataclasses.replace(distill.parse_args(["--size", "1b"]), memory_gb=80.0, world=8, precision="bf16")
+    plan = distill.memory_plan(cfg, convert.with_hybrid_fields(M.size_config("1b"), "1b"), 8)
+    for stage, r in plan.items():
+        batch = distill.stage_batch(cfg, stage)
+        assert r["fits"] and r["peak"] <= 0.9 * 80 * 2**30, stage
+        assert r["n_micro"] * 8 * r["micro"] >= batch > (r["n_micro"] - 1) * 8 * r["micro"], stage
+    distill.print_plan(cfg, plan, 8)
+    out = capsys.readouterr().out
+    assert all(f"{r['micro']} x {r['n_micro']} x 8 = " in out for r in plan.values())
+
+
+def test_dry_run_runs_every_stage_in_bf16_under_its_own_folder(tmp_path):
+    # --dry-run: random bf16 teacher, every stage once, checkpoints in bf16 under OUT/dry-run/SIZE
+    code = (
+        "import dataclasses, sys, distill\n"
+        "cfg = distill.parse_args(['--size', 'tiny', '--out-dir', sys.argv[1]])\n"
+        "cfg = dataclasses.replace(cfg, dry_run=True)\n"
+        "distill.parse_args = lambda argv=None: cfg\n"  # the flag's syntax is the parser's business
+        "distill.main()\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    dpo = torch.load(tmp_path / "dry-run" / "tiny" / "dpo.pt", weights_only=True)
+    assert dpo["done"] and dpo["step"] == 1
+    assert {v.dtype for v in dpo["model"].values() if v.is_floating_point()} == {torch.bfloat16}
+    assert (tmp_path / "dry-run" / "tiny" / "eval.json").exists()
