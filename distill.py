@@ -729,12 +729,16 @@ def memory_plan(cfg, tcfg, world, kd_tcfg=None):
     return plan
 
 
+def dtype_name(dtype):
+    return {None: "off", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
 def print_plan(cfg, plan, world):
     """The plan as a table, one row per stage, GiB per device (per token: KiB)."""
     print(
         f"memory plan: --size {cfg.size}, {world} process(es){' (FSDP2)' if cfg.fsdp else ''}, "
-        f"budget {memory_budget(cfg)[1]}, seq_len {cfg.seq_len}, autocast {amp_dtype(cfg) or 'off (fp32)'}, "
-        f"teacher {teacher_dtype(cfg)}"
+        f"budget {memory_budget(cfg)[1]}, seq_len {cfg.seq_len}, autocast {dtype_name(amp_dtype(cfg))}, "
+        f"weights {dtype_name(torch.get_default_dtype())}, teacher {dtype_name(teacher_dtype(cfg))}"
     )
     cols = ("weights", "grads", "optimizer", "teacher", "kd_teacher", "reference", "casts")
     head = " ".join(f"{c:>10}" for c in cols)
