@@ -443,9 +443,14 @@ def accumulate(model, step_loss, step, per_rank, micro, amp, say):
                 terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
             return total, terms, micro
         except torch.OutOfMemoryError:
-            if micro == 1:
-                raise
             model.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the failed try's blocks back before the smaller one
+            if micro == 1:
+                raise MemoryError(
+                    f"out of memory at step {step} with one sequence per forward: use more GPUs "
+                    "(torchrun, --fsdp true) or a shorter --seq-len (python distill.py --plan shows the need)"
+                ) from None
             micro //= 2
             say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
 
@@ -793,7 +798,10 @@ def configure_run(cfg):
         [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None,
     )
     world = cfg.world or int(os.environ.get("WORLD_SIZE", 1))
-    print_plan(cfg, memory_plan(cfg, tcfg, world), world)
+    kd = getattr(cfg, "kd_teacher", "")  # --kd-teacher (issue 11): counted when given as a size key
+    print_plan(cfg, memory_plan(cfg, tcfg, world, size_config(kd) if kd in PRESETS else None), world)
+    if kd and kd not in PRESETS:
+        print(f"the KD teacher {kd} is not counted: give its size (e.g. --kd-teacher 8b) to --plan")
     return True
 
 
@@ -1100,5 +1108,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError) as e:
         sys.exit(f"error: {e}")

@@ -415,3 +415,12 @@ def test_dry_run_runs_every_stage_in_bf16_under_its_own_folder(tmp_path):
     assert dpo["done"] and dpo["step"] == 1
     assert {v.dtype for v in dpo["model"].values() if v.is_floating_point()} == {torch.bfloat16}
     assert (tmp_path / "dry-run" / "tiny" / "eval.json").exists()
+
+
+def test_out_of_memory_at_one_sequence_is_one_clear_error():
+    # when even one sequence per forward does not fit, the error names the fixes instead of looping
+    def step_loss(m, step, micro, n_micro):
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(MemoryError, match="--fsdp"):
+        distill.accumulate(torch.nn.Linear(2, 2), step_loss, 0, 4, 4, contextlib.nullcontext(), print)
