@@ -574,9 +574,10 @@ def amp_dtype(cfg):
 
 
 def teacher_dtype(cfg):
-    """The dtype teachers are kept in: bf16 on CUDA (as the official runs), else the default dtype (fp32;
-    bf16 under --dry-run). A CPU teacher stays fp32 under autocast: students are converted from it."""
-    return torch.bfloat16 if cfg.device.startswith("cuda") else torch.get_default_dtype()
+    """The dtype teachers are kept in: bf16 where training autocasts to bf16 (as the official runs: the
+    teacher then computes in bf16 anyway, and the students' SVD init barely notices the rounding), else the
+    default dtype (fp32; bf16 under --dry-run)."""
+    return amp_dtype(cfg) or torch.get_default_dtype()
 
 
 def block_params(cfg, kind):
