@@ -465,7 +465,7 @@ def sync_gradients(model, last):
 
 
 def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
-    """AdamW + warmup/cosine + clipping + micro-batches (+ bf16 autocast on GPU), tqdm and a log line,
+    """AdamW + warmup/cosine + clipping + micro-batches (+ bf16 autocast, --precision), tqdm, a log line,
     an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
     step_loss(model, step, micro, n_micro) -> (loss, terms): micro-batch `micro` of `n_micro` of this
     rank's share of global step `step` (rows from batch_rows)."""
@@ -816,7 +816,14 @@ def random_teacher(cfg):
 
 def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):
     """main's second hook, once the teacher is loaded: the plan's micro-batch per stage (printed by rank 0);
-    a stage whose single sequence does not fit is an error before any work, unless --micro-batch is given."""
+    a global batch that does not split evenly over the ranks, or a stage whose single sequence does not
+    fit, is an error before any work (the latter unless --micro-batch is given)."""
+    for stage, flag in (("ild", "--batch-size"), ("kd", "--kd-batch-size"), ("dpo", "--dpo-batch-size")):
+        if stage_batch(cfg, stage) % world:
+            raise ValueError(
+                f"{flag} {stage_batch(cfg, stage)} is not a multiple of the {world} processes: every rank "
+                "takes an equal share of the global batch"
+            )
     plan = memory_plan(cfg, tcfg, world, kd_tcfg)
     if rank == 0:
         print_plan(cfg, plan, world)

@@ -424,3 +424,10 @@ def test_out_of_memory_at_one_sequence_is_one_clear_error():
 
     with pytest.raises(MemoryError, match="--fsdp"):
         distill.accumulate(torch.nn.Linear(2, 2), step_loss, 0, 4, 4, contextlib.nullcontext(), print)
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work():
+    # every stage's global batch must split evenly over the processes; the flag is named
+    cfg = distill.parse_args(["--size", "tiny", "--dpo-batch-size", "3"])
+    with pytest.raises(ValueError, match="--dpo-batch-size 3"):
+        distill.plan_micro_batches(cfg, convert.with_hybrid_fields(M.size_config("tiny"), "tiny"), 2, 0)
