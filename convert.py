@@ -206,7 +206,9 @@ def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=())
     student's; embeddings, final norm and head come from the teacher."""
     kinds = hybrid_kinds(teacher.cfg.n_layer, mla_layers, attn_layers)
     src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
-    sd = {k: v.clone() for k, v in src["attn"].items() if not k.startswith("layers.")}
+    # embeddings, norm and head in the students' dtype: a bf16 teacher must not make a mixed-dtype hybrid
+    dtype = mla_student.embed_tokens.weight.dtype
+    sd = {k: v.to(dtype, copy=True) for k, v in src["attn"].items() if not k.startswith("layers.")}
     for i, kind in enumerate(kinds):
         sd.update({k: v.clone() for k, v in src[kind].items() if k.startswith(f"layers.{i}.")})
     cfg = dataclasses.replace(mla_student.cfg, kinds=kinds, mla_layers=sorted(mla_layers))

@@ -20,6 +20,7 @@ everything after it).
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,7 +40,18 @@ from tqdm import tqdm
 
 import convert
 from generate import generate
-from model import atomic_write, load_checkpoint, read_checkpoint, read_json, save_checkpoint, write_json
+from model import (
+    Block,
+    Model,
+    atomic_write,
+    load_checkpoint,
+    read_checkpoint,
+    read_json,
+    rope_freqs,
+    save_checkpoint,
+    size_config,
+    write_json,
+)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -80,14 +92,31 @@ class DistillConfig:
     fsdp: bool = False
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     # memory plan, micro-batching, precision (issue 10)
-    micro_batch: int = 0  # sequences (DPO: pairs) per forward and rank; 0 = the whole share of the rank
+    kd_batch_size: int = 8  # KD sequences per optimizer step, summed over ranks (--batch-size: ILD's)
+    dpo_batch_size: int = 4  # DPO preference pairs per optimizer step, summed over ranks
+    dpo_warmup: float = 0.1  # DPO's warmup fraction (paper.md §12); --warmup is ILD's and KD's
+    micro_batch: int = 0  # sequences (DPO: pairs) per forward and rank; 0 = chosen by the memory plan
+    plan: bool = False  # print the memory plan per stage (from SIZES; no weights are loaded) and exit
+    memory_gb: float = 0.0  # memory per device the plan may use (GiB); 0 = the CUDA device's, or free RAM
+    world: int = 0  # processes the plan assumes (--plan on one machine for 8 GPUs); 0 = this run's
+    precision: str = "auto"  # training matmuls: bf16 autocast (fp32 master weights, scan, losses) or fp32
+    dry_run: bool = (
+        False  # every stage once at the real shapes: random bf16 teacher, short sequences, 1-2 steps
+    )
 
 
-# per-size defaults; 1b/3b/8b keep the paper's hyper-parameters (paper.md §10-§12)
+# Per-size defaults. 1b/3b/8b are the official configs (paper.md §10-§12): global batches per optimizer step
+# (ILD batch_size, KD kd_batch_size sequences of 2048 tokens; DPO dpo_batch_size pairs), peak learning rates,
+# warmup 0.01 (DPO 0.1) and token budgets: ILD 20 % of 6.8B tokens = 1.36B per student, KD 1 epoch of the 80 %
+# (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). The paper distils KD and DPO from
+# Llama-3.1-8B-Instruct for every size (a separate KD teacher; --plan counts its memory). tiny/135m are
+# CPU presets: short sequences and few steps so that every stage runs in minutes on 2 cores.
 PRESETS = {
     "tiny": dict(
         seq_len=64,
         batch_size=4,
+        kd_batch_size=4,
+        dpo_batch_size=2,
         ild_steps=30,
         kd_steps=40,
         dpo_steps=6,
@@ -106,6 +135,8 @@ PRESETS = {
     "135m": dict(
         seq_len=256,
         batch_size=4,
+        kd_batch_size=4,
+        dpo_batch_size=2,
         ild_steps=30,
         kd_steps=80,
         dpo_steps=8,
@@ -118,9 +149,37 @@ PRESETS = {
         eval_batches=4,
         ckpt_every=10,
     ),
-    "1b": dict(batch_size=96, ild_lr=2e-4, kd_lr=8e-5),
-    "3b": dict(batch_size=96, ild_lr=2e-4, kd_lr=4e-5),
-    "8b": dict(batch_size=48, ild_lr=1e-4, kd_lr=4e-5, fsdp=True),
+    "1b": dict(
+        batch_size=96,
+        ild_steps=6_917,
+        ild_lr=2e-4,
+        kd_batch_size=192,
+        kd_steps=13_835,
+        kd_lr=8e-5,
+        dpo_batch_size=32,
+        dpo_lr=5e-7,
+    ),
+    "3b": dict(
+        batch_size=96,
+        ild_steps=6_917,
+        ild_lr=2e-4,
+        kd_batch_size=96,
+        kd_steps=37_842,
+        kd_lr=4e-5,
+        dpo_batch_size=32,
+        dpo_lr=5e-7,
+    ),
+    "8b": dict(
+        batch_size=48,
+        ild_steps=13_835,
+        ild_lr=1e-4,
+        kd_batch_size=64,
+        kd_steps=72_021,
+        kd_lr=4e-5,
+        dpo_batch_size=32,
+        dpo_lr=5e-7,
+        fsdp=True,
+    ),
 }
 
 
@@ -135,7 +194,7 @@ HELP = dict(
     cache_dir="downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)",
     max_chats="use only the first N conversations (0 = all)",
     seq_len="tokens per packed training sequence, at most the teacher's context",
-    batch_size="global batch per optimizer step: sequences (DPO: pairs), summed over ranks and micro-steps",
+    batch_size="ILD (and SMART, eval): global batch per optimizer step in sequences, summed over ranks",
     ild_steps="optimizer steps of each ILD run (paper.md §10)",
     kd_steps="optimizer steps of end-to-end KD (paper.md §11)",
     dpo_steps="optimizer steps of DPO (paper.md §12)",
@@ -160,7 +219,16 @@ HELP = dict(
     seed="seed of the data order and initialisation",
     fsdp="under torchrun: FSDP2 instead of DDP (8b: a student and the teacher exceed one GPU)",
     device="cpu, cuda or cuda:N",
-    micro_batch="sequences (DPO: pairs) per forward and rank (0 = the whole share of the rank)",
+    kd_batch_size="KD: global batch per optimizer step in sequences, summed over ranks and micro-batches",
+    dpo_batch_size="DPO: global batch per optimizer step in preference pairs",
+    dpo_warmup="fraction of DPO's steps spent warming up (paper: 0.1); --warmup is ILD's and KD's",
+    micro_batch="sequences (DPO: pairs) per forward and rank (0 = chosen by the memory plan)",
+    plan="print the memory plan per stage (from SIZES, nothing loaded) and exit",
+    memory_gb="GiB per device the plan may use (0 = the CUDA device's memory, or the free RAM)",
+    world="processes the plan assumes, e.g. 8 to plan 8 GPUs from one machine (0 = this run's)",
+    precision="auto (bf16 autocast on CUDA and on CPUs with native bf16), fp32 or bf16",
+    dry_run="every stage once at the size's real shapes: random bf16 teacher without --teacher, short "
+    "sequences, 1-2 steps",
 )
 # the range every numeric option must lie in, checked at parse time
 RANGES = {
@@ -171,11 +239,13 @@ RANGES = {
 RANGE_OF = {
     **dict.fromkeys(
         "seq_len batch_size ild_steps kd_steps dpo_steps dpo_max_new smart_batches eval_batches ckpt_every "
-        "log_every ild_lr kd_lr dpo_lr dpo_beta grad_clip".split(),
+        "log_every ild_lr kd_lr dpo_lr dpo_beta grad_clip kd_batch_size dpo_batch_size".split(),
         "positive",
     ),
-    **dict.fromkeys("max_chats dpo_pairs seed weight_decay ce_weight".split(), "at least 0"),
-    "warmup": "in [0, 1]",
+    **dict.fromkeys(
+        "max_chats dpo_pairs seed weight_decay ce_weight micro_batch memory_gb world".split(), "at least 0"
+    ),
+    **dict.fromkeys(("warmup", "dpo_warmup"), "in [0, 1]"),
 }
 
 
@@ -266,7 +336,7 @@ def unwrap(model):
 
 
 def full_state_dict(model):
-    """The unwrapped model's full state dict; under FSDP2 every rank joins the gather and rank 0 receives it."""
+    """The unwrapped model's full state dict; under FSDP2 every rank joins the gather, rank 0 receives it."""
     if not hasattr(model, "reshard"):  # plain or DDP
         return unwrap(model).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -405,24 +475,25 @@ def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
         -1, cfg.seq_len
     )
     order = np.random.default_rng(cfg.seed).permutation(len(arr))
-    rows = batch_rows(step, cfg.batch_size, len(arr), rank, world, micro, n_micro)
+    rows = batch_rows(step, stage_batch(cfg, split), len(arr), rank, world, micro, n_micro)
     return torch.from_numpy(arr[np.sort(order[rows])].astype(np.int64)).to(cfg.device)
 
 
 # ----------------------------------------------------------------------------- losses
 def ild_layer_losses(student, teacher, idx):
-    """Teacher-forced layer losses of the official code (paper.md §10), one per layer: every student block gets
-    the teacher's input to that block; per-token L2 distance (not squared) of the block outputs (the last one
-    after the final norm) plus that of the mixer outputs, averaged over tokens. We follow the code rather than
-    the paper's MSE: the code produced the published models."""
+    """Teacher-forced layer losses of the official code (paper.md §10), one per layer: every student block
+    gets the teacher's input to that block; per-token L2 distance (not squared) of the block outputs (the last
+    one after the final norm) plus that of the mixer outputs, averaged over tokens. We follow the code rather
+    than the paper's MSE: the code produced the published models."""
     with torch.no_grad():
         _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
     _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
-
-    def l2(a, b):  # per-token L2 distance, averaged over tokens
-        return (a.float() - b.float()).norm(dim=-1).mean()
-
     return torch.stack([l2(so, to) + l2(sm, tm) for so, to, sm, tm in zip(s_out, t_out, s_mix, t_mix)])
+
+
+def l2(a, b):
+    """Per-token L2 distance (not squared) over the hidden dimension, averaged over tokens, in fp32."""
+    return (a.float() - b.float()).norm(dim=-1).mean()
 
 
 def ild_loss(student, teacher, idx):
@@ -442,14 +513,19 @@ def kd_loss(s_logits, t_logits, chunk=1024):
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
-    """Sigmoid DPO (paper.md §12): -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))), over sequence log-probs."""
+    """Sigmoid DPO (paper.md §12): -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over sequence
+    log-probs."""
     return -F.logsigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))).mean()
 
 
 def seq_logprobs(model, idx, mask):
     """Sum of log p(token) over the positions where mask is 1 (the response), per sequence."""
-    logp = F.log_softmax(model(idx[:, :-1]).float(), -1).gather(-1, idx[:, 1:, None])[..., 0]  # (B, T-1)
-    return (logp * mask[:, 1:]).sum(-1)
+    return (token_logprobs(model(idx[:, :-1]), idx[:, 1:]) * mask[:, 1:]).sum(-1)
+
+
+def token_logprobs(logits, targets):
+    """log p(target) per position in fp32: logits (B, T, V), targets (B, T) -> (B, T)."""
+    return F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
 
 
 # ----------------------------------------------------------------------------- SMART (paper.md §9)
@@ -489,8 +565,9 @@ def smart_scores(teacher, m2, mla, batches):
 
 # ----------------------------------------------------------------------------- training loop
 def stage_batch(cfg, stage):
-    """Global batch of a stage per optimizer step: sequences (ILD, KD) or preference pairs (DPO)."""
-    return cfg.batch_size
+    """Global batch of a stage (or data split) per optimizer step: sequences (ILD, KD; SMART and evaluation
+    batches are ILD-sized) or preference pairs (DPO)."""
+    return {"kd": cfg.kd_batch_size, "dpo": cfg.dpo_batch_size}.get(stage, cfg.batch_size)
 
 
 def accumulate(model, step_loss, step, per_rank, micro, amp, say):
@@ -513,9 +590,14 @@ def accumulate(model, step_loss, step, per_rank, micro, amp, say):
                 terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
             return total, terms, micro
         except torch.OutOfMemoryError:
-            if micro == 1:
-                raise
             model.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the failed try's blocks back before the smaller one
+            if micro == 1:
+                raise MemoryError(
+                    f"out of memory at step {step} with one sequence per forward: use more GPUs "
+                    "(torchrun, --fsdp) or a shorter --seq-len (python distill.py --plan shows the need)"
+                ) from None
             micro //= 2
             say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
 
@@ -530,13 +612,13 @@ def sync_gradients(model, last):
 
 
 def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
-    """AdamW + warmup/cosine + clipping + micro-batches (+ bf16 autocast on GPU), tqdm and a log line,
+    """AdamW + warmup/cosine + clipping + micro-batches (+ bf16 autocast, --precision), tqdm, a log line,
     an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
     step_loss(model, step, micro, n_micro) -> (loss, terms): micro-batch `micro` of `n_micro` of this
     rank's share of global step `step` (rows from batch_rows)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup * steps))
+    warm = max(1, int((cfg.dpo_warmup if stage == "dpo" else cfg.warmup) * steps))
 
     def schedule(s):  # linear warmup, then cosine to 0
         return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
@@ -553,9 +635,10 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
         if rank == 0:
             tqdm.write(f"[{stage}] resuming from step {start}/{steps}")
     model.train()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda"))
+    amp = torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=amp_dtype(cfg) is not None)
     per_rank = stage_batch(cfg, stage) // world
-    micro = min(per_rank, cfg.micro_batch or per_rank)
+    # main sets cfg.micro_plan ({stage: micro-batch}, not a flag) from the memory plan
+    micro = min(per_rank, cfg.micro_batch or getattr(cfg, "micro_plan", {}).get(stage) or per_rank)
 
     def say(msg):
         if rank == 0:
@@ -612,6 +695,294 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
     if world > 1:
         dist.barrier()
     return unwrap(model)
+
+
+# ----------------------------------------------------------------------------- memory plan (issue 10)
+GiB = 2**30
+PLAN_STAGES = ("ild_mla", "ild_m2", "kd", "dpo")
+
+
+def cpu_has_bf16():
+    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    if not os.path.isfile("/proc/cpuinfo"):
+        return False
+    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype(cfg):
+    """The autocast dtype of training, None for plain fp32: --precision bf16, or auto on CUDA (as the official
+    runs) and on CPUs with native bf16. Under --dry-run the weights themselves are bf16: no autocast."""
+    if cfg.dry_run or cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16" or cfg.device.startswith("cuda") or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def teacher_dtype(cfg):
+    """The dtype teachers are kept in: bf16 where training autocasts to bf16 (as the official runs: the
+    teacher then computes in bf16 anyway, and the students' SVD init barely notices the rounding), else the
+    default dtype (fp32; bf16 under --dry-run)."""
+    return amp_dtype(cfg) or torch.get_default_dtype()
+
+
+def block_params(cfg, kind):
+    """Parameters of one block of this kind, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(
+            p.numel() for p in Block(dataclasses.replace(cfg, kinds=[kind] * cfg.n_layer), 0).parameters()
+        )
+
+
+def saved_bytes(fn, exclude):
+    """Bytes of the distinct storages autograd saves for backward while fn() runs, plus those of the tensors
+    fn returns (kept until the loss is formed), leaving out the storages in `exclude` (weights, inputs
+    counted elsewhere)."""
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in exclude:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    for t in out:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def per_token(fn, lengths=(64, 128)):
+    """(bytes per token, constant bytes) of fn(T), from its saved bytes at two lengths: the slope is the
+    activation memory per token, the intercept what does not grow with T (bf16 copies of the weights that
+    autocast keeps for backward)."""
+    (t1, b1), (t2, b2) = [(T, fn(T)) for T in lengths]
+    slope = (b2 - b1) / (t2 - t1)
+    return slope, max(0.0, b1 - slope * t1)
+
+
+def block_memory(cfg, kind, teacher_forced, amp):
+    """(params, bytes per token, constant bytes) of one training block of this kind at the real dims,
+    measured on the CPU with random weights: its forward saves what backward needs. Teacher-forced (ILD):
+    the input is the teacher's (no gradient) and the loss terms of ild_layer_losses are included; chained
+    (KD, DPO): the input is the previous block's output."""
+    c = dataclasses.replace(cfg, kinds=[kind] * cfg.n_layer)
+    block = Block(c, 0)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+
+    def saved(T):
+        x = torch.randn(1, T, cfg.d_model, requires_grad=not teacher_forced)
+        ang = torch.arange(T)[None, :, None] * rope_freqs(c)  # (1, T, head_dim/2)
+        target = torch.randn(1, T, cfg.d_model)
+
+        def fn():
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                h, a = block(x, ang.cos(), ang.sin())
+                return [l2(h, target) + l2(a, target)] if teacher_forced else [h]
+
+        return saved_bytes(fn, weights | ({x.untyped_storage().data_ptr()} if teacher_forced else set()))
+
+    return (sum(p.numel() for p in block.parameters()), *per_token(saved))
+
+
+def loss_memory(cfg, stage, amp, t_dtype):
+    """Bytes per token of the logits and the loss on them, measured like block_memory: the student's logits
+    (autocast dtype) with what the loss saves, plus the teacher's logits for KD."""
+
+    def saved(T):
+        s = torch.randn(T, cfg.vocab_size, dtype=amp or torch.float32, requires_grad=True)
+        if stage == "kd":
+            t = torch.randn(T, cfg.vocab_size, dtype=t_dtype)
+            return saved_bytes(lambda: [kd_loss(s, t), s, t], set())
+        return saved_bytes(lambda: [token_logprobs(s[None], torch.zeros(1, T, dtype=torch.long)), s], set())
+
+    return per_token(saved, (32, 64))[0]
+
+
+def memory_budget(cfg):
+    """Bytes one process may use: --memory-gb, else the CUDA device's total memory, else the RAM available
+    now plus what this process already holds (a teacher loaded before the plan counts in the plan)."""
+    if cfg.memory_gb:
+        return cfg.memory_gb * GiB, f"{cfg.memory_gb:g} GiB per device (--memory-gb)"
+    if cfg.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(cfg.device).total_memory
+        return total, f"{total / GiB:.1f} GiB on {torch.cuda.get_device_name(cfg.device)}"
+    kb = {
+        line.split(":")[0]: int(line.split()[1])
+        for path in ("/proc/meminfo", "/proc/self/status")
+        for line in open(path)
+        if line.startswith(("MemAvailable:", "VmRSS:"))
+    }
+    free = (kb["MemAvailable"] + kb["VmRSS"]) * 1024
+    return free, f"{free / GiB:.1f} GiB of RAM (available + this process)"
+
+
+def memory_plan(cfg, tcfg, world, kd_tcfg=None):
+    """Per training stage, the estimated peak memory per device and the micro-batch that fits in 90 % of
+    the budget (the rest: allocator slack, CUDA context, transients). Static: student weights (fp32 master),
+    gradients and AdamW state of the trainable ones (sharded over ranks under --fsdp), the teacher (and a
+    separate KD teacher) in their dtypes, DPO's reference model; per sequence: the activations backward
+    needs (block_memory) plus the teacher's kept layer outputs (ILD) or logits and loss (loss_memory).
+    tcfg: the teacher's config with the hybrid fields. Returns {stage: dict of bytes and the split}."""
+    amp, budget = amp_dtype(cfg), memory_budget(cfg)[0]
+    t_dtype, master = teacher_dtype(cfg), torch.get_default_dtype().itemsize  # master: fp32 (dry run bf16)
+    t_bytes = t_dtype.itemsize
+
+    def embed(c):  # embeddings, the untied head, the final norm
+        return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.d_model
+
+    shard = world if cfg.fsdp else 1
+    blocks = {k: block_memory(tcfg, k, False, amp) for k in ("mla", "m2")}
+    ild = {k: block_memory(tcfg, k, True, amp) for k in ("mla", "m2")}
+    teacher = (embed(tcfg) + tcfg.n_layer * block_params(tcfg, "attn")) * t_bytes
+    kd_teacher = 0 if kd_tcfg is None else (embed(kd_tcfg) + kd_tcfg.n_layer * block_params(kd_tcfg, "attn"))
+    kd_teacher *= t_bytes
+    hybrid = ["mla" if i in tcfg.mla_layers else "m2" for i in range(tcfg.n_layer)]
+    plan = {}
+    for stage in PLAN_STAGES:
+        if stage.startswith("ild"):
+            n, tok, const = ild[stage[4:]]
+            params, trainable = embed(tcfg) + tcfg.n_layer * n, tcfg.n_layer * n + tcfg.d_model
+            act, const = tcfg.n_layer * tok, tcfg.n_layer * const
+            logits = 2 * tcfg.n_layer * tcfg.d_model * t_bytes  # the teacher's block inputs and mixer outputs
+            transient = tok  # backward of one teacher-forced layer: its temporaries, about its saved size
+        else:
+            n, tok, const = (sum(v) for v in zip(*(blocks[k] for k in hybrid)))
+            params = trainable = embed(tcfg) + n
+            act = tok + 2 * tcfg.d_model * 4  # + the final norm's input and the head's (fp32 bound)
+            logits = loss_memory(tcfg, stage, amp, t_dtype)
+            # backward starts with the fp32 gradient of the logits, then one layer's temporaries at a time
+            transient = max(blocks[k][1] for k in hybrid) + tcfg.vocab_size * 4
+        seq = cfg.seq_len * (2 if stage == "dpo" else 1)  # a DPO pair: chosen and rejected, <= seq_len each
+        row = dict(
+            weights=params * master / shard,
+            grads=trainable * master / shard,
+            optimizer=trainable * 2 * master / shard,
+            teacher=teacher,
+            kd_teacher=kd_teacher if stage in ("kd", "dpo") else 0,
+            reference=params * master if stage == "dpo" else 0,
+            casts=const,
+            act_token=act,
+            logits_token=logits,
+            transient_token=transient,
+        )
+        static = sum(row[k] for k in ("weights", "grads", "optimizer", "teacher", "kd_teacher", "reference"))
+        static += const
+        row["per_seq"] = seq * (act + logits + transient)
+        per_rank = stage_batch(cfg, stage) // world
+        fit = int((0.9 * budget - static) // row["per_seq"])
+        micro = min(per_rank, cfg.micro_batch or max(1, fit))
+        n_micro = math.ceil(per_rank / micro)
+        micro = math.ceil(per_rank / n_micro)
+        row.update(
+            micro=micro, n_micro=n_micro, fits=fit >= 1, peak=static + micro * row["per_seq"], budget=budget
+        )
+        plan[stage] = row
+    return plan
+
+
+def dtype_name(dtype):
+    return {None: "off", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def print_plan(cfg, plan, world):
+    """The plan as a table, one row per stage, GiB per device (per token: KiB)."""
+    print(
+        f"memory plan: --size {cfg.size}, {world} process(es){' (FSDP2)' if cfg.fsdp else ''}, "
+        f"budget {memory_budget(cfg)[1]}, seq_len {cfg.seq_len}, autocast {dtype_name(amp_dtype(cfg))}, "
+        f"weights {dtype_name(torch.get_default_dtype())}, teacher {dtype_name(teacher_dtype(cfg))}"
+    )
+    cols = ("weights", "grads", "optimizer", "teacher", "kd_teacher", "reference", "casts")
+    head = " ".join(f"{c:>10}" for c in cols)
+    print(f"{'stage':<8}{head}{'act/tok':>9}{'lgt/tok':>9}{'per seq':>9}{'peak':>8}  micro x accum x ranks")
+    for stage, r in plan.items():
+        gib = " ".join(f"{r[c] / GiB:>10.2f}" for c in cols)
+        split = f"{r['micro']} x {r['n_micro']} x {world} = {stage_batch(cfg, stage)}"
+        print(
+            f"{stage:<8}{gib}{r['act_token'] / 1024:>9.1f}{r['logits_token'] / 1024:>9.1f}"
+            f"{r['per_seq'] / GiB:>9.2f}{r['peak'] / GiB:>8.2f}  {split}"
+            + ("" if r["fits"] else "  DOES NOT FIT: one sequence exceeds the budget")
+        )
+    print("GiB per device; act/tok and lgt/tok in KiB per token (ILD: the teacher's kept layer outputs)")
+
+
+# the --dry-run settings: the size's real shapes, everything else as small as a CPU allows
+DRY_RUN = dict(
+    seq_len=64,
+    batch_size=2,
+    kd_batch_size=2,
+    dpo_batch_size=1,
+    ild_steps=2,
+    kd_steps=2,
+    dpo_steps=1,
+    dpo_pairs=2,
+    dpo_max_new=4,
+    smart_batches=1,
+    eval_batches=1,
+    max_chats=300,
+    log_every=1,
+)
+
+
+def configure_run(cfg):
+    """main's first hook: checks this section's flags; --dry-run applies DRY_RUN, keeps every weight in bf16
+    (a 1b student's fp32 weights and AdamW state alone take ~17 GB, and evaluation holds five models) and
+    writes under <out-dir>/dry-run; --plan prints the plan from SIZES and returns True (main exits)."""
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision {cfg.precision!r}: choose auto, fp32 or bf16")
+    if cfg.micro_batch < 0 or cfg.memory_gb < 0 or cfg.world < 0:
+        raise ValueError("--micro-batch, --memory-gb and --world must be >= 0 (0 = chosen automatically)")
+    if cfg.dry_run:
+        for k, v in DRY_RUN.items():
+            setattr(cfg, k, v)
+        cfg.out_dir = os.path.join(cfg.out_dir, "dry-run")
+        torch.set_default_dtype(torch.bfloat16)
+    if not cfg.plan:
+        return False
+    tcfg = convert.with_hybrid_fields(
+        size_config(cfg.size),
+        cfg.size,
+        [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None,
+    )
+    world = cfg.world or int(os.environ.get("WORLD_SIZE", 1))
+    kd = getattr(cfg, "kd_teacher", "")  # --kd-teacher (issue 11): counted when given as a size key
+    print_plan(cfg, memory_plan(cfg, tcfg, world, size_config(kd) if kd in PRESETS else None), world)
+    if kd and kd not in PRESETS:
+        print(f"the KD teacher {kd} is not counted: give its size (e.g. --kd-teacher 8b) to --plan")
+    return True
+
+
+def random_teacher(cfg):
+    """--dry-run without --teacher: a random Llama of the size (default dtype), the byte-level tokenizer."""
+    torch.manual_seed(cfg.seed)
+    model = Model(size_config(cfg.size))
+    torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)  # small (tied) embeddings keep logits sane
+    return model.eval(), convert.Tokenizer.byte_level()
+
+
+def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):
+    """main's second hook, once the teacher is loaded: the plan's micro-batch per stage (printed by rank 0);
+    a global batch that does not split evenly over the ranks, or a stage whose single sequence does not
+    fit, is an error before any work (the latter unless --micro-batch is given)."""
+    for stage, flag in (("ild", "--batch-size"), ("kd", "--kd-batch-size"), ("dpo", "--dpo-batch-size")):
+        if stage_batch(cfg, stage) % world:
+            raise ValueError(
+                f"{flag} {stage_batch(cfg, stage)} is not a multiple of the {world} processes: every rank "
+                "takes an equal share of the global batch"
+            )
+    plan = memory_plan(cfg, tcfg, world, kd_tcfg)
+    if rank == 0:
+        print_plan(cfg, plan, world)
+    tight = [s for s, r in plan.items() if not r["fits"]]
+    if tight and not cfg.micro_batch:
+        r = plan[tight[0]]
+        raise ValueError(
+            f"stage {tight[0]} needs ~{(r['peak'] / GiB):.1f} GiB per device for one sequence of "
+            f"{cfg.seq_len} tokens, more than the {r['budget'] / GiB:.1f} GiB budget: use more GPUs "
+            "(torchrun, --fsdp), a shorter --seq-len, or --micro-batch 1 to try anyway"
+        )
+    return {s: r["micro"] for s, r in plan.items()}
 
 
 # ----------------------------------------------------------------------------- DPO pairs and evaluation
@@ -911,10 +1282,13 @@ class Stage:
         return getattr(self.run, "func", self.run).__doc__.split("\n")[0]
 
 
-TRAIN = ("batch_size", "warmup", "weight_decay", "grad_clip", "seed")
-ILD = ("teacher", "ild_steps", "ild_lr", *TRAIN)
-KD = ("kd_teacher", "kd_steps", "kd_lr", "ce_weight", *TRAIN)
-DPO = ("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_steps", "dpo_lr", "dpo_beta", *TRAIN)
+TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision")
+ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", *TRAIN)
+KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "ce_weight", *TRAIN)
+DPO = (
+    *("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_batch_size", "dpo_steps", "dpo_lr"),
+    *("dpo_beta", "dpo_warmup", *TRAIN),
+)
 SMART = ("teacher", "mla_layers", "smart_batches")
 EVAL = ("kd_teacher", "eval_batches")
 STAGES = (
@@ -1017,7 +1391,10 @@ def load_teachers(cfg):
     """(teacher, KD teacher, tokenizer): the model to convert, and the teacher of KD, DPO pairs and
     evaluation (the same model unless --kd-teacher). Both must share one vocabulary and hold --seq-len."""
     cache = cfg.cache_dir or None
-    teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
+    if cfg.dry_run and not cfg.teacher:  # random weights at the real shapes (issue 10)
+        teacher, tok = random_teacher(cfg)
+    else:
+        teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
     mla_layers = [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
     teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layers)
     kd_teacher, kd_tok = (teacher, tok) if not cfg.kd_teacher else convert.load_teacher(cfg.kd_teacher, cache)
@@ -1034,25 +1411,25 @@ def load_teachers(cfg):
                 f"--seq-len {cfg.seq_len} exceeds the {name}'s context of {m.cfg.max_seq_len} tokens: pass "
                 f"--seq-len {m.cfg.max_seq_len} or less"
             )
-    teacher = teacher.to(cfg.device).eval().requires_grad_(False)
-    kd_teacher = kd_teacher.to(cfg.device).eval().requires_grad_(False)
+    teacher = teacher.to(cfg.device, teacher_dtype(cfg)).eval().requires_grad_(False)
+    kd_teacher = kd_teacher.to(cfg.device, teacher_dtype(cfg)).eval().requires_grad_(False)
     return teacher, kd_teacher, tok
 
 
 # ----------------------------------------------------------------------------- the stage runner
 def main(argv=None):
     cfg = parse_args(argv)
+    if configure_run(cfg):  # memory plan, micro-batching, precision, dry run (issue 10): --plan exits here
+        return
     rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = os.path.join(cfg.out_dir, cfg.size)
     os.makedirs(out, exist_ok=True)
-    if cfg.batch_size % world:
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be a multiple of the number of processes {world}"
-        )
     if cfg.dpo_data and not read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM):  # now, not after hours of KD
         raise ValueError(f"{cfg.dpo_data} holds no DPO pairs: give one {PAIR_FORM} per line")
     teacher, kd_teacher, tok = load_teachers(cfg)
+    kd_tcfg = kd_teacher.cfg if kd_teacher is not teacher else None
+    cfg.micro_plan = plan_micro_batches(cfg, teacher.cfg, world, rank, kd_tcfg)  # issue 10
     meta = [prepare_data(cfg, tok, out) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(meta)
@@ -1079,5 +1456,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError) as e:
         sys.exit(f"error: {e}")

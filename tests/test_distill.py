@@ -2,6 +2,8 @@
 kill, torchrun (gloo) = one process, bad input. Run: python -m pytest tests/test_distill.py"""
 
 import base64
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import time
 import pytest
 import torch
 
+import convert
 import distill
 import model as M
 
@@ -475,3 +478,174 @@ def test_seq_len_beyond_the_teachers_context_is_refused_before_data_prep(tmp_pat
     with pytest.raises(ValueError, match="context of 512"):
         distill.main(["--size", "tiny", "--seq-len", "1024", "--out-dir", str(tmp_path)])
     assert not list(tmp_path.rglob("data*"))
+
+
+# ---- memory plan, micro-batching, dry run (issue 10)
+# the official configs as paper.md §10-§12 tabulate them: (ILD batch, lr), (KD batch, lr, tokens), DPO pairs
+OFFICIAL = {
+    "1b": dict(ild=(96, 2e-4), kd=(192, 8e-5, 5.44e9), dpo=(32, 5e-7)),
+    "3b": dict(ild=(96, 2e-4), kd=(96, 4e-5, 37_842 * 96 * 2048), dpo=(32, 5e-7)),
+    "8b": dict(ild=(48, 1e-4), kd=(64, 4e-5, 72_021 * 64 * 2048), dpo=(32, 5e-7)),
+}
+
+
+@pytest.mark.parametrize("size", OFFICIAL)
+def test_presets_are_the_official_global_batches_rates_warmups_and_token_budgets(size):
+    # every stage's global batch, peak rate, warmup and tokens match the official config
+    cfg, want = distill.parse_args(["--size", size]), OFFICIAL[size]
+    assert cfg.seq_len == 2048 and cfg.warmup == 0.01 and cfg.dpo_warmup == 0.1 and cfg.dpo_beta == 0.01
+    assert (cfg.batch_size, cfg.ild_lr) == want["ild"]
+    assert abs(cfg.ild_steps * cfg.batch_size * cfg.seq_len / 1.36e9 - 1) < 1e-3  # 20 % of 6.8B tokens
+    assert (cfg.kd_batch_size, cfg.kd_lr) == want["kd"][:2]
+    assert abs(cfg.kd_steps * cfg.kd_batch_size * cfg.seq_len / want["kd"][2] - 1) < 1e-3
+    assert (cfg.dpo_batch_size, cfg.dpo_lr) == want["dpo"]
+
+
+def test_batch_rows_cover_the_same_global_batch_for_any_world_and_micro_split():
+    # the union over ranks and micro-batches is the step's global batch, whatever the split
+    want = [(3 * 12 + j) % 40 for j in range(12)]
+    for world, n_micro in ((1, 1), (1, 5), (2, 3), (4, 3), (3, 4)):
+        got = [
+            r
+            for rank in range(world)
+            for m in range(n_micro)
+            for r in distill.batch_rows(3, 12, 40, rank, world, m, n_micro)
+        ]
+        assert sorted(got) == sorted(want), (world, n_micro)
+
+
+# one real training step twice (the second with AdamW state resident) in a fresh process: the peak RSS
+# above the baseline after loading (VmHWM reset by /proc/self/clear_refs) against the plan's estimate of
+# the same (peak minus the weights and teacher already resident)
+MEASURE = r"""
+import dataclasses, gc, sys, torch, convert, distill, model as M
+size, stage, seq, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
+cfg = dataclasses.replace(
+    distill.parse_args(["--size", size]), seq_len=seq, batch_size=batch, kd_batch_size=batch,
+    precision="fp32", device="cpu",
+)
+teacher, tok = convert.load_teacher(size)
+teacher.cfg = convert.with_hybrid_fields(teacher.cfg, size)
+teacher.requires_grad_(False)
+plan = distill.memory_plan(cfg, teacher.cfg, 1)[stage]
+idx = torch.randint(0, teacher.cfg.vocab_size, (batch, seq))
+if stage.startswith("ild"):
+    student = convert.make_student(teacher, stage[4:]).train()
+    student.embed_tokens.requires_grad_(False)
+    student.lm_head.requires_grad_(False)
+else:
+    kinds = ["mla" if i in teacher.cfg.mla_layers else "m2" for i in range(teacher.cfg.n_layer)]
+    student = M.Model(dataclasses.replace(teacher.cfg, kinds=kinds)).train()
+def step_loss(m, s, mi, n):
+    rows = idx[distill.batch_rows(s, batch, batch, 0, 1, mi, n)]
+    if stage.startswith("ild"):
+        return distill.ild_loss(m, teacher, rows)
+    with torch.no_grad():
+        t = teacher(rows)
+    return distill.kd_loss(m(rows), t), {}
+opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad])
+gc.collect()
+base = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")
+for step in range(2):
+    off = torch.autocast("cpu", enabled=False)
+    distill.accumulate(student, step_loss, step, batch, plan["micro"], off, print)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print("RESULT", status("VmHWM:") - base, plan["peak"] - plan["weights"] - plan["teacher"], plan["micro"])
+"""
+
+
+@pytest.mark.parametrize(
+    "size,stage,seq,batch", [("tiny", "ild_m2", 256, 16), ("tiny", "kd", 256, 16), ("135m", "kd", 64, 2)]
+)
+def test_memory_plan_is_within_30_percent_of_the_measured_peak(size, stage, seq, batch):
+    # the plan's peak above the resident weights is within 30 % of the measured peak RSS of real steps
+    r = subprocess.run(
+        [sys.executable, "-c", MEASURE, size, stage, str(seq), str(batch)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured, estimated, micro = map(float, r.stdout.split("RESULT")[1].split())
+    assert micro == batch  # the whole batch fits this machine: one micro-batch
+    assert abs(estimated / measured - 1) < 0.3, (measured / 2**20, estimated / 2**20)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step_on_the_same_global_batch():
+    # an OutOfMemoryError mid-step halves the micro-batch; the redone step gives the whole batch's loss, grads
+    torch.manual_seed(0)
+    model = M.Model(M.size_config("tiny"))
+    idx = torch.randint(0, 272, (8, 16))
+    calls = []
+
+    def ce(m, rows):
+        logits = m(idx[rows])
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[rows][:, 1:].flatten())
+
+    def step_loss(m, step, micro, n_micro):
+        rows = distill.batch_rows(step, 8, 8, 0, 1, micro, n_micro)
+        calls.append(rows)
+        if len(calls) == 2:  # the second micro-batch of the first try: gradients are half accumulated
+            raise torch.OutOfMemoryError("simulated")
+        return ce(m, rows), {}
+
+    log = []
+    loss, _, micro = distill.accumulate(model, step_loss, 0, 8, 4, contextlib.nullcontext(), log.append)
+    assert micro == 2 and "halved to 2" in log[0] and len(log) == 1
+    assert calls[2:] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # the redone step: the same 8 rows, 2 at a time
+    oracle = M.Model(M.size_config("tiny"))
+    oracle.load_state_dict(model.state_dict())
+    want = ce(oracle, list(range(8)))
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-5
+    for p, q in zip(model.parameters(), oracle.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), "gradients of the first try were not cleared"
+
+
+def test_plan_for_1b_on_eight_80gb_gpus_fits_and_covers_every_global_batch(capsys):
+    # the plan (from SIZES, no weights) gives every training stage a split of its global batch that fits
+    cfg = dataclasses.replace(distill.parse_args(["--size", "1b"]), memory_gb=80.0, world=8, precision="bf16")
+    plan = distill.memory_plan(cfg, convert.with_hybrid_fields(M.size_config("1b"), "1b"), 8)
+    for stage, r in plan.items():
+        batch = distill.stage_batch(cfg, stage)
+        assert r["fits"] and r["peak"] <= 0.9 * 80 * 2**30, stage
+        assert r["n_micro"] * 8 * r["micro"] >= batch > (r["n_micro"] - 1) * 8 * r["micro"], stage
+    distill.print_plan(cfg, plan, 8)
+    out = capsys.readouterr().out
+    assert all(f"{r['micro']} x {r['n_micro']} x 8 = " in out for r in plan.values())
+
+
+def test_dry_run_runs_every_stage_in_bf16_under_its_own_folder(tmp_path):
+    # --dry-run: random bf16 teacher, every stage once, checkpoints in bf16 under OUT/dry-run/SIZE
+    r = subprocess.run(
+        [sys.executable, "distill.py", "--size", "tiny", "--dry-run", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    dpo = torch.load(tmp_path / "dry-run" / "tiny" / "dpo.pt", weights_only=True)
+    assert dpo["done"] and dpo["step"] == 1
+    assert {v.dtype for v in dpo["model"].values() if v.is_floating_point()} == {torch.bfloat16}
+    assert (tmp_path / "dry-run" / "tiny" / "eval.json").exists()
+
+
+def test_out_of_memory_at_one_sequence_is_one_clear_error():
+    # when even one sequence per forward does not fit, the error names the fixes instead of looping
+    def step_loss(m, step, micro, n_micro):
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(MemoryError, match="--fsdp"):
+        distill.accumulate(torch.nn.Linear(2, 2), step_loss, 0, 4, 4, contextlib.nullcontext(), print)
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work():
+    # every stage's global batch must split evenly over the processes; the flag is named
+    cfg = distill.parse_args(["--size", "tiny", "--dpo-batch-size", "3"])
+    with pytest.raises(ValueError, match="--dpo-batch-size 3"):
+        distill.plan_micro_batches(cfg, convert.with_hybrid_fields(M.size_config("tiny"), "tiny"), 2, 0)
