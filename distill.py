@@ -271,7 +271,7 @@ def parse_args(argv=None):
         formatter_class=Formatter,
         epilog=f"stages, in order (files under OUT_DIR/SIZE):\n{stages}",
     )
-    choices = dict(size=list(PRESETS), rope_rule=["2norm", "high"])
+    choices = dict(size=list(PRESETS), rope_rule=["2norm", "high"], precision=["auto", "fp32", "bf16"])
     for f in fields(DistillConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=defaults[f.name], help=HELP[f.name])
         if f.type is bool:
@@ -926,13 +926,9 @@ DRY_RUN = dict(
 
 
 def configure_run(cfg):
-    """main's first hook: checks this section's flags; --dry-run applies DRY_RUN, keeps every weight in bf16
+    """main's first hook: --dry-run applies DRY_RUN, keeps every weight in bf16
     (a 1b student's fp32 weights and AdamW state alone take ~17 GB, and evaluation holds five models) and
     writes under <out-dir>/dry-run; --plan prints the plan from SIZES and returns True (main exits)."""
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"--precision {cfg.precision!r}: choose auto, fp32 or bf16")
-    if cfg.micro_batch < 0 or cfg.memory_gb < 0 or cfg.world < 0:
-        raise ValueError("--micro-batch, --memory-gb and --world must be >= 0 (0 = chosen automatically)")
     if cfg.dry_run:
         for k, v in DRY_RUN.items():
             setattr(cfg, k, v)
@@ -990,7 +986,7 @@ def greedy_replies(model, tok, prompts, max_new):
     """Greedy reply ids per prompt. The end-of-turn id closes only the replies that ended within max_new
     tokens; a reply cut at max_new stays open (DPO must not learn that it ended there)."""
     replies = [[] for _ in prompts]
-    for nxt in generate(model, prompts, max_new_tokens=max_new, stop_ids={tok.eos_id}):
+    for nxt in generate(model, prompts, max_new_tokens=max_new, stop_ids={tok.eos_id}, n_vocab=tok.n_vocab):
         for ids, t in zip(replies, nxt.tolist()):
             if not ids or ids[-1] != tok.eos_id:
                 ids.append(t)
@@ -1073,6 +1069,31 @@ def evaluate(models, teacher, batches, kv_base):
             params=m.num_params(),
         )
     return rows
+
+
+# simple factual questions: the teacher answers them; a distilled model should still (issue 11)
+QUESTIONS = (
+    "What is the capital of France?",
+    "How many days are there in a week?",
+    "What color is the sky on a clear day?",
+    "Who wrote Romeo and Juliet?",
+    "What is 2 + 3?",
+)
+
+
+def answers(model, tok, max_new=32):
+    """Greedy replies of model to QUESTIONS, as text."""
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    replies = greedy_replies(model, tok, prompts, max_new)
+    return [tok.decode([t for t in ids if t != tok.eos_id]).strip() for ids in replies]
+
+
+def print_answers(qa):
+    """The fixed questions with each model's greedy answer beneath, side by side in reading order."""
+    for i, q in enumerate(QUESTIONS):
+        print(f"\nQ: {q}")
+        for name, replies in qa.items():
+            print(f"  {name + ':':<10} {replies[i]!r}")
 
 
 def print_table(rows, skipped):
@@ -1261,8 +1282,15 @@ def run_eval(r):
     else:
         skipped["after DPO"] = r.records()["dpo"]["skipped"]
     rows = evaluate(models, r.kd_teacher, r.first_batches("heldout", r.cfg.eval_batches), r.teacher)
+    final = "after DPO" if "after DPO" in models else "after KD"
+    qa = {"teacher": answers(r.kd_teacher, r.tok), "distilled": answers(models[final], r.tok)}
     res = dict(
-        size=r.cfg.size, mla_layers=r.mla_layers(), config=asdict(r.cfg), results=rows, skipped=skipped
+        size=r.cfg.size,
+        mla_layers=r.mla_layers(),
+        config=asdict(r.cfg),
+        results=rows,
+        skipped=skipped,
+        answers=qa,
     )
     write_json(r.path("eval.json"), res)
 
@@ -1447,6 +1475,7 @@ def main(argv=None):
     if rank == 0 and os.path.isfile(r.path("eval.json")):
         res = read_json(r.path("eval.json"))
         print_table(res["results"], res.get("skipped", {}))
+        print_answers(res["answers"])
         newest = r.path("dpo.pt") if os.path.isfile(r.path("dpo.pt")) else r.path("kd.pt")
         print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {newest}")
     if world > 1:

@@ -649,3 +649,17 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any
     cfg = distill.parse_args(["--size", "tiny", "--dpo-batch-size", "3"])
     with pytest.raises(ValueError, match="--dpo-batch-size 3"):
         distill.plan_micro_batches(cfg, convert.with_hybrid_fields(M.size_config("tiny"), "tiny"), 2, 0)
+
+
+def test_eval_shows_the_teachers_greedy_answers_to_the_fixed_questions(finished):
+    # eval.json's teacher answers are the teacher's greedy continuations (a full forward per token)
+    res = M.read_json(finished[0] / "tiny" / "eval.json")
+    teacher, tok = distill.convert.load_teacher("tiny")
+    for q, got in zip(distill.QUESTIONS, res["answers"]["teacher"]):
+        ids = tok.chat([{"role": "user", "content": q}])
+        out = []
+        with torch.no_grad():
+            while len(out) < 32 and (not out or out[-1] != tok.eos_id):
+                out.append(teacher(torch.tensor([ids + out]))[0, -1, : tok.n_vocab].argmax().item())
+        assert got == tok.decode([t for t in out if t != tok.eos_id]).strip()
+    assert len(res["answers"]["distilled"]) == len(distill.QUESTIONS)
