@@ -1,6 +1,7 @@
-"""Multi-head latent attention (MLA): the layer, its latent cache, absorbed decode and a Triton kernel.
+"""Multi-head latent attention (MLA) decode math: absorbed decode, its torch references, a Triton kernel.
 
-Paper stage: the MLA layers of the Zebra-Llama hybrid (paper.md §3 math, §16 inference path; kernels.md §4).
+The layer itself is model.MLA. Paper stage: the MLA layers of the Zebra-Llama hybrid (paper.md §3 math,
+§16 inference path; kernels.md §4).
 Per token x: q = W_UQ W_DQ x split per head into [q^N (d_N) ; q^R (d_R)]; [c ; k^R] = W_DKV x with c the r_kv
 latent and k^R one rope key shared by all heads; per KV group g, [k^N_g ; v_g] = W_UKV,g c; head h uses group
 h // (H/n_kv). Logits τ(q^N·k^N + q^R·k^R) with τ = (d_N + d_R)^-1/2: the per-head width, never the latent
@@ -71,18 +72,23 @@ def mla_decode_ref_naive(q_nope, q_pe, kv_cache, cache_seqlens, W_UK, W_UV, soft
 def mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank):
     """Absorbed decode in fp32 (fp64 if q is): q (B, H, width) = [q̃ ; q^R], width = r_kv + d_R
     -> (out_latent (B, H, r_kv), lse (B, H)). One cached row [c ; k] gives out_latent = c and
-    lse = τ·q·[c ; k]; an empty row gives 0 and -inf. Masks over the whole cache capacity S_max: no length is
-    read back to the host, so a decode step on any device makes no synchronisation."""
+    lse = τ·q·[c ; k]; an empty row gives 0 and -inf. On CUDA and under torch.compile it masks over the whole
+    capacity S_max: no length is read back to the host, so a decode step can be captured in a CUDA graph."""
     dtype = torch.promote_types(q.dtype, torch.float32)
-    valid = torch.arange(kv_cache.shape[1], device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S_max)
-    # slots past a row's length may hold anything, NaN included, and 0·NaN would still be NaN: zero them
-    kv = torch.where(valid[..., None], kv_cache.to(dtype), 0)  # (B, S_max, width)
-    s = torch.einsum("bhd,bsd->bhs", q.to(dtype), kv) * softmax_scale  # (B, H, S_max)
+    S, ragged = kv_cache.shape[1], True
+    if not (kv_cache.is_cuda or torch.compiler.is_compiling()):
+        # eager on the CPU, reading the lengths syncs with no device: attend only up to the longest row and
+        # copy the cache only for a ragged batch (that copy was half of zebra's CPU decode time at 16k x 8)
+        S = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
+        ragged = not bool((cache_seqlens == S).all())
+    valid = torch.arange(S, device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S)
+    kv = kv_cache[:, :S].to(dtype)  # (B, S, width)
+    if ragged:  # slots past a row's length may hold anything, NaN included, and 0·NaN is NaN: zero them
+        kv = torch.where(valid[..., None], kv, 0)
+    s = torch.einsum("bhd,bsd->bhs", q.to(dtype), kv) * softmax_scale  # (B, H, S)
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(s, -1)  # (B, H)
-    p = torch.exp(
-        s - lse.masked_fill(lse == float("-inf"), 0)[..., None]
-    )  # (B, H, S_max); empty row: 0, not NaN
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0)[..., None])  # (B, H, S); empty row: 0, not NaN
     return torch.einsum("bhs,bsr->bhr", p, kv[..., :kv_lora_rank]), lse
 
 
