@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import convert
-from generate import generate
+from generate import reply, reply_ids
 from model import (
     Block,
     Model,
@@ -570,11 +570,13 @@ def stage_batch(cfg, stage):
     return {"kd": cfg.kd_batch_size, "dpo": cfg.dpo_batch_size}.get(stage, cfg.batch_size)
 
 
-def accumulate(model, step_loss, step, per_rank, micro, amp, say):
+def accumulate(model, step_loss, step, per_rank, micro, amp, say, retry=True):
     """Forward and backward of one global step, this rank's share of per_rank rows in micro-batches of at
     most `micro` rows; the micro losses are weighted by their share of rows, so the gradient is that of the
     whole share whatever the split. On torch.OutOfMemoryError the gradients are cleared, the micro-batch is
-    halved (the global batch stays) and the step is redone. Returns (loss, terms, micro)."""
+    halved (the global batch stays) and the step is redone; not under torchrun (retry=False), where the other
+    ranks would wait for this one at the gradient sync: there it is one clear error. Returns (loss, terms,
+    micro)."""
     while True:
         n_micro = math.ceil(per_rank / micro)
         total, terms = 0.0, {}
@@ -593,6 +595,12 @@ def accumulate(model, step_loss, step, per_rank, micro, amp, say):
             model.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # hand the failed try's blocks back before the smaller one
+            if not retry:
+                raise MemoryError(
+                    f"out of memory at step {step} with {micro} sequences per forward on one of several "
+                    f"processes, which cannot halve their micro-batch in step: rerun with --micro-batch "
+                    f"{max(1, micro // 2)} (python distill.py --plan shows the need)"
+                ) from None
             if micro == 1:
                 raise MemoryError(
                     f"out of memory at step {step} with one sequence per forward: use more GPUs "
@@ -649,7 +657,7 @@ def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
     stop = f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
     for step in bar:
         try:
-            loss, terms, micro = accumulate(model, step_loss, step, per_rank, micro, amp, say)
+            loss, terms, micro = accumulate(model, step_loss, step, per_rank, micro, amp, say, world == 1)
         except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
             raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
         if world > 1:  # log the loss of the global batch: the mean over ranks
@@ -982,17 +990,6 @@ def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):
 
 
 # ----------------------------------------------------------------------------- DPO pairs and evaluation
-def greedy_replies(model, tok, prompts, max_new):
-    """Greedy reply ids per prompt. The end-of-turn id closes only the replies that ended within max_new
-    tokens; a reply cut at max_new stays open (DPO must not learn that it ended there)."""
-    replies = [[] for _ in prompts]
-    for nxt in generate(model, prompts, max_new_tokens=max_new, stop_ids={tok.eos_id}, n_vocab=tok.n_vocab):
-        for ids, t in zip(replies, nxt.tolist()):
-            if not ids or ids[-1] != tok.eos_id:
-                ids.append(t)
-    return replies
-
-
 def build_dpo_pairs(teacher, student, tok, prompts, max_new, batch=8):
     """Default preference pairs (paper.md §12 [project]): chosen = the teacher's greedy reply, rejected = the
     student's own reply before DPO, for prompts (message lists) from the training split. Kept as token ids,
@@ -1006,8 +1003,8 @@ def build_dpo_pairs(teacher, student, tok, prompts, max_new, batch=8):
     fits = [p for p in prompts if len(tok.chat(p)) + max_new <= teacher.cfg.max_seq_len]
     for i in tqdm(range(0, len(fits), batch), desc="DPO pairs", leave=False):
         ids = [tok.chat(p) for p in fits[i : i + batch]]
-        chosen = greedy_replies(teacher, tok, ids, max_new)
-        rejected = greedy_replies(student, tok, ids, max_new)
+        chosen = reply_ids(teacher, tok, ids, max_new_tokens=max_new)
+        rejected = reply_ids(student, tok, ids, max_new_tokens=max_new)
         for msgs, p, c, r in zip(fits[i : i + batch], ids, chosen, rejected):
             if c == r:
                 dropped += 1
@@ -1084,8 +1081,7 @@ QUESTIONS = (
 def answers(model, tok, max_new=32):
     """Greedy replies of model to QUESTIONS, as text."""
     prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    replies = greedy_replies(model, tok, prompts, max_new)
-    return [tok.decode([t for t in ids if t != tok.eos_id]).strip() for ids in replies]
+    return [text.strip() for text in reply(model, tok, prompts, max_new_tokens=max_new)]
 
 
 def print_answers(qa):

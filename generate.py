@@ -132,9 +132,10 @@ def generate(
         logits = step(model, nxt, cache)
 
 
-def reply(model, tok, prompts, stream=None, progress=False, **kw):
-    """Generate for a batch of token prompts -> list of decoded replies. stream(text) gets row 0's text as it
-    grows; progress shows a bar over the generated tokens. Ids the tokenizer lacks are never sampled."""
+def reply_ids(model, tok, prompts, stream=None, progress=False, **kw):
+    """Generate for a batch of token prompts -> the reply ids per prompt; the end-of-turn id closes only the
+    replies that ended within max_new_tokens. stream(text) gets row 0's text as it grows; progress shows a
+    bar over the generated tokens. Ids the tokenizer lacks are never sampled."""
     out = [[] for _ in prompts]
     stop_ids = {tok.eos_id} - {None}
     tokens = generate(model, prompts, stop_ids=stop_ids, n_vocab=tok.n_vocab, **kw)
@@ -146,7 +147,12 @@ def reply(model, tok, prompts, stream=None, progress=False, **kw):
                 out[b].append(t)
         if stream is not None and len(prompts) == 1 and out[0][-1] not in stop_ids:
             stream(tok.decode(out[0]))
-    return [tok.decode([t for t in o if t not in stop_ids]) for o in out]
+    return out
+
+
+def reply(model, tok, prompts, **kw):
+    """reply_ids decoded to text, without the end-of-turn id."""
+    return [tok.decode([t for t in ids if t != tok.eos_id]) for ids in reply_ids(model, tok, prompts, **kw)]
 
 
 def fit_history(history, encode, budget):

@@ -644,6 +644,15 @@ def test_out_of_memory_at_one_sequence_is_one_clear_error():
         distill.accumulate(torch.nn.Linear(2, 2), step_loss, 0, 4, 4, contextlib.nullcontext(), print)
 
 
+def test_out_of_memory_under_torchrun_is_one_clear_error_not_a_lone_retry():
+    # with several processes a rank must not halve its micro-batch alone (the others would wait at the sync)
+    def step_loss(m, step, micro, n_micro):
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(MemoryError, match="--micro-batch 2"):
+        distill.accumulate(torch.nn.Linear(2, 2), step_loss, 0, 4, 4, contextlib.nullcontext(), print, False)
+
+
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work():
     # every stage's global batch must split evenly over the processes; the flag is named
     cfg = distill.parse_args(["--size", "tiny", "--dpo-batch-size", "3"])
