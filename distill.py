@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -55,198 +55,152 @@ from model import (
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclass
-class DistillConfig:
-    size: str = "135m"
-    teacher: str = ""
-    kd_teacher: str = ""
-    out_dir: str = "out"
-    data: str = ""
-    dpo_data: str = ""
-    cache_dir: str = ""
-    max_chats: int = 0
-    seq_len: int = 2048
-    batch_size: int = 8
-    ild_steps: int = 1000
-    kd_steps: int = 4000
-    dpo_steps: int = 100
-    ild_lr: float = 2e-4
-    kd_lr: float = 8e-5
-    dpo_lr: float = 5e-7
-    warmup: float = 0.01
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ce_weight: float = 0.0
-    dpo_beta: float = 0.01
-    dpo_pairs: int = 64
-    dpo_max_new: int = 64
-    smart_batches: int = 4
-    eval_batches: int = 8
-    mla_layers: str = ""
-    rope_rule: str = "2norm"
-    stage: str = ""
-    force: bool = False
-    ckpt_every: int = 100
-    log_every: int = 10
-    seed: int = 42
-    fsdp: bool = False
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    # memory plan, micro-batching, precision (issue 10)
-    kd_batch_size: int = 8  # KD sequences per optimizer step, summed over ranks (--batch-size: ILD's)
-    dpo_batch_size: int = 4  # DPO preference pairs per optimizer step, summed over ranks
-    dpo_warmup: float = 0.1  # DPO's warmup fraction (paper.md §12); --warmup is ILD's and KD's
-    micro_batch: int = 0  # sequences (DPO: pairs) per forward and rank; 0 = chosen by the memory plan
-    plan: bool = False  # print the memory plan per stage (from SIZES; no weights are loaded) and exit
-    memory_gb: float = 0.0  # memory per device the plan may use (GiB); 0 = the CUDA device's, or free RAM
-    world: int = 0  # processes the plan assumes (--plan on one machine for 8 GPUs); 0 = this run's
-    precision: str = "auto"  # training matmuls: bf16 autocast (fp32 master weights, scan, losses) or fp32
-    dry_run: bool = (
-        False  # every stage once at the real shapes: random bf16 teacher, short sequences, 1-2 steps
-    )
+def option(default, help, valid=None):
+    """A DistillConfig field with its --help line and the values it takes (a range of RANGES, or a list of
+    choices), checked at parse time."""
+    return field(default=default, metadata=dict(help=help, valid=valid))
+
+
+RANGES = {"positive": lambda v: v > 0, "at least 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
 
 
 # Per-size defaults. 1b/3b/8b are the official configs (paper.md §10-§12): global batches per optimizer step
 # (ILD batch_size, KD kd_batch_size sequences of 2048 tokens; DPO dpo_batch_size pairs), peak learning rates,
 # warmup 0.01 (DPO 0.1) and token budgets: ILD 20 % of 6.8B tokens = 1.36B per student, KD 1 epoch of the 80 %
 # (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). The paper distils KD and DPO from
-# Llama-3.1-8B-Instruct for every size (a separate KD teacher; --plan counts its memory). tiny/135m are
-# CPU presets: short sequences and few steps so that every stage runs in minutes on 2 cores.
-PRESETS = {
-    "tiny": dict(
-        seq_len=64,
-        batch_size=4,
-        kd_batch_size=4,
-        dpo_batch_size=2,
-        ild_steps=30,
-        kd_steps=40,
-        dpo_steps=6,
-        ild_lr=2e-3,
-        kd_lr=1e-3,
-        dpo_lr=1e-5,
-        dpo_pairs=8,
-        dpo_max_new=12,
-        smart_batches=2,
-        eval_batches=2,
-        max_chats=400,
-        ckpt_every=10,
-        log_every=10,
-        rope_rule="high",
-    ),
-    "135m": dict(
-        seq_len=256,
-        batch_size=4,
-        kd_batch_size=4,
-        dpo_batch_size=2,
-        ild_steps=30,
-        kd_steps=80,
-        dpo_steps=8,
-        ild_lr=1e-3,
-        kd_lr=2e-4,
-        dpo_lr=2e-6,
-        dpo_pairs=16,
-        dpo_max_new=32,
-        smart_batches=1,
-        eval_batches=4,
-        ckpt_every=10,
-    ),
-    "1b": dict(
-        batch_size=96,
-        ild_steps=6_917,
-        ild_lr=2e-4,
-        kd_batch_size=192,
-        kd_steps=13_835,
-        kd_lr=8e-5,
-        dpo_batch_size=32,
-        dpo_lr=5e-7,
-    ),
-    "3b": dict(
-        batch_size=96,
-        ild_steps=6_917,
-        ild_lr=2e-4,
-        kd_batch_size=96,
-        kd_steps=37_842,
-        kd_lr=4e-5,
-        dpo_batch_size=32,
-        dpo_lr=5e-7,
-    ),
-    "8b": dict(
-        batch_size=48,
-        ild_steps=13_835,
-        ild_lr=1e-4,
-        kd_batch_size=64,
-        kd_steps=72_021,
-        kd_lr=4e-5,
-        dpo_batch_size=32,
-        dpo_lr=5e-7,
-        fsdp=True,
-    ),
-}
-
-
-# one line of --help per DistillConfig field, the only place the options are described
-HELP = dict(
-    size="model size: tiny (random teacher, a minute), 135m (SmolLM2, CPU), 1b, 3b, 8b (local --teacher)",
-    teacher="teacher to convert: a size, an HF or Meta Llama directory or a .gguf file ('' = --size)",
-    kd_teacher="teacher of KD, DPO pairs and evaluation, any --teacher source ('' = --teacher)",
-    out_dir="folder for data and checkpoints (a size writes under OUT_DIR/SIZE)",
-    data="chat JSONL, one {'messages': [{'role', 'content'}, ...]} per line ('' = the chitchat corpus)",
-    dpo_data="DPO JSONL, one {'prompt', 'chosen', 'rejected'} per line ('' = teacher vs KD replies)",
-    cache_dir="downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)",
-    max_chats="use only the first N conversations (0 = all)",
-    seq_len="tokens per packed training sequence, at most the teacher's context",
-    batch_size="ILD (and SMART, eval): global batch per optimizer step in sequences, summed over ranks",
-    ild_steps="optimizer steps of each ILD run (paper.md §10)",
-    kd_steps="optimizer steps of end-to-end KD (paper.md §11)",
-    dpo_steps="optimizer steps of DPO (paper.md §12)",
-    ild_lr="peak learning rate of ILD",
-    kd_lr="peak learning rate of KD",
-    dpo_lr="peak learning rate of DPO",
-    warmup="fraction of each stage's steps spent warming up the learning rate, in [0, 1]",
-    weight_decay="AdamW weight decay",
-    grad_clip="clip the gradient norm to this",
-    ce_weight="KD loss = KL + CE_WEIGHT * cross-entropy (the paper: pure KL)",
-    dpo_beta="DPO beta (paper.md §12)",
-    dpo_pairs="default DPO pairs to build from corpus prompts (0 = skip DPO)",
-    dpo_max_new="reply tokens at most when building DPO pairs",
-    smart_batches="batches of the ILD (training) split that SMART scores layers on",
-    eval_batches="held-out batches of the final evaluation",
-    mla_layers="comma-separated MLA layers, e.g. 0,6,12,18,24,28 ('' = chosen by SMART)",
-    rope_rule="MLA rope pairs: 2norm (calibrated on training tokens) or high (highest frequencies)",
-    stage="rerun this stage (and any missing or stale one before it), drop the stages after it, stop",
-    force="rerun every stage",
-    ckpt_every="steps between resumable checkpoints",
-    log_every="steps between log lines",
-    seed="seed of the data order and initialisation",
-    fsdp="under torchrun: FSDP2 instead of DDP (8b: a student and the teacher exceed one GPU)",
-    device="cpu, cuda or cuda:N",
-    kd_batch_size="KD: global batch per optimizer step in sequences, summed over ranks and micro-batches",
-    dpo_batch_size="DPO: global batch per optimizer step in preference pairs",
-    dpo_warmup="fraction of DPO's steps spent warming up (paper: 0.1); --warmup is ILD's and KD's",
-    micro_batch="sequences (DPO: pairs) per forward and rank (0 = chosen by the memory plan)",
-    plan="print the memory plan per stage (from SIZES, nothing loaded) and exit",
-    memory_gb="GiB per device the plan may use (0 = the CUDA device's memory, or the free RAM)",
-    world="processes the plan assumes, e.g. 8 to plan 8 GPUs from one machine (0 = this run's)",
-    precision="auto (bf16 autocast on CUDA and on CPUs with native bf16), fp32 or bf16",
-    dry_run="every stage once at the size's real shapes: random bf16 teacher without --teacher, short "
-    "sequences, 1-2 steps",
+# Llama-3.1-8B-Instruct for every size (a separate KD teacher; --plan counts its memory).
+# tiny and 135m are CPU presets, side by side as (tiny, 135m): short sequences and few steps, so that tiny
+# runs every stage in about a minute and 135m in under 30 minutes on 2 idle cores.
+CPU = dict(
+    seq_len=(64, 256),
+    batch_size=(4, 4),
+    kd_batch_size=(4, 4),
+    dpo_batch_size=(2, 2),
+    ild_steps=(30, 30),
+    kd_steps=(40, 80),
+    dpo_steps=(6, 8),
+    ild_lr=(2e-3, 1e-3),
+    kd_lr=(1e-3, 2e-4),
+    dpo_lr=(1e-5, 2e-6),
+    dpo_pairs=(8, 16),
+    dpo_max_new=(12, 32),
+    smart_batches=(2, 1),
+    eval_batches=(2, 4),
+    max_chats=(400, 0),
+    ckpt_every=(10, 10),
+    rope_rule=("high", "2norm"),
+    ild_target=("mixer", "mixer"),
 )
-# the range every numeric option must lie in, checked at parse time
-RANGES = {
-    "positive": lambda v: v > 0,
-    "at least 0": lambda v: v >= 0,
-    "in [0, 1]": lambda v: 0 <= v <= 1,
+OFFICIAL = ("batch_size", "ild_steps", "ild_lr", "kd_batch_size", "kd_steps", "kd_lr")  # the 1b-8b rows
+PRESETS = {
+    **{size: {k: v[i] for k, v in CPU.items()} for i, size in enumerate(("tiny", "135m"))},
+    "1b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 192, 13_835, 8e-5))),
+    "3b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 96, 37_842, 4e-5))),
+    "8b": dict(zip(OFFICIAL, (48, 13_835, 1e-4, 64, 72_021, 4e-5)), fsdp=True),
 }
-RANGE_OF = {
-    **dict.fromkeys(
-        "seq_len batch_size ild_steps kd_steps dpo_steps dpo_max_new smart_batches eval_batches ckpt_every "
-        "log_every ild_lr kd_lr dpo_lr dpo_beta grad_clip kd_batch_size dpo_batch_size".split(),
+
+
+@dataclass
+class DistillConfig:
+    size: str = option(
+        "135m",
+        "model size: tiny (random teacher, a minute), 135m (SmolLM2, CPU), 1b, 3b, 8b (local --teacher)",
+        list(PRESETS),
+    )
+    teacher: str = option(
+        "", "teacher to convert: a size, an HF or Meta Llama directory or a .gguf file ('' = --size)"
+    )
+    kd_teacher: str = option(
+        "", "teacher of KD, DPO pairs and evaluation, any --teacher source ('' = --teacher)"
+    )
+    out_dir: str = option("out", "folder for data and checkpoints (a size writes under OUT_DIR/SIZE)")
+    data: str = option(
+        "", "chat JSONL, one {'messages': [{'role', 'content'}, ...]} per line ('' = the chitchat corpus)"
+    )
+    dpo_data: str = option(
+        "", "DPO JSONL, one {'prompt', 'chosen', 'rejected'} per line ('' = teacher vs KD replies)"
+    )
+    cache_dir: str = option("", "downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)")
+    max_chats: int = option(0, "use only the first N conversations (0 = all)", "at least 0")
+    seq_len: int = option(
+        2048, "tokens per packed training sequence, at most the teacher's context", "positive"
+    )
+    batch_size: int = option(
+        8,
+        "ILD (and SMART, eval): global batch per optimizer step in sequences, summed over ranks",
         "positive",
-    ),
-    **dict.fromkeys(
-        "max_chats dpo_pairs seed weight_decay ce_weight micro_batch memory_gb world".split(), "at least 0"
-    ),
-    **dict.fromkeys(("warmup", "dpo_warmup"), "in [0, 1]"),
-}
+    )
+    ild_steps: int = option(1000, "optimizer steps of each ILD run (paper.md §10)", "positive")
+    kd_steps: int = option(4000, "optimizer steps of end-to-end KD (paper.md §11)", "positive")
+    dpo_steps: int = option(100, "optimizer steps of DPO (paper.md §12)", "positive")
+    ild_lr: float = option(2e-4, "peak learning rate of ILD", "positive")
+    kd_lr: float = option(8e-5, "peak learning rate of KD", "positive")
+    dpo_lr: float = option(5e-7, "peak learning rate of DPO", "positive")
+    warmup: float = option(
+        0.01, "fraction of each stage's steps spent warming up the learning rate, in [0, 1]", "in [0, 1]"
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay", "at least 0")
+    grad_clip: float = option(1.0, "clip the gradient norm to this", "positive")
+    ce_weight: float = option(
+        0.0, "KD loss = KL + CE_WEIGHT * cross-entropy (the paper: pure KL)", "at least 0"
+    )
+    dpo_beta: float = option(0.01, "DPO beta (paper.md §12)", "positive")
+    dpo_pairs: int = option(64, "default DPO pairs to build from corpus prompts (0 = skip DPO)", "at least 0")
+    dpo_max_new: int = option(64, "reply tokens at most when building DPO pairs", "positive")
+    smart_batches: int = option(
+        4, "batches of the ILD (training) split that SMART scores layers on", "positive"
+    )
+    eval_batches: int = option(8, "held-out batches of the final evaluation", "positive")
+    mla_layers: str = option("", "comma-separated MLA layers, e.g. 0,6,12,18,24,28 ('' = chosen by SMART)")
+    rope_rule: str = option(
+        "2norm",
+        "MLA rope pairs: 2norm (calibrated on training tokens) or high (highest frequencies)",
+        ["2norm", "high"],
+    )
+    ild_target: str = option(
+        "block",
+        "ILD loss: block (the official code: block and mixer outputs, MLPs train) or mixer (mixers alone, "
+        "MLPs frozen: no MLP forward or backward)",
+        ["block", "mixer"],
+    )
+    stage: str = option(
+        "", "rerun this stage (and any missing or stale one before it), drop the stages after it, stop"
+    )
+    force: bool = option(False, "rerun every stage")
+    ckpt_every: int = option(100, "steps between resumable checkpoints", "positive")
+    log_every: int = option(10, "steps between log lines", "positive")
+    seed: int = option(42, "seed of the data order and initialisation", "at least 0")
+    fsdp: bool = option(
+        False, "under torchrun: FSDP2 instead of DDP (8b: a student and the teacher exceed one GPU)"
+    )
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
+    kd_batch_size: int = option(
+        8, "KD: global batch per optimizer step in sequences, summed over ranks and micro-batches", "positive"
+    )
+    dpo_batch_size: int = option(32, "DPO: global batch per optimizer step in preference pairs", "positive")
+    dpo_warmup: float = option(
+        0.1, "fraction of DPO's steps spent warming up (paper: 0.1); --warmup is ILD's and KD's", "in [0, 1]"
+    )
+    micro_batch: int = option(
+        0, "sequences (DPO: pairs) per forward and rank (0 = chosen by the memory plan)", "at least 0"
+    )
+    plan: bool = option(False, "print the memory plan per stage (from SIZES, nothing loaded) and exit")
+    memory_gb: float = option(
+        0.0, "GiB per device the plan may use (0 = the CUDA device's memory, or the free RAM)", "at least 0"
+    )
+    world: int = option(
+        0, "processes the plan assumes, e.g. 8 to plan 8 GPUs from one machine (0 = this run's)", "at least 0"
+    )
+    precision: str = option(
+        "auto",
+        "auto (bf16 autocast on CUDA and on CPUs with native bf16), fp32 or bf16",
+        ["auto", "fp32", "bf16"],
+    )
+    dry_run: bool = option(
+        False,
+        "every stage once at the size's real shapes: random bf16 teacher without --teacher, short "
+        "sequences, 1-2 steps",
+    )
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -271,18 +225,18 @@ def parse_args(argv=None):
         formatter_class=Formatter,
         epilog=f"stages, in order (files under OUT_DIR/SIZE):\n{stages}",
     )
-    choices = dict(size=list(PRESETS), rope_rule=["2norm", "high"], precision=["auto", "fp32", "bf16"])
     for f in fields(DistillConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), dict(default=defaults[f.name], help=HELP[f.name])
+        flag, valid = "--" + f.name.replace("_", "-"), f.metadata["valid"]
+        kw = dict(default=defaults[f.name], help=f.metadata["help"])
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
+            p.add_argument(flag, type=f.type, choices=valid if isinstance(valid, list) else None, **kw)
     cfg = DistillConfig(**vars(p.parse_args(argv)))
-    for name, rule in RANGE_OF.items():
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and RANGES[rule](v)):
-            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
+    for f in fields(cfg):
+        v, rule = getattr(cfg, f.name), f.metadata["valid"]
+        if isinstance(rule, str) and not (math.isfinite(v) and RANGES[rule](v)):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be {rule}, got {v}")
     if cfg.stage and cfg.stage not in [s.name for s in STAGES]:
         raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(s.name for s in STAGES)}")
     if cfg.mla_layers and not re.fullmatch(r"\d+(,\d+)*", cfg.mla_layers):
@@ -417,6 +371,7 @@ def prepare_data(cfg, tok, out, max_prompts=4096):
         tokenizer=tok.name,
         n_vocab=tok.n_vocab,
         prompts="first user turn with its system turn",  # older data.json files kept the user text only
+        unseen=convert.TEMPEST[:2],
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)
@@ -440,10 +395,12 @@ def prepare_data(cfg, tok, out, max_prompts=4096):
     splits = {"ild": chats[:n_ild], "kd": chats[n_ild:-n_held], "heldout": chats[-n_held:]}
     prompts = [p for p in map(chat_prompt, splits["kd"]) if p]
     meta = dict(key=key, prompts=prompts[:max_prompts], n={})
+    tokens = {name: [] for name in splits}
     for name, part in splits.items():
-        ids = []
         for msgs in tqdm(part, desc=f"tokenize {name}", leave=False):
-            ids.extend(tok.chat(msgs, add_generation_prompt=False))
+            tokens[name].extend(tok.chat(msgs, add_generation_prompt=False))
+    tokens["unseen"] = tok.encode(convert.unseen_text(cfg.cache_dir or None))  # plain text, no chat template
+    for name, ids in tokens.items():
         n = len(ids) // cfg.seq_len
         if n == 0:
             raise ValueError(
@@ -480,13 +437,18 @@ def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
 
 
 # ----------------------------------------------------------------------------- losses
-def ild_layer_losses(student, teacher, idx):
-    """Teacher-forced layer losses of the official code (paper.md §10), one per layer: every student block
-    gets the teacher's input to that block; per-token L2 distance (not squared) of the block outputs (the last
-    one after the final norm) plus that of the mixer outputs, averaged over tokens. We follow the code rather
-    than the paper's MSE: the code produced the published models."""
+def ild_layer_losses(student, teacher, idx, target="block"):
+    """Teacher-forced layer losses (paper.md §10), one per layer: student block i gets the teacher's input to
+    block i. target "block" is the official code: per-token L2 distance (not squared) of the block outputs
+    (the last one after the final norm) plus that of the mixer outputs, averaged over tokens; we follow the
+    code rather than the paper's MSE, the code produced the published models. target "mixer" (MOHAWK's
+    stage 2, [project]) scores the mixer alone on the teacher's normed input: the MLPs, identical to the
+    teacher's, stay frozen, so a step runs no MLP forward or backward."""
     with torch.no_grad():
         _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
+    if target == "mixer":
+        s_mix = student(idx, layer_inputs=t_in, mixers_only=True)
+        return torch.stack([l2(sm, tm) for sm, tm in zip(s_mix, t_mix)])
     _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
     return torch.stack([l2(so, to) + l2(sm, tm) for so, to, sm, tm in zip(s_out, t_out, s_mix, t_mix)])
 
@@ -496,8 +458,19 @@ def l2(a, b):
     return (a.float() - b.float()).norm(dim=-1).mean()
 
 
-def ild_loss(student, teacher, idx):
-    per_layer = ild_layer_losses(student, teacher, idx)
+def ild_trainable(student, target):
+    """What ILD trains: the blocks and the final norm ("block"), or the mixers alone ("mixer"); never the
+    embeddings and head."""
+    student.requires_grad_(target == "block")
+    student.embed_tokens.requires_grad_(False)
+    student.lm_head.requires_grad_(False)
+    for block in student.layers:
+        block.mixer.requires_grad_(True)
+    return student
+
+
+def ild_loss(student, teacher, idx, target="block"):
+    per_layer = ild_layer_losses(student, teacher, idx, target)
     return per_layer.sum(), dict(first=per_layer[0].item(), last=per_layer[-1].item())
 
 
@@ -619,11 +592,14 @@ def sync_gradients(model, last):
     return contextlib.nullcontext()
 
 
-def train(stage, model, step_loss, cfg, path, steps, lr, rank, world, tok):
-    """AdamW + warmup/cosine + clipping + micro-batches (+ bf16 autocast, --precision), tqdm, a log line,
-    an atomic checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
+def train(r, stage, model, step_loss, steps, lr):
+    """Train `model` as `stage` of the Run r into <stage>.pt, wrapped for DDP/FSDP2 under torchrun: AdamW +
+    warmup/cosine + clipping + micro-batches (+ bf16 autocast, --precision), tqdm, a log line, an atomic
+    checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
     step_loss(model, step, micro, n_micro) -> (loss, terms): micro-batch `micro` of `n_micro` of this
     rank's share of global step `step` (rows from batch_rows)."""
+    cfg, rank, world, tok, path = r.cfg, r.rank, r.world, r.tok, r.path(f"{stage}.pt")
+    model = wrap_model(model.train(), cfg, world)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     warm = max(1, int((cfg.dpo_warmup if stage == "dpo" else cfg.warmup) * steps))
@@ -770,28 +746,31 @@ def per_token(fn, lengths=(64, 128)):
     return slope, max(0.0, b1 - slope * t1)
 
 
-def block_memory(cfg, kind, teacher_forced, amp):
-    """(params, bytes per token, constant bytes) of one training block of this kind at the real dims,
-    measured on the CPU with random weights: its forward saves what backward needs. Teacher-forced (ILD):
-    the input is the teacher's (no gradient) and the loss terms of ild_layer_losses are included; chained
-    (KD, DPO): the input is the previous block's output."""
+def block_memory(cfg, kind, amp, ild=None):
+    """(trainable params, bytes per token, constant bytes) of one training block of this kind at the real
+    dims, measured on the CPU with random weights: its forward saves what backward needs. ild None (KD, DPO):
+    the input is the previous block's output; ild = ILD's target: the input is the teacher's (no gradient),
+    the loss terms of ild_layer_losses are included, and with "mixer" only the mixer runs and trains."""
     c = dataclasses.replace(cfg, kinds=[kind] * cfg.n_layer)
     block = Block(c, 0)
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
 
     def saved(T):
-        x = torch.randn(1, T, cfg.d_model, requires_grad=not teacher_forced)
+        x = torch.randn(1, T, cfg.d_model, requires_grad=ild is None)
         ang = torch.arange(T)[None, :, None] * rope_freqs(c)  # (1, T, head_dim/2)
         target = torch.randn(1, T, cfg.d_model)
 
         def fn():
             with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                if ild == "mixer":
+                    return [l2(block(x, ang.cos(), ang.sin(), mixer_only=True), target)]
                 h, a = block(x, ang.cos(), ang.sin())
-                return [l2(h, target) + l2(a, target)] if teacher_forced else [h]
+                return [l2(h, target) + l2(a, target)] if ild else [h]
 
-        return saved_bytes(fn, weights | ({x.untyped_storage().data_ptr()} if teacher_forced else set()))
+        return saved_bytes(fn, weights | (set() if ild is None else {x.untyped_storage().data_ptr()}))
 
-    return (sum(p.numel() for p in block.parameters()), *per_token(saved))
+    trainable = block.mixer if ild == "mixer" else block
+    return (sum(p.numel() for p in trainable.parameters()), *per_token(saved))
 
 
 def loss_memory(cfg, stage, amp, t_dtype):
@@ -841,8 +820,8 @@ def memory_plan(cfg, tcfg, world, kd_tcfg=None):
         return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.d_model
 
     shard = world if cfg.fsdp else 1
-    blocks = {k: block_memory(tcfg, k, False, amp) for k in ("mla", "m2")}
-    ild = {k: block_memory(tcfg, k, True, amp) for k in ("mla", "m2")}
+    blocks = {k: block_memory(tcfg, k, amp) for k in ("mla", "m2")}
+    ild = {k: block_memory(tcfg, k, amp, cfg.ild_target) for k in ("mla", "m2")}
     teacher = (embed(tcfg) + tcfg.n_layer * block_params(tcfg, "attn")) * t_bytes
     kd_teacher = 0 if kd_tcfg is None else (embed(kd_tcfg) + kd_tcfg.n_layer * block_params(kd_tcfg, "attn"))
     kd_teacher *= t_bytes
@@ -851,7 +830,8 @@ def memory_plan(cfg, tcfg, world, kd_tcfg=None):
     for stage in PLAN_STAGES:
         if stage.startswith("ild"):
             n, tok, const = ild[stage[4:]]
-            params, trainable = embed(tcfg) + tcfg.n_layer * n, tcfg.n_layer * n + tcfg.d_model
+            params = embed(tcfg) + tcfg.n_layer * block_params(tcfg, stage[4:])
+            trainable = tcfg.n_layer * n + (tcfg.d_model if cfg.ild_target == "block" else 0)
             act, const = tcfg.n_layer * tok, tcfg.n_layer * const
             logits = 2 * tcfg.n_layer * tcfg.d_model * t_bytes  # the teacher's block inputs and mixer outputs
             transient = tok  # backward of one teacher-forced layer: its temporaries, about its saved size
@@ -950,7 +930,7 @@ def configure_run(cfg):
         [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None,
     )
     world = cfg.world or int(os.environ.get("WORLD_SIZE", 1))
-    kd = getattr(cfg, "kd_teacher", "")  # --kd-teacher (issue 11): counted when given as a size key
+    kd = cfg.kd_teacher  # counted when given as a size key
     print_plan(cfg, memory_plan(cfg, tcfg, world, size_config(kd) if kd in PRESETS else None), world)
     if kd and kd not in PRESETS:
         print(f"the KD teacher {kd} is not counted: give its size (e.g. --kd-teacher 8b) to --plan")
@@ -1042,29 +1022,30 @@ def pair_batch(tok, pairs, device):
 
 
 @torch.no_grad()
-def evaluate(models, teacher, batches, kv_base):
-    """Per model: held-out perplexity, KL(p_T || p_S) per token and top-1 agreement with `teacher`, and its
-    KV cache per token, also as a percentage of kv_base's (the model it was converted from)."""
-    acc = {name: np.zeros(3) for name in models}
-    for idx in tqdm(batches, desc="evaluate", leave=False):
-        t = teacher(idx)
-        for name, m in models.items():
-            s = t if m is teacher else m(idx)
-            ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
-            agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
-            acc[name] += [ce.item(), kd_loss(s, t).item(), agree.item()]
-    rows = {}
-    for name, m in models.items():
-        ce, kl, agree = acc[name] / len(batches)
-        kv = m.cfg.kv_bytes_per_token()
-        rows[name] = dict(
-            ppl=math.exp(ce),
-            kl=kl,
-            top1=agree,
-            kv_bytes_per_token_bf16=kv,
-            kv_pct=100 * kv / kv_base.cfg.kv_bytes_per_token(),
+def evaluate(models, teacher, splits, kv_base):
+    """Per model: on each split ({name: batches}) perplexity, KL(p_T || p_S) per token and top-1 agreement
+    with `teacher`; its KV cache per token, also as a percentage of kv_base's (the model it was converted
+    from)."""
+    rows = {
+        name: dict(
+            kv_bytes_per_token_bf16=m.cfg.kv_bytes_per_token(),
+            kv_pct=100 * m.cfg.kv_bytes_per_token() / kv_base.cfg.kv_bytes_per_token(),
             params=m.num_params(),
         )
+        for name, m in models.items()
+    }
+    for split, batches in splits.items():
+        acc = {name: np.zeros(3) for name in models}
+        for idx in tqdm(batches, desc=f"evaluate {split}", leave=False):
+            t = teacher(idx)
+            for name, m in models.items():
+                s = t if m is teacher else m(idx)
+                ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+                agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
+                acc[name] += [ce.item(), kd_loss(s, t).item(), agree.item()]
+        for name in models:
+            ce, kl, agree = acc[name] / len(batches)
+            rows[name][split] = dict(ppl=math.exp(ce), kl=kl, top1=agree)
     return rows
 
 
@@ -1093,12 +1074,15 @@ def print_answers(qa):
 
 
 def print_table(rows, skipped):
-    print(f"{'model':<22}{'ppl':>9}{'KL to T':>10}{'top-1':>8}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
+    """One row per model: held-out chats (in-domain) and the unseen-domain text, then the KV cache."""
+    print(f"{'':<22}{'held-out chats':^27}{'unseen domain (The Tempest)':^30}")
+    cols = f"{'ppl':>9}{'KL to T':>10}{'top-1':>8}"
+    print(f"{'model':<22}{cols}  {cols}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
     for name, r in rows.items():
-        print(
-            f"{name:<22}{r['ppl']:>9.2f}{r['kl']:>10.4f}{r['top1']:>8.3f}{r['kv_bytes_per_token_bf16']:>10}"
-            f"{r['kv_pct']:>7.2f}%{r['params']:>13,}"
+        quality = "  ".join(
+            f"{r[k]['ppl']:>9.2f}{r[k]['kl']:>10.4f}{r[k]['top1']:>8.3f}" for k in ("heldout", "unseen")
         )
+        print(f"{name:<22}{quality}{r['kv_bytes_per_token_bf16']:>10}{r['kv_pct']:>7.2f}%{r['params']:>13,}")
     for name, why in skipped.items():
         print(f"{name:<22}skipped: {why}")
 
@@ -1132,12 +1116,6 @@ class Run:
             get_batch(self.out, self.meta, split, i, self.cfg) for i in range(min(n, self.meta["n"][split]))
         ]
 
-    def train(self, stage, model, step_loss, steps, lr):
-        """Train a model as stage (written to <stage>.pt), wrapped for DDP/FSDP2 under torchrun."""
-        model = wrap_model(model.train(), self.cfg, self.world)
-        path = self.path(f"{stage}.pt")
-        train(stage, model, step_loss, self.cfg, path, steps, lr, self.rank, self.world, self.tok)
-
     def records(self):
         """stages.json: what each stage was made from (provenance below)."""
         return read_json(self.path("stages.json")) if os.path.isfile(self.path("stages.json")) else {}
@@ -1160,14 +1138,12 @@ def run_init(r):
 
 def run_ild(r, kind):
     """ILD of one student, every layer teacher-forced, on the ILD split (paper.md §10)."""
-    student = r.load(f"init_{kind}.pt").train()
-    student.embed_tokens.requires_grad_(False)  # embeddings and head get no gradient in ILD
-    student.lm_head.requires_grad_(False)
+    student = ild_trainable(r.load(f"init_{kind}.pt").train(), r.cfg.ild_target)
 
     def step_loss(m, step, micro, n_micro):
-        return ild_loss(m, r.teacher, r.batch("ild", step, micro, n_micro))
+        return ild_loss(m, r.teacher, r.batch("ild", step, micro, n_micro), r.cfg.ild_target)
 
-    r.train(f"ild_{kind}", student, step_loss, r.cfg.ild_steps, r.cfg.ild_lr)
+    train(r, f"ild_{kind}", student, step_loss, r.cfg.ild_steps, r.cfg.ild_lr)
 
 
 def run_smart(r):
@@ -1209,7 +1185,7 @@ def run_kd(r):
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
         return kl + cfg.ce_weight * ce, dict(kl=kl.item(), ce=ce.item())
 
-    r.train("kd", r.load("hybrid_init.pt"), kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
+    train(r, "kd", r.load("hybrid_init.pt"), kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
 
 
 def dpo_pairs(r):
@@ -1255,7 +1231,7 @@ def run_dpo(r):
         margin = (lp[:k] - ref[:k]) - (lp[k:] - ref[k:])
         return dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], cfg.dpo_beta), dict(margin=margin.mean().item())
 
-    r.train("dpo", r.load("kd.pt"), dpo_step, cfg.dpo_steps, cfg.dpo_lr)
+    train(r, "dpo", r.load("kd.pt"), dpo_step, cfg.dpo_steps, cfg.dpo_lr)
     return ""
 
 
@@ -1277,7 +1253,8 @@ def run_eval(r):
         models["after DPO"] = r.load("dpo.pt")
     else:
         skipped["after DPO"] = r.records()["dpo"]["skipped"]
-    rows = evaluate(models, r.kd_teacher, r.first_batches("heldout", r.cfg.eval_batches), r.teacher)
+    splits = {split: r.first_batches(split, r.cfg.eval_batches) for split in ("heldout", "unseen")}
+    rows = evaluate(models, r.kd_teacher, splits, r.teacher)
     final = "after DPO" if "after DPO" in models else "after KD"
     qa = {"teacher": answers(r.kd_teacher, r.tok), "distilled": answers(models[final], r.tok)}
     res = dict(
@@ -1307,7 +1284,7 @@ class Stage:
 
 
 TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision")
-ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", *TRAIN)
+ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", "ild_target", *TRAIN)
 KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "ce_weight", *TRAIN)
 DPO = (
     *("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_batch_size", "dpo_steps", "dpo_lr"),

