@@ -211,17 +211,13 @@ def toy():
     return vocab, merges
 
 
-P = dict(
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    vocab_size=552,
-    multiple_of=32,
-    norm_eps=1e-5,
-    rope_theta=10000.0,
-    use_scaled_rope=True,
-)  # d_ff = 192 by Meta's rule; 552 = 256 bytes + 40 merges + 256 Llama-3 specials
+# the toy Llama as Meta's params.json; d_ff = 192 by Meta's rule, vocab 552 = 256 bytes + 40 merges + 256
+# Llama-3 specials
+P = (
+    dict(dim=64, n_layers=2, vocab_size=552, multiple_of=32)
+    | dict(n_heads=4, n_kv_heads=2)
+    | dict(norm_eps=1e-5, rope_theta=10000.0, use_scaled_rope=True)
+)
 
 
 def uni(b):
@@ -263,24 +259,18 @@ def write_meta_dir(d, w, vocab):
     )
 
 
-HF_CONFIG = dict(
-    vocab_size=552,
-    num_hidden_layers=2,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=192,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-    max_position_embeddings=512,
-    rope_scaling=dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
+# the same Llama as an HF config.json, with Llama-3 rope scaling
+HF_CONFIG = (
+    dict(vocab_size=552, num_hidden_layers=2, hidden_size=64, intermediate_size=192, tie_word_embeddings=True)
+    | dict(num_attention_heads=4, num_key_value_heads=2)
+    | dict(rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
+)
+HF_CONFIG["rope_scaling"] = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
 )
 
 
