@@ -465,9 +465,9 @@ def _config_only(tmp_path, root, kv):
         (lambda tmp, root, kv: str(tmp), FileNotFoundError, "no Llama weights"),
         (_config_only, FileNotFoundError, "no model.safetensors"),
         (_truncated_gguf, ValueError, "t.gguf is truncated"),
-        (_q4k_gguf, ValueError, r"type 12 \(Q4_K\); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"),
+        (_q4k_gguf, ValueError, "Q4_K"),
         (lambda tmp, root, kv: "2b", ValueError, "unknown teacher"),
-        (lambda tmp, root, kv: "1b", ValueError, "huggingface-cli download meta-llama/Llama-3.2-1B"),
+        (lambda tmp, root, kv: "1b", ValueError, "huggingface-cli download"),
     ],
 )
 def test_bad_teacher_sources_give_one_clear_error(tiny, tmp_path, make, error, match):
@@ -891,7 +891,7 @@ def test_teacher_with_non_finite_weights_is_refused(tiny, tmp_path):
     data = bytearray((root / "tiny.gguf").read_bytes())
     data[-72:-68] = struct.pack("<f", float("nan"))  # inside blk.1.ffn_down, just before the rope_freqs
     (tmp_path / "nan.gguf").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="nan.gguf: tensor .* holds NaN or inf"):
+    with pytest.raises(ValueError, match="nan.gguf: tensor .* holds NaN"):
         C.load_teacher(str(tmp_path / "nan.gguf"))
 
 
