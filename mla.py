@@ -25,23 +25,11 @@ import time
 
 import torch
 
-try:
+from ssm_scan import DEBUG, HAS_TRITON, check, dot_block, dot_prec, use_triton
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the torch paths need no triton
-    HAS_TRITON = False
-
-# Value checks that read tensors back to the host (cache lengths within the cache) run only with
-# ZEBRA_DEBUG=1: a decode step makes no host synchronisation, so it can be captured in a CUDA graph.
-DEBUG = os.environ.get("ZEBRA_DEBUG") == "1"
-
-
-def _check(ok, msg):
-    """The one input check of this file: ValueError with a message that names the problem and the fix."""
-    if not ok:
-        raise ValueError(msg)
 
 
 # ----------------------------------------------------------------------------- torch references for decode
@@ -99,7 +87,8 @@ if HAS_TRITON:
     # slice of the row's cache and writes a normalised fp32 partial and its lse; all BLOCK_H heads share every
     # loaded cache row (the absorbed form is MQA). Stage 2 merges a row's partials weighted by exp(lse).
     # Splits past a row's length read nothing, so the grid is sized from the cache capacity and no length goes
-    # back to the host.
+    # back to the host. q and the cache are addressed through their strides (views are fine); the partials
+    # and outputs, made contiguous by the wrapper, are addressed from their sizes.
     @triton.jit
     def _mla_decode_split_kernel(
         q_ptr,
@@ -118,13 +107,6 @@ if HAS_TRITON:
         skv_b,
         skv_s,
         skv_d,
-        so_b,
-        so_h,
-        so_s,
-        so_r,
-        sl_b,
-        sl_h,
-        sl_s,
         BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -133,7 +115,7 @@ if HAS_TRITON:
     ):
         """Stage 1, grid (B, cdiv(H, BLOCK_H), splits): BLOCK_H heads over one slice of one row's cache."""
         pid_b = tl.program_id(0).to(tl.int64)  # int64 before any stride math
-        pid_h, pid_s = tl.program_id(1), tl.program_id(2)
+        pid_h, pid_s, n_splits = tl.program_id(1), tl.program_id(2), tl.num_programs(2)
         seqlen = tl.load(seqlens_ptr + pid_b)
         start = pid_s * split_len
         end = tl.minimum(start + split_len, seqlen)  # end <= start: an empty split, the loop below never runs
@@ -171,11 +153,10 @@ if HAS_TRITON:
             acc = tl.dot(p, c, acc=acc * alpha[:, None], input_precision=PREC)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)  # empty split: out 0, lse -inf
-        o_tile = o_part_ptr + pid_b * so_b + pid_s * so_s + offs_h[:, None] * so_h + offs_r[None, :] * so_r
+        part = (pid_b * H + offs_h) * n_splits + pid_s  # (B, H, splits) index of each head's partial
+        o_tile = o_part_ptr + part[:, None] * R + offs_r[None, :]
         tl.store(o_tile, acc / l_safe[:, None], mask=mask_h[:, None] & mask_r[None, :])
-        tl.store(
-            lse_part_ptr + pid_b * sl_b + pid_s * sl_s + offs_h * sl_h, m_i + tl.log(l_safe), mask=mask_h
-        )
+        tl.store(lse_part_ptr + part, m_i + tl.log(l_safe), mask=mask_h)
 
     @triton.jit
     def _mla_decode_reduce_kernel(
@@ -186,22 +167,12 @@ if HAS_TRITON:
         lse_ptr,
         R,
         split_len,
-        so_b,
-        so_h,
-        so_s,
-        so_r,
-        sl_b,
-        sl_h,
-        sl_s,
-        sy_b,
-        sy_h,
-        sy_r,
-        se_b,
-        se_h,
+        n_splits,
         BLOCK_R: tl.constexpr,
     ):
         """Stage 2, grid (B, H): LSE-weighted merge of the non-empty splits of one (row, head)."""
         pid_b, pid_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        row = pid_b * tl.num_programs(1) + pid_h  # (B, H) index: out, lse and the first partial
         seqlen = tl.load(seqlens_ptr + pid_b)
         offs_r = tl.arange(0, BLOCK_R)
         # the same online softmax, one split at a time: a partial is already normalised, weighted by exp(lse)
@@ -209,24 +180,19 @@ if HAS_TRITON:
         for sp in range(
             0, tl.cdiv(seqlen, split_len)
         ):  # only splits that hold tokens; the rest are never read
-            lse_s = tl.load(lse_part_ptr + pid_b * sl_b + pid_h * sl_h + sp * sl_s)
-            o_s = tl.load(
-                o_part_ptr + pid_b * so_b + pid_h * so_h + sp * so_s + offs_r * so_r,
-                mask=offs_r < R,
-                other=0.0,
-            )
+            lse_s = tl.load(lse_part_ptr + row * n_splits + sp)
+            o_s = tl.load(o_part_ptr + (row * n_splits + sp) * R + offs_r, mask=offs_r < R, other=0.0)
             m_new = tl.maximum(m, lse_s)
             alpha, w = tl.exp(m - m_new), tl.exp(lse_s - m_new)
             acc, l_sum, m = acc * alpha + w * o_s, l_sum * alpha + w, m_new
         l_safe = tl.where(l_sum > 0, l_sum, 1.0)  # zero-length row: out 0, lse -inf (FlashMLA uses +inf)
-        tl.store(out_ptr + pid_b * sy_b + pid_h * sy_h + offs_r * sy_r, acc / l_safe, mask=offs_r < R)
-        tl.store(lse_ptr + pid_b * se_b + pid_h * se_h, m + tl.log(l_safe))
+        tl.store(out_ptr + row * R + offs_r, acc / l_safe, mask=offs_r < R)
+        tl.store(lse_ptr + row, m + tl.log(l_safe))
 
 
 # ----------------------------------------------------------------------------- launch wrapper and dispatchers
-DEFAULT_SMS = (
-    132  # an H100 SXM; used when no CUDA device can be asked (CPU, the interpreter, the compile test)
-)
+# an H100 SXM: the SM count used when no CUDA device can be asked (CPU, the interpreter, the compile test)
+DEFAULT_SMS = 132
 MIN_SPLIT_ROWS = 256  # cache rows each split reads at least
 
 
@@ -240,12 +206,11 @@ def num_splits_for(programs, S_max, num_sms=DEFAULT_SMS):
     return max(1, min(triton.cdiv(num_sms, programs), S_max // MIN_SPLIT_ROWS))
 
 
-def mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, num_splits=None, num_sms=None):
+def mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, num_splits=None):
     """Launch both stages -> (out_latent (B, H, r) in q's dtype, lse (B, H) fp32). The grid and the split
     length come from shapes only (the cache capacity, not the longest row): the launch makes no host sync."""
     (B, H, width), r, S_max = q.shape, kv_lora_rank, kv_cache.shape[1]
-    BLOCK_H, BLOCK_R = 16, max(16, triton.next_power_of_2(r))
-    BLOCK_DR = max(16, triton.next_power_of_2(width - r))  # 16: the smallest dot side the GPU accepts
+    BLOCK_H, BLOCK_R, BLOCK_DR = 16, dot_block(r), dot_block(width - r)
     # ptxas -v (tests/test_compile.py): these keep the (BLOCK_N, BLOCK_R) latent tile in registers; fp32 tiles
     # take twice the registers and 3-pass TF32 splits each operand in two, so fp32 takes half the rows
     if q.element_size() <= 2:
@@ -253,15 +218,10 @@ def mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, n
     else:
         BLOCK_N, num_warps = (32, 4) if BLOCK_R <= 128 else (16, 8)
     if num_splits is None:
-        if num_sms is None:
-            cuda = q.is_cuda
-            num_sms = (
-                torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else DEFAULT_SMS
-            )
-        num_splits = num_splits_for(B * triton.cdiv(H, BLOCK_H), S_max, num_sms)
-    split_len = (
-        triton.cdiv(triton.cdiv(max(S_max, 1), BLOCK_N), num_splits) * BLOCK_N
-    )  # a multiple of BLOCK_N
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else DEFAULT_SMS
+        num_splits = num_splits_for(B * triton.cdiv(H, BLOCK_H), S_max, sms)
+    # a multiple of BLOCK_N: each split reads whole blocks
+    split_len = triton.cdiv(triton.cdiv(max(S_max, 1), BLOCK_N), num_splits) * BLOCK_N
     seqlens = cache_seqlens.to(torch.int32)
     o_part = torch.empty(B, H, num_splits, r, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
@@ -278,13 +238,11 @@ def mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, n
         softmax_scale,
         *q.stride(),
         *kv_cache.stride(),
-        *o_part.stride(),
-        *lse_part.stride(),
         BLOCK_H=BLOCK_H,
         BLOCK_N=BLOCK_N,
         BLOCK_R=BLOCK_R,
         BLOCK_DR=BLOCK_DR,
-        PREC="tf32x3" if q.dtype == torch.float32 else "tf32",  # as ssm_scan._prec
+        PREC=dot_prec(q),
         num_warps=num_warps,
         num_stages=2,
     )
@@ -298,10 +256,7 @@ def mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, n
         lse,
         r,
         split_len,
-        *o_part.stride(),
-        *lse_part.stride(),
-        *out.stride(),
-        *lse.stride(),
+        num_splits,
         BLOCK_R=BLOCK_R,
     )
     return out, lse
@@ -310,53 +265,43 @@ def mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, n
 def mla_decode(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, num_splits=None, backend="auto"):
     """One query token per row: q (B, H, width), kv_cache (B, S_max, width), cache_seqlens (B,) ints in
     [0, S_max], width = r_kv + d_R -> (out_latent (B, H, r_kv) in q's dtype, lse (B, H) fp32).
-    backend "auto": Triton for CUDA tensors without grad, else the torch reference. num_splits=None follows
-    `num_splits_for`; a fixed count fixes the summation order (run-to-run determinism across GPUs).
+    backend (ssm_scan.use_triton): "auto" takes Triton for CUDA tensors without grad, else the torch
+    reference. num_splits=None follows `num_splits_for`; a fixed count fixes the summation order (run-to-run
+    determinism across GPUs).
     The checks read shapes only: no host synchronisation (lengths are range-checked under ZEBRA_DEBUG=1)."""
-    _check(
+    check(
         softmax_scale is not None and softmax_scale > 0,
         "softmax_scale is required: pass (d_nope + d_rope) ** -0.5",
     )
-    _check(
+    check(
         q.dim() == 3 and kv_cache.dim() == 3,
         f"q must be (B, H, width) and kv_cache (B, S_max, width), got {tuple(q.shape)}, "
         f"{tuple(kv_cache.shape)}",
     )
-    _check(
+    check(
         q.shape[0] == kv_cache.shape[0] and q.shape[2] == kv_cache.shape[2] and 0 < kv_lora_rank < q.shape[2],
         f"q {tuple(q.shape)} and kv_cache {tuple(kv_cache.shape)} disagree (kv_lora_rank {kv_lora_rank})",
     )
-    _check(q.dtype == kv_cache.dtype, f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
-    _check(
+    check(q.dtype == kv_cache.dtype, f"q dtype {q.dtype} != kv_cache dtype {kv_cache.dtype}")
+    check(
         q.device == kv_cache.device == cache_seqlens.device,
         "q, kv_cache and cache_seqlens must share a device",
     )
-    _check(
+    check(
         cache_seqlens.shape == (q.shape[0],) and not cache_seqlens.is_floating_point(),
         "cache_seqlens must be (B,) ints",
     )
     if DEBUG:
         lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()
-        _check(
+        check(
             lo >= 0 and hi <= kv_cache.shape[1],
             f"cache_seqlens in [{lo}, {hi}] fall outside the allocated cache length [0, {kv_cache.shape[1]}]",
         )
-    _check(num_splits is None or num_splits >= 1, "num_splits must be >= 1")
-    _check(
-        backend in ("auto", "torch", "triton"),
-        f"backend must be 'auto', 'torch' or 'triton', got {backend!r}",
-    )
-    if backend == "auto":
-        needs_grad = torch.is_grad_enabled() and q.requires_grad
-        backend = "triton" if HAS_TRITON and q.is_cuda and not needs_grad else "torch"
-    if backend == "torch":
-        out, lse = mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank)
-        return out.to(q.dtype), lse.float()
-    _check(
-        HAS_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"),
-        "backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)",
-    )
-    return mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, num_splits)
+    check(num_splits is None or num_splits >= 1, "num_splits must be >= 1")
+    if use_triton(backend, (q, kv_cache)):
+        return mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, num_splits)
+    out, lse = mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank)
+    return out.to(q.dtype), lse.float()
 
 
 def mla_decode_full(
@@ -365,7 +310,7 @@ def mla_decode_full(
     """Absorbed decode around `mla_decode`: q_nope (B, H, d_N), q_pe (B, H, d_R) rotated, W_UK (G, d_N, r),
     W_UV (G, d_V, r) -> (B, H, d_V). Head h uses group h // (H/G); the repeat is never materialised."""
     (B, H, d_N), (G, _, r) = q_nope.shape, W_UK.shape
-    _check(
+    check(
         H % G == 0 and W_UK.shape[1] == d_N and W_UV.shape[0] == G and W_UV.shape[2] == r,
         f"W_UK {tuple(W_UK.shape)} / W_UV {tuple(W_UV.shape)} do not fit q_nope {tuple(q_nope.shape)}",
     )

@@ -142,92 +142,43 @@ class ModelConfig:
         return d
 
 
-def _llama(**kw):
-    return dict(rope_theta=5e5, rope_factor=32.0, max_seq_len=131072, vocab_size=128256, **kw)
-
-
 # Exact keys only (style.md rule 6). 1b/3b/8b: the paper's published configs (paper.md §3.6, §8.1);
 # 135m: the project's SmolLM2 config (§8.4); tiny: a random Llama for tests and the smoke run.
+# One line per group: the teacher's dims, its attention heads, the MLA layers and ranks, the MLA head dims.
+_LLAMA3 = dict(vocab_size=128256, rope_theta=5e5, rope_factor=32.0, max_seq_len=131072)
 SIZES = {
-    "tiny": dict(
-        vocab_size=272,
-        n_layer=4,
-        d_model=64,
-        n_head=4,
-        n_kv_head=2,
-        head_dim=16,
-        d_ff=128,
-        max_seq_len=512,
-        mla_layers=[0, 2],
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        chunk_size=16,
+    "tiny": (
+        dict(vocab_size=272, n_layer=4, d_model=64, d_ff=128, max_seq_len=512, chunk_size=16)
+        | dict(n_head=4, n_kv_head=2, head_dim=16)
+        | dict(mla_layers=[0, 2], q_lora_rank=32, kv_lora_rank=16)
+        | dict(qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)
     ),
-    "135m": dict(
-        vocab_size=49152,
-        n_layer=30,
-        d_model=576,
-        n_head=9,
-        n_kv_head=3,
-        head_dim=64,
-        d_ff=1536,
-        rope_theta=1e5,
-        max_seq_len=8192,
-        mla_layers=[0, 6, 12, 18, 24, 28],
-        q_lora_rank=384,
-        kv_lora_rank=48,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
+    "135m": (
+        dict(vocab_size=49152, n_layer=30, d_model=576, d_ff=1536, rope_theta=1e5, max_seq_len=8192)
+        | dict(n_head=9, n_kv_head=3, head_dim=64)
+        | dict(mla_layers=[0, 6, 12, 18, 24, 28], q_lora_rank=384, kv_lora_rank=48)
+        | dict(qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
     ),
-    "1b": _llama(
-        n_layer=16,
-        d_model=2048,
-        n_head=32,
-        n_kv_head=8,
-        head_dim=64,
-        d_ff=8192,
-        mla_layers=[0, 5, 10, 14],
-        q_lora_rank=1344,
-        kv_lora_rank=128,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
+    "1b": (
+        _LLAMA3
+        | dict(n_layer=16, d_model=2048, d_ff=8192)
+        | dict(n_head=32, n_kv_head=8, head_dim=64)
+        | dict(mla_layers=[0, 5, 10, 14], q_lora_rank=1344, kv_lora_rank=128)
+        | dict(qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
     ),
-    "3b": _llama(
-        n_layer=28,
-        d_model=3072,
-        n_head=24,
-        n_kv_head=8,
-        head_dim=128,
-        d_ff=8192,
-        mla_layers=[0, 5, 10, 16, 21, 26],
-        q_lora_rank=1536,
-        kv_lora_rank=128,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
+    "3b": (
+        _LLAMA3
+        | dict(n_layer=28, d_model=3072, d_ff=8192)
+        | dict(n_head=24, n_kv_head=8, head_dim=128)
+        | dict(mla_layers=[0, 5, 10, 16, 21, 26], q_lora_rank=1536, kv_lora_rank=128)
+        | dict(qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128)
     ),
-    "8b": dict(
-        _llama(
-            n_layer=32,
-            d_model=4096,
-            n_head=32,
-            n_kv_head=8,
-            head_dim=128,
-            d_ff=14336,
-            mla_layers=[0, 4, 8, 12, 16, 20, 25, 30],
-            q_lora_rank=2048,
-            kv_lora_rank=160,
-            qk_nope_head_dim=64,
-            qk_rope_head_dim=64,
-            v_head_dim=128,
-        ),
-        rope_factor=8.0,
-        tie_embeddings=False,
+    "8b": (
+        _LLAMA3
+        | dict(n_layer=32, d_model=4096, d_ff=14336, rope_factor=8.0, tie_embeddings=False)  # Llama-3.1
+        | dict(n_head=32, n_kv_head=8, head_dim=128)
+        | dict(mla_layers=[0, 4, 8, 12, 16, 20, 25, 30], q_lora_rank=2048, kv_lora_rank=160)
+        | dict(qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128)
     ),
 }
 

@@ -38,13 +38,15 @@ try:
 except ImportError:  # the torch paths work without triton
     HAS_TRITON = False
 
-# Value checks that would read tensors back to the host (A < 0) run in `ssm_step` only with ZEBRA_DEBUG=1:
-# a decode step makes no host synchronisation, so it can be captured in a CUDA graph.
+# Value checks that would read tensors back to the host (A < 0 in `ssm_step`, cache lengths in
+# mla.mla_decode) run only with ZEBRA_DEBUG=1: a decode step makes no host synchronisation, so it can be
+# captured in a CUDA graph. mla.py takes this flag, HAS_TRITON, `check`, `use_triton`, `dot_block` and
+# `dot_prec` from here: one home for what both kernel files share.
 DEBUG = os.environ.get("ZEBRA_DEBUG") == "1"
 
 
-def _check(ok, msg):
-    """The one input check of this file: ValueError with a message that names the problem and the fix."""
+def check(ok, msg):
+    """The one input check of both kernel files: ValueError with a message naming the problem and the fix."""
     if not ok:
         raise ValueError(msg)
 
@@ -133,7 +135,7 @@ if HAS_TRITON:
     # Rules for every kernel (kernels.md §7): program ids go int64 before any stride product (int32 offsets
     # overflow past ~61k tokens, mamba #1015); loads are upcast to fp32 at once; every exp of a cumsum
     # difference is exp(min(Δ, 0)); user tensors are addressed through their strides (views are fine), the
-    # fp32 buffers made here are contiguous and addressed from their sizes.
+    # buffers made here (fp32 states, outputs) are contiguous and addressed from their sizes.
 
     @triton.jit
     def _softplus(v):
@@ -240,11 +242,8 @@ if HAS_TRITON:
         st_ptr, cs_ptr, init_ptr, prev_ptr, final_ptr, nchunks, dim, Q: tl.constexpr, BLOCK: tl.constexpr
     ):
         """grid (cdiv(p·n, BLOCK), b, h): S ← exp(cs_last[c])·S + states[c] over the chunks in order."""
-        pid, b, hd = (
-            tl.program_id(0).to(tl.int64),
-            tl.program_id(1).to(tl.int64),
-            tl.program_id(2).to(tl.int64),
-        )
+        pid = tl.program_id(0).to(tl.int64)
+        b, hd = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         H = tl.num_programs(2)
         offs = pid * BLOCK + tl.arange(0, BLOCK)  # flat index into the p·n state
         mask = offs < dim
@@ -309,10 +308,6 @@ if HAS_TRITON:
         sC_t,
         sC_g,
         sC_n,
-        sy_b,
-        sy_t,
-        sy_h,
-        sy_p,
         Q: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_P: tl.constexpr,
@@ -340,9 +335,8 @@ if HAS_TRITON:
         )  # (P, N)
         acc = tl.dot(Cm, tl.trans(S), input_precision=PREC) * tl.exp(cs_m)[:, None]  # (M, P) step 4
         x_base, B_base = x_ptr + b * sx_b + (hd // rep_x) * sx_g, B_ptr + b * sB_b + (hd // rep_B) * sB_g
-        for k0 in range(
-            0, (pid_m + 1) * BLOCK_M, BLOCK_M
-        ):  # step 1, causal: column blocks up to the diagonal
+        # step 1, causal: the column blocks up to the diagonal
+        for k0 in range(0, (pid_m + 1) * BLOCK_M, BLOCK_M):
             offs_k = k0 + tl.arange(0, BLOCK_M)
             t_k = c * Q + offs_k
             Bk = tl.load(
@@ -365,9 +359,8 @@ if HAS_TRITON:
         if D_ptr is not None:
             xm = tl.load(x_base + t_m[:, None] * sx_t + offs_p[None, :] * sx_p, mask=mask_y, other=0.0)
             acc += tl.load(D_ptr + hd).to(tl.float32) * xm.to(tl.float32)
-        tl.store(
-            y_ptr + b * sy_b + t_m[:, None] * sy_t + hd * sy_h + offs_p[None, :] * sy_p, acc, mask=mask_y
-        )
+        y_tile = y_ptr + ((b * T + t_m[:, None]) * H + hd) * P + offs_p[None, :]  # y: (b, T, h, p)
+        tl.store(y_tile, acc, mask=mask_y)
 
 
 def ssd_chunked(
@@ -439,9 +432,6 @@ if HAS_TRITON:
         sC_b,
         sC_g,
         sC_n,
-        sy_b,
-        sy_h,
-        sy_p,
         BLOCK_P: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -469,18 +459,18 @@ if HAS_TRITON:
         y = tl.sum(S * Cv[None, :], axis=1)
         if D_ptr is not None:
             y += tl.load(D_ptr + hd).to(tl.float32) * x
-        tl.store(y_ptr + b * sy_b + hd * sy_h + offs_p * sy_p, y, mask=mp)
+        tl.store(y_ptr + (b * tl.num_programs(2) + hd) * P + offs_p, y, mask=mp)  # (b, h, p)
 
 
 # --------------------------------------------------------- launch wrappers (inputs checked by ssd / ssm_step)
 
 
-def _block(v):
+def dot_block(v):
     """Power-of-2 tile covering v (tl.arange needs powers of 2), ≥ 16: the GPU minimum for a tl.dot side."""
     return max(16, triton.next_power_of_2(v))
 
 
-def _prec(t):
+def dot_prec(t):
     """Dot precision: bf16/fp16 values are exact in TF32. fp32 inputs get 3-pass TF32 (~fp32 accuracy on
     tensor cores): one-pass TF32 is ~1e-3 relative, and "ieee" fp32 dots run on FMA units and spill tens of kB
     of registers at P = N = 64 (tests/test_compile.py)."""
@@ -489,7 +479,7 @@ def _prec(t):
 
 def chunk_state_fwd(x, dt, A, B, chunk_size, dt_bias=None):
     """Launch _chunk_state_kernel -> Δ, cs (b, h, c, Q) and chunk states (b, c, h, p, n), all fp32."""
-    (b, T, g_x, p), h, n, c = x.shape, dt.shape[2], B.shape[3], triton.cdiv(x.shape[1], chunk_size)
+    (b, T, _, p), h, n, c = x.shape, dt.shape[2], B.shape[3], triton.cdiv(x.shape[1], chunk_size)
     f32 = dict(device=x.device, dtype=torch.float32)
     dts, cs = torch.empty(b, h, c, chunk_size, **f32), torch.empty(b, h, c, chunk_size, **f32)
     states = torch.empty(b, c, h, p, n, **f32)
@@ -506,18 +496,17 @@ def chunk_state_fwd(x, dt, A, B, chunk_size, dt_bias=None):
         p,
         n,
         c,
-        h // g_x,
-        h // B.shape[2],
+        *(h // t.shape[2] for t in (x, B)),  # heads per group: head i reads group i // rep
         *x.stride(),
         *dt.stride(),
         *B.stride(),
         Q=chunk_size,
         # fp32 tiles take twice the registers of bf16 ones, and 3-pass TF32 splits each operand in two
         BLOCK_K=min(chunk_size, 64 if x.element_size() <= 2 else 16),
-        BLOCK_P=_block(p),
-        BLOCK_N=_block(n),
-        PREC=_prec(x),
-        num_warps=4 if _block(p) * _block(n) <= 4096 else 8,
+        BLOCK_P=dot_block(p),
+        BLOCK_N=dot_block(n),
+        PREC=dot_prec(x),
+        num_warps=4 if dot_block(p) * dot_block(n) <= 4096 else 8,
     )
     return dts, cs, states
 
@@ -526,9 +515,8 @@ def state_passing_fwd(states, cs, initial_state=None):
     """Launch _state_passing_kernel -> state entering each chunk (b, c, h, p, n), final state (b, h, p, n)."""
     b, c, h, p, n = states.shape
     prev, final = torch.empty_like(states), torch.empty(b, h, p, n, device=states.device, dtype=torch.float32)
-    init = (
-        None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    )  # flat p·n indexing
+    # flat p·n indexing
+    init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     BLOCK = min(1024, triton.next_power_of_2(p * n))  # up to 1024 state elements per program
     grid = (triton.cdiv(p * n, BLOCK), b, h)
     _state_passing_kernel[grid](states, cs, init, prev, final, c, p * n, Q=cs.shape[-1], BLOCK=BLOCK)
@@ -537,10 +525,10 @@ def state_passing_fwd(states, cs, initial_state=None):
 
 def chunk_scan_fwd(x, B, C, dts, cs, prev_states, D=None):
     """Launch _chunk_scan_kernel -> y (b, T, h, p) in x's dtype."""
-    (b, T, g_x, p), (h, c, Q), n = x.shape, dts.shape[1:], B.shape[3]
+    (b, T, _, p), (h, c, Q), n = x.shape, dts.shape[1:], B.shape[3]
     y = torch.empty(b, T, h, p, device=x.device, dtype=x.dtype)
     # ptxas -v (tests/test_compile.py): BLOCK_M = 64 spills at N = 128 in bf16, and fp32 needs 16
-    BLOCK_M, BLOCK_P = min(Q, 32 if x.element_size() <= 2 else 16), min(_block(p), 64)
+    BLOCK_M, BLOCK_P = min(Q, 32 if x.element_size() <= 2 else 16), min(dot_block(p), 64)
     # b·nchunks on grid axis 0: axes 1 and 2 are limited to 65,535 on CUDA, and b·T/Q can pass that
     grid = (b * c, triton.cdiv(Q, BLOCK_M) * triton.cdiv(p, BLOCK_P), h)
     _chunk_scan_kernel[grid](
@@ -556,18 +544,15 @@ def chunk_scan_fwd(x, B, C, dts, cs, prev_states, D=None):
         p,
         n,
         c,
-        h // g_x,
-        h // B.shape[2],
-        h // C.shape[2],
+        *(h // t.shape[2] for t in (x, B, C)),  # heads per group: head i reads group i // rep
         *x.stride(),
         *B.stride(),
         *C.stride(),
-        *y.stride(),
         Q=Q,
         BLOCK_M=BLOCK_M,
         BLOCK_P=BLOCK_P,
-        BLOCK_N=_block(n),
-        PREC=_prec(x),
+        BLOCK_N=dot_block(n),
+        PREC=dot_prec(x),
     )
     return y
 
@@ -582,7 +567,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, initial_stat
 
 def ssm_step_fwd(state, x, dt, A, B, C, D=None, dt_bias=None):
     """Launch _ssm_step_kernel: state (b, h, p, n) fp32 updated in place -> y (b, h, p) in x's dtype."""
-    (b, g_x, p), h, n = x.shape, dt.shape[1], B.shape[2]
+    (b, _, p), h, n = x.shape, dt.shape[1], B.shape[2]
     A, D, dt_bias = (t if t is None else t.contiguous() for t in (A, D, dt_bias))  # head i at offset i
     y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
     # fixed rows per program by n, ~512 state elements per tile (mamba's table, kernels.md §1.8); never
@@ -600,15 +585,12 @@ def ssm_step_fwd(state, x, dt, A, B, C, D=None, dt_bias=None):
         y,
         p,
         n,
-        h // g_x,
-        h // B.shape[1],
-        h // C.shape[1],
+        *(h // t.shape[1] for t in (x, B, C)),  # heads per group: head i reads group i // rep
         *state.stride(),
         *x.stride(),
         *dt.stride(),
         *B.stride(),
         *C.stride(),
-        *y.stride(),
         BLOCK_P=BLOCK_P,
         BLOCK_N=triton.next_power_of_2(n),
         num_warps=4 if n <= 128 else 8,
@@ -625,47 +607,47 @@ def _check_inputs(x, dt, A, B, C, D, dt_bias, state, step):
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, state=state)
     for k, t in named.items():
         ok = t is None or (isinstance(t, torch.Tensor) and t.is_floating_point())
-        _check(ok, f"{k} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    _check(
+        check(ok, f"{k} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    check(
         len({t.device for t in named.values() if t is not None}) == 1,
         "all tensors must be on the same device",
     )
-    shapes, t_axis = (
-        f"x {tuple(x.shape)}, dt {tuple(dt.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}",
-        "T, ",
-    )
+    shapes = f"x {tuple(x.shape)}, dt {tuple(dt.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
+    t_axis = "T, "
     if step:  # decode inputs have no time axis: check them as a sequence of length 1
         x, dt, B, C, t_axis = x[:, None], dt[:, None], B[:, None], C[:, None], ""
-    _check(
+    check(
         (x.dim(), dt.dim(), B.dim(), C.dim()) == (4, 3, 4, 4),
         f"expected x (b, {t_axis}g, p), dt (b, {t_axis}h), B and C (b, {t_axis}g, n); got {shapes}",
     )
     (b, T, _, p), h, n = x.shape, dt.shape[2], B.shape[3]
     same = dt.shape[:2] == B.shape[:2] == C.shape[:2] == (b, T) and C.shape[3] == n
-    _check(same and T >= 1, f"batch, length (≥ 1) or state sizes disagree: {shapes}")
+    check(same and T >= 1, f"batch, length (≥ 1) or state sizes disagree: {shapes}")
     for k, t in (("x", x), ("B", B), ("C", C)):
-        _check(
+        check(
             t.shape[2] >= 1 and h % t.shape[2] == 0,
             f"{h} heads (dt's last dim) are not divisible by {k}'s {t.shape[2]} groups",
         )
     for k in ("A", "D", "dt_bias"):
         shape = None if named[k] is None else tuple(named[k].shape)
-        _check(shape in (None, (h,)), f"{k} must have shape ({h},), one value per head; got {shape}")
+        check(shape in (None, (h,)), f"{k} must have shape ({h},), one value per head; got {shape}")
     shape = None if state is None else tuple(state.shape)
-    _check(shape in (None, (b, h, p, n)), f"state must have shape (b, h, p, n) = {(b, h, p, n)}, got {shape}")
+    check(shape in (None, (b, h, p, n)), f"state must have shape (b, h, p, n) = {(b, h, p, n)}, got {shape}")
 
 
 def _check_A(A):
     """A < 0 for every head; reads A back to the host (one sync), so it runs per prefill, not per step."""
-    _check(
+    check(
         bool((A < 0).all()),
         "A must be strictly negative (A = -exp(A_log)); a positive A makes the scan explode",
     )
 
 
-def _use_triton(backend, tensors, state_dtype=torch.float32):
-    """auto: Triton for CUDA tensors when no gradient is needed (the interpreter is a test tool only)."""
-    _check(
+def use_triton(backend, tensors, state_dtype=torch.float32):
+    """The dispatch rule of both kernel files (mla.mla_decode too): "auto" takes Triton for CUDA tensors when
+    no gradient is needed (the interpreter is a test tool, not a CPU backend); "triton" insists, and says
+    what is missing; "torch" never takes it. tensors[0] decides the device."""
+    check(
         backend in ("auto", "torch", "triton"),
         f"backend must be 'auto', 'torch' or 'triton', got {backend!r}",
     )
@@ -673,16 +655,20 @@ def _use_triton(backend, tensors, state_dtype=torch.float32):
     if backend == "auto":
         return HAS_TRITON and tensors[0].is_cuda and not needs_grad
     if backend == "triton":
-        _check(HAS_TRITON, "backend='triton' needs the triton package")
-        _check(not needs_grad, "the Triton kernels are forward-only in v1: use backend='torch' for gradients")
+        check(HAS_TRITON, "backend='triton' needs the triton package")
+        check(
+            tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)",
+        )
+        check(not needs_grad, "the Triton kernels are forward-only in v1: use backend='torch' for gradients")
         bad = [
             t.dtype
             for t in tensors
             if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16)
         ]
-        _check(
+        check(
             not bad and state_dtype == torch.float32,
-            "the Triton kernels take float32/float16/bfloat16 inputs and a float32 state, "
+            "the Triton kernels take float32/float16/bfloat16 tensors and a float32 state, "
             f"got {bad or state_dtype}",
         )
     return backend == "triton"
@@ -706,12 +692,12 @@ def ssd(
     return_final_state.
     backend: "auto" (Triton for CUDA tensors without gradients, else ssd_chunked), "torch" or "triton"."""
     _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, step=False)
-    _check(
+    check(
         chunk_size in (16, 32, 64, 128, 256),
         f"chunk_size must be a power of 2 in [16, 256] (mamba #449: others give NaN), got {chunk_size}",
     )
     _check_A(A)  # one host sync per prefill, none per decode step
-    if _use_triton(backend, (x, dt, A, B, C, D, dt_bias, initial_state)):
+    if use_triton(backend, (x, dt, A, B, C, D, dt_bias, initial_state)):
         y, final = ssd_triton(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state)
         return (y, final) if return_final_state else y
     return ssd_chunked(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state, return_final_state)
@@ -723,7 +709,7 @@ def ssm_step(state, x, dt, A, B, C, D=None, dt_bias=None, backend="auto"):
     _check_inputs(x, dt, A, B, C, D, dt_bias, state, step=True)
     if DEBUG:
         _check_A(A)
-    if _use_triton(backend, (x, dt, A, B, C, D, dt_bias), state.dtype):
+    if use_triton(backend, (x, dt, A, B, C, D, dt_bias), state.dtype):
         return ssm_step_fwd(state, x, dt, A, B, C, D, dt_bias)
     return ssm_step_ref(state, x, dt, A, B, C, D, dt_bias)
 

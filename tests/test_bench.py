@@ -238,5 +238,5 @@ def test_adapter_answers_generate_requests_in_order_across_stop_strings():
 @needs_lm_eval
 def test_unknown_task_is_refused_before_any_model_loads():
     # a task name lm-eval does not know gives one error naming it
-    with pytest.raises(ValueError, match="unknown lm-eval tasks \\['no_such_task'\\]"):
+    with pytest.raises(ValueError, match="unknown lm-eval tasks.*no_such_task"):
         bench.task_manager(["zebra_mc", "no_such_task"], os.path.join(REPO, "tests", "evaltask"))

@@ -213,17 +213,13 @@ def toy():
     return vocab, merges
 
 
-P = dict(
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    vocab_size=552,
-    multiple_of=32,
-    norm_eps=1e-5,
-    rope_theta=10000.0,
-    use_scaled_rope=True,
-)  # d_ff = 192 by Meta's rule; 552 = 256 bytes + 40 merges + 256 Llama-3 specials
+# the toy Llama as Meta's params.json; d_ff = 192 by Meta's rule, vocab 552 = 256 bytes + 40 merges + 256
+# Llama-3 specials
+P = (
+    dict(dim=64, n_layers=2, vocab_size=552, multiple_of=32)
+    | dict(n_heads=4, n_kv_heads=2)
+    | dict(norm_eps=1e-5, rope_theta=10000.0, use_scaled_rope=True)
+)
 
 
 def uni(b):
@@ -265,24 +261,18 @@ def write_meta_dir(d, w, vocab):
     )
 
 
-HF_CONFIG = dict(
-    vocab_size=552,
-    num_hidden_layers=2,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=192,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-    max_position_embeddings=512,
-    rope_scaling=dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
+# the same Llama as an HF config.json, with Llama-3 rope scaling
+HF_CONFIG = (
+    dict(vocab_size=552, num_hidden_layers=2, hidden_size=64, intermediate_size=192, tie_word_embeddings=True)
+    | dict(num_attention_heads=4, num_key_value_heads=2)
+    | dict(rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
+)
+HF_CONFIG["rope_scaling"] = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
 )
 
 
@@ -477,9 +467,9 @@ def _config_only(tmp_path, root, kv):
         (lambda tmp, root, kv: str(tmp), FileNotFoundError, "no Llama weights"),
         (_config_only, FileNotFoundError, "no model.safetensors"),
         (_truncated_gguf, ValueError, "t.gguf is truncated"),
-        (_q4k_gguf, ValueError, r"type 12 \(Q4_K\); supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"),
+        (_q4k_gguf, ValueError, "Q4_K"),
         (lambda tmp, root, kv: "2b", ValueError, "unknown teacher"),
-        (lambda tmp, root, kv: "1b", ValueError, "huggingface-cli download meta-llama/Llama-3.2-1B"),
+        (lambda tmp, root, kv: "1b", ValueError, "huggingface-cli download"),
     ],
 )
 def test_bad_teacher_sources_give_one_clear_error(tiny, tmp_path, make, error, match):
@@ -918,7 +908,7 @@ def test_teacher_with_non_finite_weights_is_refused(tiny, tmp_path):
     data = bytearray((root / "tiny.gguf").read_bytes())
     data[-72:-68] = struct.pack("<f", float("nan"))  # inside blk.1.ffn_down, just before the rope_freqs
     (tmp_path / "nan.gguf").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="nan.gguf: tensor .* holds NaN or inf"):
+    with pytest.raises(ValueError, match="nan.gguf: tensor .* holds NaN"):
         C.load_teacher(str(tmp_path / "nan.gguf"))
 
 

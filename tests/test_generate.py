@@ -79,23 +79,36 @@ def test_ids_past_the_tokenizer_are_never_sampled():
     assert (free >= 259).any() and (masked < 259).all()
 
 
-def test_top_k_and_top_p_use_their_arguments():
-    # empirical frequencies follow the renormalised kept probabilities
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
-    g = torch.Generator().manual_seed(0)
+PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # 4000 draws from these in each sampling test
 
-    def freq(ids):
-        return torch.bincount(ids, minlength=4).float() / len(ids)
 
-    f = freq(G.sample(logits, 1.0, top_k=2, generator=g))
+def sample_freq(**kw):
+    """Empirical frequencies of the 4 ids over 4000 draws of G.sample from PROBS at temperature 1."""
+    ids = G.sample(PROBS.log().expand(4000, 4), 1.0, generator=torch.Generator().manual_seed(0), **kw)
+    return torch.bincount(ids, minlength=4).float() / len(ids)
+
+
+def test_top_k_keeps_the_k_likeliest_renormalised():
+    # top_k=2 samples only ids 0 and 1, in proportion 0.5 : 0.3
+    f = sample_freq(top_k=2)
     assert f[2:].sum() == 0 and abs(f[0] - 0.5 / 0.8) < 0.03
-    f = freq(G.sample(logits, 1.0, top_p=0.7, generator=g))  # {0, 1} reach 0.8 >= 0.7; {0} alone does not
-    assert f[2:].sum() == 0 and abs(f[1] - 0.3 / 0.8) < 0.03
-    f = freq(G.sample(logits, 1.0, top_p=0.9, generator=g))
-    assert f[3] == 0 and f[2] > 0.1
-    f = freq(G.sample(logits, 1.0, generator=g))
-    assert abs(f[3] - 0.05) < 0.02
-    assert G.sample(logits[:2], 0.0).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.7, 2), (0.9, 3)])  # {0, 1} reach 0.8 >= 0.7; {0} alone does not
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+    # top_p samples the smallest likeliest set whose mass reaches top_p, renormalised, and no other id
+    f, p = sample_freq(top_p=top_p), PROBS[0, :kept]
+    assert f[kept:].sum() == 0 and torch.allclose(f[:kept], p / p.sum(), atol=0.03)
+
+
+def test_plain_sampling_follows_the_softmax():
+    # without top_k/top_p even the 5 % id is drawn at its rate
+    assert abs(sample_freq()[3] - 0.05) < 0.02
+
+
+def test_temperature_zero_is_argmax():
+    # temperature 0 takes the likeliest id, no randomness
+    assert G.sample(PROBS.log().expand(2, 4), 0.0).tolist() == [0, 0]
 
 
 def test_fit_history_drops_the_oldest_exchanges_first():
@@ -126,20 +139,7 @@ def test_interactive_chat_outgrowing_the_context_keeps_going(monkeypatch, capsys
 
 def test_several_prompts_print_every_reply(capsys):
     # the tiny teacher (272 ids, 259 in its tokenizer) answers two prompts in one batch, with a progress bar
-    G.main(
-        [
-            "--teacher",
-            "tiny",
-            "--prompt",
-            "hi",
-            "--prompt",
-            "hello",
-            "--max-new-tokens",
-            "5",
-            "--device",
-            "cpu",
-        ]
-    )
+    G.main("--teacher tiny --prompt hi --prompt hello --max-new-tokens 5 --device cpu".split())
     out, err = capsys.readouterr()
     assert "> hi\n" in out and "> hello\n" in out and "generating" in err
 
