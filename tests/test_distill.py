@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -335,7 +336,7 @@ def test_dpo_moves_the_mean_margin_above_zero(finished):
     out = finished[0] / "tiny"
     tok = M.read_checkpoint(out / "kd.pt")["tokenizer"]
     pairs = distill.read_jsonl(out / "dpo_pairs.jsonl", distill.pair_record, distill.PAIR_FORM)
-    idx, mask = distill.pair_batch(distill.convert.Tokenizer.from_spec(tok), pairs, "cpu")
+    idx, mask = distill.pair_batch(convert.Tokenizer.from_spec(tok), pairs, "cpu")
     with torch.no_grad():
         ref = distill.seq_logprobs(M.load_checkpoint(out / "kd.pt")[0], idx, mask)
         pol = distill.seq_logprobs(M.load_checkpoint(out / "dpo.pt")[0], idx, mask)
@@ -348,14 +349,14 @@ def test_dpo_pairs_end_of_turn_only_on_replies_that_ended(finished):
     pairs = distill.read_jsonl(
         finished[0] / "tiny" / "dpo_pairs.jsonl", distill.pair_record, distill.PAIR_FORM
     )
-    eos = distill.convert.Tokenizer.byte_level().eos_id
+    eos = convert.Tokenizer.byte_level().eos_id
     for ids in [p[k] for p in pairs for k in ("chosen_ids", "rejected_ids")]:
         assert len(ids) <= 6 and eos not in ids[:-1] and (ids[-1] == eos or len(ids) == 6)
 
 
 def test_dpo_pairs_with_equal_replies_are_dropped():
     # teacher == student gives the same replies: every pair is dropped and counted
-    teacher, tok = distill.convert.load_teacher("tiny")
+    teacher, tok = convert.load_teacher("tiny")
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "name a colour"}]]
     assert distill.build_dpo_pairs(teacher, teacher, tok, prompts, 4) == ([], 2)
 
@@ -418,7 +419,7 @@ def kd_teacher_run(tmp_path_factory):
     data = write_chats(root / "chats.jsonl", 80)
     args = ["--teacher", str(a), "--kd-teacher", str(b), "--data", str(data), "--out-dir", str(root / "o")]
     distill.main([*TINY, *args])
-    return root / "o" / "tiny", distill.convert.load_teacher(str(b))[0], distill.parse_args([*TINY, *args])
+    return root / "o" / "tiny", convert.load_teacher(str(b))[0], distill.parse_args([*TINY, *args])
 
 
 def test_kd_trains_against_the_kd_teacher(kd_teacher_run):
@@ -684,15 +685,58 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_any
         distill.plan_micro_batches(cfg, convert.with_hybrid_fields(M.size_config("tiny"), "tiny"), 2, 0)
 
 
+def greedy_reply(model, tok, ids, max_new):
+    """The oracle of a greedy reply: a full forward per new token, up to and with the end-of-turn id."""
+    out = []
+    with torch.no_grad():
+        while len(out) < max_new and (not out or out[-1] != tok.eos_id):
+            out.append(model(torch.tensor([ids + out]))[0, -1, : tok.n_vocab].argmax().item())
+    return out
+
+
 def test_eval_shows_the_teachers_greedy_answers_to_the_fixed_questions(finished):
     # eval.json's teacher answers are the teacher's greedy continuations (a full forward per token)
     res = M.read_json(finished[0] / "tiny" / "eval.json")
-    teacher, tok = distill.convert.load_teacher("tiny")
+    teacher, tok = convert.load_teacher("tiny")
     for q, got in zip(distill.QUESTIONS, res["answers"]["teacher"]):
-        ids = tok.chat([{"role": "user", "content": q}])
-        out = []
-        with torch.no_grad():
-            while len(out) < 32 and (not out or out[-1] != tok.eos_id):
-                out.append(teacher(torch.tensor([ids + out]))[0, -1, : tok.n_vocab].argmax().item())
+        out = greedy_reply(teacher, tok, tok.chat([{"role": "user", "content": q}]), 32)
         assert got == tok.decode([t for t in out if t != tok.eos_id]).strip()
     assert len(res["answers"]["distilled"]) == len(distill.QUESTIONS)
+
+
+def test_teacher_chats_are_prompts_followed_by_the_teachers_greedy_replies():
+    # two chats: a topic question and a corpus first turn, each followed by the teacher's own greedy reply
+    teacher, tok = convert.load_teacher("tiny")
+    turn = [{"role": "user", "content": "hi there, how was your day?"}]
+    question = [{"role": "user", "content": distill.FORMS[0].format(distill.TOPICS[0])}]
+    want = [t for p in (question, turn) for t in tok.chat(p) + greedy_reply(teacher, tok, tok.chat(p), 5)]
+    assert distill.teacher_chats(teacher, tok, [turn], 2, max_new=5) == want
+
+
+def test_teacher_reply_topics_avoid_the_subjects_of_the_fixed_questions():
+    # no topic shares a content word with the evaluation's questions, whose answers must not be trained
+    words = {w.strip("?.").lower() for q in distill.QUESTIONS for w in q.split() if len(w) > 3}
+    assert not words & {w for t in distill.TOPICS for w in t.split()}
+
+
+def test_every_third_training_step_reads_the_teachers_replies(finished):
+    # ILD and KD steps 2, 5, 8, ... take their rows from the teacher-reply split, the others from their own
+    out = finished[0] / "tiny"
+    meta, cfg = M.read_json(out / "data.json"), distill.parse_args(TINY)
+
+    def rows(split):
+        return {
+            tuple(r) for r in np.fromfile(out / f"data_{split}.bin", dtype=np.uint32).reshape(-1, 64).tolist()
+        }
+
+    for split in ("ild", "kd"):
+        for step in range(6):
+            got = {tuple(r.tolist()) for r in distill.get_batch(str(out), meta, split, step, cfg)}
+            assert got and got <= rows("gen" if step % 3 == 2 else split)
+
+
+def test_unseen_split_is_the_text_of_the_tempest(finished):
+    # the unseen-domain rows decode to the start of The Tempest (byte-level tokenizer: one id per byte)
+    ids = np.fromfile(finished[0] / "tiny" / "data_unseen.bin", dtype=np.uint32)[:4096].tolist()
+    text = convert.Tokenizer.byte_level().decode(ids)
+    assert text.startswith("THE TEMPEST") and convert.unseen_text().startswith(text)
