@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_kd_loss_is_zero_on_identical_logits_and_the_kl_otherwise():
+    # kd_loss is KL(p_T || p_S) per position, averaged: 0 for equal logits, a direct sum otherwise
     t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     assert distill.kd_loss(t, t.clone()).abs() < 1e-6
     want = torch.stack(
@@ -37,12 +38,14 @@ def test_kd_loss_is_zero_on_identical_logits_and_the_kl_otherwise():
 
 
 def test_dpo_loss_is_log2_when_policy_equals_reference():
+    # sigmoid DPO is log 2 at zero margin and falls when the chosen reply gains probability
     lp = torch.randn(6)
     assert abs(distill.dpo_loss(lp, lp - 1, lp, lp - 1, 0.01).item() - math.log(2)) < 1e-6
     assert distill.dpo_loss(lp + 5, lp - 1, lp, lp - 1, 0.1) < math.log(2)  # chosen up: loss down
 
 
 def test_smart_forces_terminal_layers_spaces_uniformly_and_maximises_the_score():
+    # SMART keeps layers 0 and L-2, gaps within one of uniform, and the best total score among such sets
     scores = [0.0] * 30
     for i in (5, 11, 17, 22):
         scores[i] = 10.0
@@ -105,6 +108,7 @@ def run(args, out, **kw):
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
+    # `distill.py --size tiny` runs every stage, writes every file, and KD lowers the KL to the teacher
     r = run([], tmp_path)  # the default chitchat corpus, fetched through convert.download
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(tmp_path / "tiny" / "eval.json"))["results"]
@@ -117,6 +121,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 
 
 def test_killed_kd_resumes_where_it_stopped(tmp_path):
+    # a KD process killed mid-stage resumes from its last checkpoint, not from step 0
     args = (
         "--kd-steps 150 --ckpt-every 5 --ild-steps 2 --dpo-steps 1 --dpo-pairs 2 --batch-size 2 --seq-len 32"
     )
@@ -156,6 +161,7 @@ def test_killed_kd_resumes_where_it_stopped(tmp_path):
 
 @pytest.mark.parametrize("fsdp", ["--no-fsdp", "--fsdp"])
 def test_torchrun_two_processes_match_one(tmp_path, fsdp):
+    # two processes under torchrun (DDP or FSDP2) train to the same weights as one process
     args = ["--ild-steps", "4", "--kd-steps", "4", "--dpo-steps", "1", "--seed", "3"]
     single = run(args, tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
@@ -196,6 +202,7 @@ def test_torchrun_two_processes_match_one(tmp_path, fsdp):
     ],
 )
 def test_bad_corpus_is_one_clear_error_and_no_checkpoint(tmp_path, flag, content, expect):
+    # a malformed corpus or DPO file is one error naming it, before any checkpoint is written
     data = tmp_path / "c.jsonl"
     data.write_text(content)
     r = run([flag, str(data)], tmp_path / "o")
@@ -204,6 +211,7 @@ def test_bad_corpus_is_one_clear_error_and_no_checkpoint(tmp_path, flag, content
 
 
 def test_big_size_without_weights_says_where_to_get_them(tmp_path):
+    # --size 1b without --teacher says where to get the weights instead of failing deep inside
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "distill.py"), "--size", "1b", "--out-dir", str(tmp_path)],
         capture_output=True,
@@ -214,6 +222,7 @@ def test_big_size_without_weights_says_where_to_get_them(tmp_path):
 
 
 def test_diverging_training_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
+    # a diverging KD stops with one error and leaves its last finite checkpoint in place
     r = run(["--kd-lr", "1e30", "--kd-steps", "20", "--ckpt-every", "1"], tmp_path)
     assert r.returncode != 0 and "last good checkpoint" in r.stderr and "Traceback" not in r.stderr
     kd = torch.load(tmp_path / "tiny" / "kd.pt", weights_only=True)
