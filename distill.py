@@ -624,6 +624,29 @@ def sync_gradients(model, last):
     return contextlib.nullcontext()
 
 
+def optimizer(r, stage, model, params, steps, lr):
+    """AdamW on params, linear warmup then cosine to 0 -> (optimizer, scheduler, first step, loss history).
+    An unfinished checkpoint of this stage (a killed run) restores the model, both states and the RNG."""
+    cfg, path = r.cfg, r.path(f"{stage}.pt")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int((cfg.dpo_warmup if stage == "dpo" else cfg.warmup) * steps))
+
+    def schedule(s):
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    if not os.path.isfile(path):
+        return opt, sched, 0, []
+    ck = read_checkpoint(path, cfg.device)
+    unwrap(model).load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"])
+    if r.rank == 0:
+        tqdm.write(f"[{stage}] resuming from step {ck['step']}/{steps}")
+    return opt, sched, ck["step"], ck["history"]
+
+
 def train(r, stage, model, step_loss, steps, lr):
     """Train `model` as `stage` of the Run r into <stage>.pt, wrapped for DDP/FSDP2 under torchrun: AdamW +
     warmup/cosine + clipping + micro-batches (+ bf16 autocast, --precision), tqdm, a log line, an atomic
@@ -633,24 +656,7 @@ def train(r, stage, model, step_loss, steps, lr):
     cfg, rank, world, tok, path = r.cfg, r.rank, r.world, r.tok, r.path(f"{stage}.pt")
     model = wrap_model(model.train(), cfg, world)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int((cfg.dpo_warmup if stage == "dpo" else cfg.warmup) * steps))
-
-    def schedule(s):  # linear warmup, then cosine to 0
-        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    start, history = 0, []
-    if os.path.isfile(path):  # an unfinished checkpoint of this stage: resume
-        ck = read_checkpoint(path, cfg.device)
-        unwrap(model).load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, history = ck["step"], ck["history"]
-        torch.set_rng_state(ck["rng"])
-        if rank == 0:
-            tqdm.write(f"[{stage}] resuming from step {start}/{steps}")
-    model.train()
+    opt, sched, start, history = optimizer(r, stage, model, params, steps, lr)
     amp = torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=amp_dtype(cfg) is not None)
     per_rank = stage_batch(cfg, stage) // world
     # main sets cfg.micro_plan ({stage: micro-batch}, not a flag) from the memory plan
