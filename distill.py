@@ -81,9 +81,10 @@ PRESETS = {
     ),
     "135m": (
         dict(seq_len=256, teacher_replies=320, batch_size=4, kd_batch_size=4, dpo_batch_size=2)
-        | dict(ild_steps=90, kd_steps=130, dpo_steps=8, ild_lr=2e-3, kd_lr=2e-4, dpo_lr=2e-6)
+        | dict(ild_steps=250, ild_mla_steps=90, kd_steps=110, dpo_steps=8)
+        | dict(ild_lr=2e-3, kd_lr=5e-4, dpo_lr=2e-6)
         | dict(dpo_pairs=16, dpo_max_new=32, smart_batches=1, eval_batches=3, ckpt_every=10)
-        | dict(rope_rule="2norm", ild_target="mixer")
+        | dict(rope_rule="2norm", ild_target="mixer", kd_train="mixers")
     ),
     "1b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 192, 13_835, 8e-5))),
     "3b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 96, 37_842, 4e-5))),
@@ -128,6 +129,11 @@ class DistillConfig:
         "positive",
     )
     ild_steps: int = option(1000, "optimizer steps of each ILD run (paper.md §10)", "positive")
+    ild_mla_steps: int = option(
+        0,
+        "optimizer steps of the all-MLA student's ILD, whose few SMART layers learn fast (0 = --ild-steps)",
+        "at least 0",
+    )
     kd_steps: int = option(4000, "optimizer steps of end-to-end KD (paper.md §11)", "positive")
     dpo_steps: int = option(100, "optimizer steps of DPO (paper.md §12)", "positive")
     ild_lr: float = option(2e-4, "peak learning rate of ILD", "positive")
@@ -159,6 +165,12 @@ class DistillConfig:
         "ILD loss: block (the official code: block and mixer outputs, MLPs train) or mixer (mixers alone, "
         "MLPs frozen: no MLP forward or backward)",
         ["block", "mixer"],
+    )
+    kd_train: str = option(
+        "all",
+        "what KD trains: all (the official code) or mixers (MLPs, norms, embeddings and head stay the "
+        "teacher's: no MLP weight gradients or optimizer state)",
+        ["all", "mixers"],
     )
     stage: str = option(
         "", "rerun this stage (and any missing or stale one before it), drop the stages after it, stop"
@@ -490,10 +502,12 @@ def l2(a, b):
     return (a.float() - b.float()).norm(dim=-1).mean()
 
 
-def ild_trainable(student, target):
-    """What ILD trains: the blocks and the final norm ("block"), or the mixers alone ("mixer"); never the
-    embeddings and head."""
-    student.requires_grad_(target == "block")
+def trainable(student, target):
+    """What a stage trains: everything ("all", KD), the blocks and the final norm ("block", ILD), or the
+    mixers alone ("mixer"/"mixers"); ILD never trains the embeddings and head."""
+    student.requires_grad_(target in ("all", "block"))
+    if target == "all":
+        return student
     student.embed_tokens.requires_grad_(False)
     student.lm_head.requires_grad_(False)
     for block in student.layers:
@@ -936,7 +950,7 @@ def print_plan(cfg, plan, world):
 # the --dry-run settings: the size's real shapes, everything else as small as a CPU allows
 DRY_RUN = (
     dict(seq_len=64, batch_size=2, kd_batch_size=2, dpo_batch_size=1, max_chats=300)
-    | dict(ild_steps=2, kd_steps=2, dpo_steps=1, dpo_pairs=2, dpo_max_new=4)
+    | dict(ild_steps=2, ild_mla_steps=0, kd_steps=2, dpo_steps=1, dpo_pairs=2, dpo_max_new=4)
     | dict(smart_batches=1, eval_batches=1, log_every=1)
 )
 
@@ -1166,12 +1180,13 @@ def run_init(r):
 
 def run_ild(r, kind):
     """ILD of one student, every layer teacher-forced, on the ILD split (paper.md §10)."""
-    student = ild_trainable(r.load(f"init_{kind}.pt").train(), r.cfg.ild_target)
+    student = trainable(r.load(f"init_{kind}.pt").train(), r.cfg.ild_target)
 
     def step_loss(m, step, micro, n_micro):
         return ild_loss(m, r.teacher, r.batch("ild", step, micro, n_micro), r.cfg.ild_target)
 
-    train(r, f"ild_{kind}", student, step_loss, r.cfg.ild_steps, r.cfg.ild_lr)
+    steps = r.cfg.ild_mla_steps if kind == "mla" and r.cfg.ild_mla_steps else r.cfg.ild_steps
+    train(r, f"ild_{kind}", student, step_loss, steps, r.cfg.ild_lr)
 
 
 def run_smart(r):
@@ -1213,7 +1228,8 @@ def run_kd(r):
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
         return kl + cfg.ce_weight * ce, dict(kl=kl.item(), ce=ce.item())
 
-    train(r, "kd", r.load("hybrid_init.pt"), kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
+    hybrid = trainable(r.load("hybrid_init.pt"), cfg.kd_train)
+    train(r, "kd", hybrid, kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
 
 
 def dpo_pairs(r):
@@ -1312,8 +1328,8 @@ class Stage:
 
 
 TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision")
-ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", "ild_target", *TRAIN)
-KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "ce_weight", *TRAIN)
+ILD = ("teacher", "batch_size", "ild_steps", "ild_mla_steps", "ild_lr", "ild_target", *TRAIN)
+KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "kd_train", "ce_weight", *TRAIN)
 DPO = (
     *("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_batch_size", "dpo_steps", "dpo_lr"),
     *("dpo_beta", "dpo_warmup", *TRAIN),

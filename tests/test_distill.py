@@ -92,7 +92,7 @@ def test_ild_mixer_target_scores_each_mixer_alone_on_the_teachers_input(twins):
 
 def test_ild_mixer_target_trains_the_mixers_only():
     # with the mixer target exactly the mixers' parameters get gradients
-    student = distill.ild_trainable(M.Model(M.size_config("tiny")), "mixer")
+    student = distill.trainable(M.Model(M.size_config("tiny")), "mixer")
     mixers = {id(p) for b in student.layers for p in b.mixer.parameters()}
     assert {id(p) for p in student.parameters() if p.requires_grad} == mixers
 
@@ -293,6 +293,23 @@ def test_other_kd_settings_rerun_kd_and_everything_after_it(rerun):
     before = run_ids(M.read_json(rerun / "tiny" / "stages.json"))
     after = run_ids(distill_main(rerun, "--kd-lr", "3e-3"))
     assert [s for s in before if before[s] != after[s]] == ["kd", "dpo", "eval"]
+
+
+def test_ild_mla_steps_sets_the_mla_students_steps_only(rerun):
+    # --ild-mla-steps N: the all-MLA student trains N steps, the Mamba2 student keeps --ild-steps
+    distill_main(rerun, "--ild-mla-steps", "3")
+    steps = {k: torch.load(rerun / "tiny" / f"ild_{k}.pt", weights_only=True)["step"] for k in ("mla", "m2")}
+    assert steps == {"mla": 3, "m2": 2}
+
+
+def test_kd_train_mixers_leaves_every_other_weight_as_composed(rerun):
+    # --kd-train mixers: KD changes the mixers' weights and no other (MLPs, norms, embeddings, head)
+    distill_main(rerun, "--stage", "kd", "--kd-train", "mixers")
+    init = torch.load(rerun / "tiny" / "hybrid_init.pt", weights_only=True)["model"]
+    kd = torch.load(rerun / "tiny" / "kd.pt", weights_only=True)["model"]
+    moved = {k for k in init if not torch.equal(init[k], kd[k])}
+    assert moved and all(".mamba." in k or ".self_attn." in k for k in moved)
+    assert any(".mlp." in k for k in init) and all(k in moved for k in init if k.endswith("mamba.A_log"))
 
 
 def test_unfinished_stage_restarts_rather_than_resumes_on_other_settings(rerun, capsys):
@@ -568,7 +585,7 @@ teacher.requires_grad_(False)
 plan = distill.memory_plan(cfg, teacher.cfg, 1)[stage]
 idx = torch.randint(0, teacher.cfg.vocab_size, (batch, seq))
 if stage.startswith("ild"):
-    student = distill.ild_trainable(convert.make_student(teacher, stage[4:]).train(), cfg.ild_target)
+    student = distill.trainable(convert.make_student(teacher, stage[4:]).train(), cfg.ild_target)
 else:
     kinds = ["mla" if i in teacher.cfg.mla_layers else "m2" for i in range(teacher.cfg.n_layer)]
     student = M.Model(dataclasses.replace(teacher.cfg, kinds=kinds)).train()
