@@ -168,8 +168,8 @@ class DistillConfig:
     )
     kd_train: str = option(
         "all",
-        "what KD trains: all (the official code) or mixers (MLPs, norms, embeddings and head stay the "
-        "teacher's: no MLP weight gradients or optimizer state)",
+        "what KD trains: all (the official code) or mixers (MLPs, norms, embeddings and head stay as "
+        "composed: no MLP weight gradients or optimizer state)",
         ["all", "mixers"],
     )
     stage: str = option(
@@ -763,12 +763,11 @@ def teacher_dtype(cfg):
     return amp_dtype(cfg) or torch.get_default_dtype()
 
 
-def block_params(cfg, kind):
-    """Parameters of one block of this kind, counted on the meta device (no memory)."""
+def block_params(cfg, kind, mixer_only=False):
+    """Parameters of one block (or its mixer alone) of this kind, counted on the meta device (no memory)."""
     with torch.device("meta"):
-        return sum(
-            p.numel() for p in Block(dataclasses.replace(cfg, kinds=[kind] * cfg.n_layer), 0).parameters()
-        )
+        block = Block(dataclasses.replace(cfg, kinds=[kind] * cfg.n_layer), 0)
+        return sum(p.numel() for p in (block.mixer if mixer_only else block).parameters())
 
 
 def saved_bytes(fn, exclude):
@@ -890,6 +889,8 @@ def memory_plan(cfg, tcfg, world, kd_tcfg=None):
         else:
             n, tok, const = (sum(v) for v in zip(*(blocks[k] for k in hybrid)))
             params = trainable = embed(tcfg) + n
+            if stage == "kd" and cfg.kd_train == "mixers":  # MLPs, norms, embeddings and head stay frozen
+                trainable = sum(block_params(tcfg, k, mixer_only=True) for k in hybrid)
             act = tok + 2 * tcfg.d_model * 4  # + the final norm's input and the head's (fp32 bound)
             logits = loss_memory(tcfg, stage, amp, t_dtype)
             # backward starts with the fp32 gradient of the logits, then one layer's temporaries at a time

@@ -658,6 +658,17 @@ def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step_on_the_same_gl
         assert torch.allclose(p.grad, q.grad, atol=1e-6), "gradients of the first try were not cleared"
 
 
+def test_plan_counts_kd_gradients_of_the_mixers_only_with_kd_train_mixers():
+    # with --kd-train mixers the plan's KD gradients are those of the hybrid's trainable parameters
+    cfg = dataclasses.replace(distill.parse_args(["--size", "tiny"]), kd_train="mixers")
+    tcfg = convert.with_hybrid_fields(M.size_config("tiny"), "tiny")
+    plan = distill.memory_plan(cfg, tcfg, 1)
+    kinds = ["mla" if i in tcfg.mla_layers else "m2" for i in range(tcfg.n_layer)]
+    hybrid = distill.trainable(M.Model(dataclasses.replace(tcfg, kinds=kinds)), "mixers")
+    n = sum(p.numel() for p in hybrid.parameters() if p.requires_grad)
+    assert plan["kd"]["grads"] == 4 * n < plan["dpo"]["grads"]
+
+
 def test_plan_for_1b_on_eight_80gb_gpus_fits_and_covers_every_global_batch(capsys):
     # the plan (from SIZES, no weights) gives every training stage a split of its global batch that fits
     cfg = dataclasses.replace(distill.parse_args(["--size", "1b"]), memory_gb=80.0, world=8, precision="bf16")
