@@ -588,7 +588,7 @@ if stage.startswith("ild"):
     student = distill.trainable(convert.make_student(teacher, stage[4:]).train(), cfg.ild_target)
 else:
     kinds = ["mla" if i in teacher.cfg.mla_layers else "m2" for i in range(teacher.cfg.n_layer)]
-    student = M.Model(dataclasses.replace(teacher.cfg, kinds=kinds)).train()
+    student = distill.trainable(M.Model(dataclasses.replace(teacher.cfg, kinds=kinds)).train(), cfg.kd_train)
 def step_loss(m, s, mi, n):
     rows = idx[distill.batch_rows(s, batch, batch, 0, 1, mi, n)]
     if stage.startswith("ild"):
