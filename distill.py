@@ -1329,7 +1329,8 @@ class Stage:
 
 
 TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision")
-ILD = ("teacher", "batch_size", "ild_steps", "ild_mla_steps", "ild_lr", "ild_target", *TRAIN)
+ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", "ild_target", *TRAIN)
+ILD_MLA = (*ILD, "ild_mla_steps")  # the Mamba2 student does not depend on it
 KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "kd_train", "ce_weight", *TRAIN)
 DPO = (
     *("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_batch_size", "dpo_steps", "dpo_lr"),
@@ -1339,7 +1340,7 @@ SMART = ("teacher", "mla_layers", "smart_batches")
 EVAL = ("kd_teacher", "eval_batches")
 STAGES = (
     Stage("init", run_init, ("init_mla.pt", "init_m2.pt"), settings=("teacher", "rope_rule")),
-    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), ("init",), ILD, all_ranks=True),
+    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), ("init",), ILD_MLA, all_ranks=True),
     Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), ("init",), ILD, all_ranks=True),
     Stage("smart", run_smart, ("smart.json",), ("ild_mla", "ild_m2"), SMART),
     Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",), ("ild_mla", "ild_m2", "smart"), ("teacher",)),

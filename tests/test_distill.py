@@ -296,10 +296,12 @@ def test_other_kd_settings_rerun_kd_and_everything_after_it(rerun):
 
 
 def test_ild_mla_steps_sets_the_mla_students_steps_only(rerun):
-    # --ild-mla-steps N: the all-MLA student trains N steps, the Mamba2 student keeps --ild-steps
-    distill_main(rerun, "--ild-mla-steps", "3")
+    # --ild-mla-steps N: the all-MLA student reruns for N steps; the Mamba2 student is kept as it was
+    before = run_ids(M.read_json(rerun / "tiny" / "stages.json"))
+    after = run_ids(distill_main(rerun, "--ild-mla-steps", "3"))
     steps = {k: torch.load(rerun / "tiny" / f"ild_{k}.pt", weights_only=True)["step"] for k in ("mla", "m2")}
     assert steps == {"mla": 3, "m2": 2}
+    assert after["ild_m2"] == before["ild_m2"] and after["ild_mla"] != before["ild_mla"]
 
 
 def test_kd_train_mixers_leaves_every_other_weight_as_composed(rerun):
