@@ -1,6 +1,6 @@
 """What the hybrid buys and what it keeps: KV cache per token, decode throughput and memory against the
-teacher and a MambaInLlama-style hybrid (paper.md §8.2, §15, §17; protocol in kernels.md §8), and zero-shot
-accuracy retention on lm-evaluation-harness tasks (paper.md §14).
+teacher and a MambaInLlama-style hybrid (paper.md §8.2, §15, §17; protocol in kernels.md §8), and
+zero-shot accuracy retention on lm-evaluation-harness tasks (paper.md §14).
 
 Peers, built from the same teacher weights by the same conversion (convert.py) and timed in one run:
   teacher       every layer GQA attention

@@ -5,9 +5,9 @@ The layer itself is model.MLA. Paper stage: the MLA layers of the Zebra-Llama hy
 Per token x: q = W_UQ W_DQ x split per head into [q^N (d_N) ; q^R (d_R)]; [c ; k^R] = W_DKV x with c the r_kv
 latent and k^R one rope key shared by all heads; per KV group g, [k^N_g ; v_g] = W_UKV,g c; head h uses group
 h // (H/n_kv). Logits τ(q^N·k^N + q^R·k^R) with τ = (d_N + d_R)^-1/2: the per-head width, never the latent
-width r_kv + d_R. RoPE (paper.md §3.4, the [project] choice, not the official YaRN): the rope block reuses the
-teacher's rotation pairs `rope_pairs` (half-split: first members, then second members) with the teacher's own
-cos/sin tables; no mscale.
+width r_kv + d_R. RoPE (paper.md §3.4, the [project] choice, not the official YaRN): the rope block
+reuses the teacher's rotation pairs `rope_pairs` (half-split: first members, then second members) with
+the teacher's own cos/sin tables; no mscale.
 
 Cache: a plain tensor (B, S_max, width), width = r_kv + d_R, each row [c ; already-rotated k^R]: 160 values
 per token per layer at 1B, against 2·n_kv·d_h = 1024 for the GQA teacher. Absorption (decode): since
@@ -60,8 +60,8 @@ def mla_decode_ref_naive(q_nope, q_pe, kv_cache, cache_seqlens, W_UK, W_UV, soft
 def mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank):
     """Absorbed decode in fp32 (fp64 if q is): q (B, H, width) = [q̃ ; q^R], width = r_kv + d_R
     -> (out_latent (B, H, r_kv), lse (B, H)). One cached row [c ; k] gives out_latent = c and
-    lse = τ·q·[c ; k]; an empty row gives 0 and -inf. On CUDA and under torch.compile it masks over the whole
-    capacity S_max: no length is read back to the host, so a decode step can be captured in a CUDA graph."""
+    lse = τ·q·[c ; k]; an empty row gives 0 and -inf. On CUDA and under torch.compile it masks over the
+    whole capacity S_max: no length is read back to the host, so a CUDA graph can capture a decode step."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     S, ragged = kv_cache.shape[1], True
     if not (kv_cache.is_cuda or torch.compiler.is_compiling()):
@@ -201,8 +201,8 @@ def num_splits_for(programs, S_max, num_sms=DEFAULT_SMS):
         splits = max(1, min(cdiv(num_sms, programs), S_max // MIN_SPLIT_ROWS))
     where programs = B · cdiv(H, BLOCK_H). The first term fills every SM once; the second makes each split
     read at least MIN_SPLIT_ROWS rows, so a split's fp32 partial, H·(r_kv + 1) floats per 256+ cache rows of
-    (r_kv + d_R) bf16 values, stays at most ~20 % of the cache bytes at the paper sizes (1b: 32 heads · 129 ·
-    4 B = 16.5 kB per split against 256 · 160 · 2 B = 82 kB of cache): the kernel reads the cache once."""
+    (r_kv + d_R) bf16 values, stays at most ~20 % of the cache bytes at the paper sizes (1b: 32 heads
+    · 129 · 4 B = 16.5 kB per split, 256 · 160 · 2 B = 82 kB of cache): it reads the cache once."""
     return max(1, min(triton.cdiv(num_sms, programs), S_max // MIN_SPLIT_ROWS))
 
 

@@ -427,7 +427,8 @@ class Mamba2(nn.Module):
         self.conv_dim = cfg.d_xb * 2 + cfg.d_inner
         self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner + 2 * cfg.d_xb + H, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True)
-        # random parts as mamba_ssm (paper.md §5.3): dt ~ logU[1e-3, 0.1] stored as softplus^-1, A ~ -U[1, 16]
+        # random parts as mamba_ssm (paper.md §5.3): dt ~ logU[1e-3, 0.1] stored as softplus^-1,
+        # A ~ -U[1, 16]
         dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1, 16)))

@@ -3,19 +3,23 @@
 Names: b batch, T sequence length, h heads, g groups, p head size, n state size, Q chunk length,
 c = ⌈T/Q⌉ chunks.
 Per batch row and head (state S of shape p×n, A < 0 one scalar per head, Δ the step size):
-    Δ_t = softplus(dt_t + dt_bias)    S_t = exp(Δ_t·A)·S_{t−1} + Δ_t·x_t ⊗ B_t    y_t = S_t·C_t + D·x_t
+    Δ_t = softplus(dt_t + dt_bias)
+    S_t = exp(Δ_t·A)·S_{t−1} + Δ_t·x_t ⊗ B_t
+    y_t = S_t·C_t + D·x_t
 x (b, T, g_x, p), B (b, T, g_B, n) and C (b, T, g_C, n) each carry their own group count; head i reads group
 i // (h/g). Zebra passes x and B per KV group and C per head, so nothing is repeated in memory.
 
 The chunked ("SSD") form is ssd_minimal's: the T×T matrix mapping x to y is cut into Q×Q blocks.
 Below, steps 2 and 3 come first and 1 sits beside 4, as the kernels group them (`ssd_chunked` runs 1–4).
-  1. diagonal blocks (tokens of one chunk): y = ((C·Bᵀ) ∘ exp(cs_i − cs_j) ∘ causal ∘ Δ_j)·x, cs = cumsum(A·Δ)
+  1. diagonal blocks (tokens of one chunk): y = ((C·Bᵀ) ∘ exp(cs_i − cs_j) ∘ causal ∘ Δ_j)·x,
+     cs = cumsum(A·Δ)
   2. B-terms (chunk states): the p×n state each chunk builds alone from zero
   3. A-terms (state passing): walk the chunks in order, S ← exp(ΣA·Δ of the chunk)·S + its state
   4. C-terms (off-diagonal blocks): the state entering a chunk read out by C, decayed by exp(cs_i)
-Three tiers, tested pairwise: `ssm_scan_ref` (the sequential loop, ground truth), `ssd_chunked` (steps 1–4 as
-differentiable torch matmuls: the training path on every device, fp32 whatever the autocast state) and Triton
-kernels (chunked prefill, decode step), each kernel directly below the torch function it implements.
+Three tiers, tested pairwise: `ssm_scan_ref` (the sequential loop, ground truth), `ssd_chunked` (steps
+1–4 as differentiable torch matmuls: the training path on every device, fp32 whatever the autocast state)
+and Triton kernels (chunked prefill, decode step), each kernel directly below the torch function it
+implements.
 Triton is forward-only in v1; training autograd goes through `ssd_chunked` (kernels.md §9).
 Public calls: `ssd`, `ssm_step`.
 Run: `python ssm_scan.py` (self-test + timing; with TRITON_INTERPRET=1 it also checks the kernels on CPU),
@@ -102,7 +106,7 @@ def ssm_scan_ref(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, retur
 
 def chunk_cumsum(delta, A, chunk_size):
     """Δ (b, T, h) -> (dt, cs), each (b, h, c, Q). Δ is zero-padded to whole chunks: A·0 = 0 (decay 1) and
-    0·x = 0 (no input), so the padding changes nothing. cs is the in-chunk cumsum of A·Δ (the log-decay)."""
+    0·x = 0 (no input), so the padding changes nothing. cs: the in-chunk cumsum of A·Δ (the log-decay)."""
     (b, T, h), c = delta.shape, -(-delta.shape[1] // chunk_size)  # c chunks, the last one zero-padded
     dt = F.pad(delta, (0, 0, 0, c * chunk_size - T))  # (b, c·Q, h)
     dt = dt.reshape(b, c, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
@@ -148,7 +152,7 @@ if HAS_TRITON:
 
     # _chunk_state_kernel: `process_dt` + `chunk_cumsum` + `chunk_states` (step 2) in one pass over x and B.
     # One program per (chunk, batch row, head) walks its chunk in sub-blocks of BLOCK_K tokens, which keeps
-    # the tiles small for long chunks: the state so far decays by each sub-block's exp(ΣA·Δ) before it adds.
+    # the tiles small for long chunks: the state so far decays by a sub-block's exp(ΣA·Δ) before it adds.
     @triton.jit
     def _chunk_state_kernel(
         x_ptr,
@@ -278,7 +282,7 @@ def offdiagonal_outputs(Cc, cs, prev_states):
 if HAS_TRITON:
     # _chunk_scan_kernel: `diagonal_outputs` (step 1) + `offdiagonal_outputs` (step 4) + D·x, fused so y is
     # written once. One program holds BLOCK_M rows × BLOCK_P columns of one chunk's y; the causal loop visits
-    # the column blocks up to the diagonal. C·Bᵀ is recomputed per head (simpler than mamba's per-group bmm).
+    # the column blocks up to the diagonal. C·Bᵀ is recomputed per head (simpler than mamba's group bmm).
     @triton.jit
     def _chunk_scan_kernel(
         x_ptr,
@@ -314,7 +318,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        """grid (b·nchunks, cdiv(Q, BLOCK_M)·cdiv(p, BLOCK_P), h): one (row block, column block) tile of y."""
+        """grid (b·nchunks, cdiv(Q, BLOCK_M)·cdiv(p, BLOCK_P), h): one (row, column) block tile of y."""
         b, c = tl.program_id(0).to(tl.int64) // nchunks, tl.program_id(0).to(tl.int64) % nchunks
         pid_m, pid_p = tl.program_id(1) // tl.cdiv(P, BLOCK_P), tl.program_id(1) % tl.cdiv(P, BLOCK_P)
         hd, H = tl.program_id(2).to(tl.int64), tl.num_programs(2)
@@ -435,7 +439,8 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """grid (cdiv(p, BLOCK_P), b, h): S = S·exp(A·Δ) + Δ·x ⊗ B on a [BLOCK_P × N] tile, y = S·C + D·x."""
+        """grid (cdiv(p, BLOCK_P), b, h): S = S·exp(A·Δ) + Δ·x ⊗ B on a BLOCK_P × N tile,
+        y = S·C + D·x."""
         pid_p, b, hd = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         offs_p, offs_n = pid_p * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
         mp, mn = offs_p < P, offs_n < N
@@ -719,8 +724,8 @@ def ssm_step(state, x, dt, A, B, C, D=None, dt_bias=None, backend="auto"):
 
 def random_inputs(b, T, h, p, n, groups=(1, 1, 1), dtype=torch.float32, device="cpu", seed=0):
     """Random ssd() keyword inputs with Mamba2's initial values (paper.md §5.3): A = −U(1, 16), dt_bias =
-    softplus⁻¹ of a log-uniform Δ in [1e-3, 0.1]; groups = (g_x, g_B, g_C); x, B, C, raw dt, D and the initial
-    state are Gaussian."""
+    softplus⁻¹ of a log-uniform Δ in [1e-3, 0.1]; groups = (g_x, g_B, g_C); x, B, C, raw dt, D and the
+    initial state are Gaussian."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape):

@@ -40,8 +40,8 @@ def tokens(inp, a, b):
 
 
 def check_scan(inp, chunk=16, backends=BACKENDS, tol=1e-5):
-    """Every backend in fp32 vs the fp64 loop: rel-RMS ≤ tol and max abs ≤ 1e-4·max(1, ‖ref‖∞), outputs
-    and final state."""
+    """Every backend in fp32 vs the fp64 loop: rel-RMS ≤ tol and max abs ≤ 1e-4·max(1, ‖ref‖∞),
+    outputs and final state."""
     y_ref, s_ref = ssm_scan_ref(**inp, return_final_state=True)
     for backend in backends:
         y, s = ssd(**f32(inp), chunk_size=chunk, return_final_state=True, backend=backend)
@@ -185,7 +185,7 @@ def test_strong_decay():
 
 
 def test_weak_decay():
-    # A·Δ = −1e-6 per token (Δ = softplus(log(1e-6)) ≈ 1e-6): cs sums many tiny terms without losing them
+    # A·Δ = −1e-6 per token (Δ = softplus(log(1e-6)) ≈ 1e-6): cs sums many tiny terms, losing none
     inp = case(T=53, h=2, extras=False)
     inp["dt"], inp["A"] = torch.full_like(inp["dt"], math.log(1e-6)), -torch.ones(2, dtype=torch.float64)
     check_scan(inp)
