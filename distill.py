@@ -74,13 +74,21 @@ RANGES = {"positive": lambda v: v > 0, "at least 0": lambda v: v >= 0, "in [0, 1
 OFFICIAL = ("batch_size", "ild_steps", "ild_lr", "kd_batch_size", "kd_steps", "kd_lr")  # the 1b-8b rows
 PRESETS = {
     "tiny": (
-        dict(seq_len=64, max_chats=400, teacher_replies=16, batch_size=4, kd_batch_size=4, dpo_batch_size=2)
+        dict(seq_len=64, max_chats=400, teacher_replies=16, teacher_text=8)
+        | dict(batch_size=4, kd_batch_size=4, dpo_batch_size=2)
         | dict(ild_steps=30, kd_steps=40, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3, dpo_lr=1e-5)
         | dict(dpo_pairs=8, dpo_max_new=12, smart_batches=2, eval_batches=2, ckpt_every=10)
         | dict(rope_rule="high", ild_target="mixer")
     ),
     "135m": (
-        dict(seq_len=256, teacher_replies=320, batch_size=4, kd_batch_size=4, dpo_batch_size=2)
+        dict(
+            seq_len=256,
+            teacher_replies=320,
+            teacher_text=384,
+            batch_size=4,
+            kd_batch_size=4,
+            dpo_batch_size=2,
+        )
         | dict(ild_steps=250, ild_mla_steps=90, kd_steps=110, dpo_steps=8)
         | dict(ild_lr=2e-3, kd_lr=5e-4, dpo_lr=2e-6)
         | dict(dpo_pairs=16, dpo_max_new=32, smart_batches=1, eval_batches=3, ckpt_every=10)
@@ -118,6 +126,12 @@ class DistillConfig:
         0,
         "chats of the teacher's own greedy replies (to topic questions and corpus first turns), made once, "
         "read by every third ILD and KD step (0 = none)",
+        "at least 0",
+    )
+    teacher_text: int = option(
+        0,
+        "texts the teacher writes on its own after openings of English prose (temperature 1, top-p 0.95), "
+        "made once, read by every third ILD and KD step (0 = none)",
         "at least 0",
     )
     seq_len: int = option(
@@ -382,6 +396,25 @@ def teacher_chats(teacher, tok, first_turns, n, max_new=96, batch=32):
     return ids
 
 
+# Openings of the teacher's own text (--teacher-text): common starts of English prose, stories, letters and
+# articles; the teacher writes the rest, so these tokens are its language beyond the chat corpus.
+OPENINGS = (
+    "The|In|Once upon a time|A|It|When|Chapter 1|Dear|The history of|He|She|Why|How to|There|My|We|This|"
+    "After|According to|On the|Many|If you|Today|Long ago"
+).split("|")
+
+
+def teacher_text(teacher, tok, n, max_new=192, batch=64):
+    """Token ids of n texts the teacher writes after the OPENINGS in turn, sampled at temperature 1 with
+    top-p 0.95 (seeded per batch, so a rerun writes the same), without a chat template. -> one list of ids."""
+    ids = []
+    for i in tqdm(range(0, n, batch), desc="teacher text", leave=False):
+        part = [tok.encode(OPENINGS[j % len(OPENINGS)]) for j in range(i, min(n, i + batch))]
+        texts = reply_ids(teacher, tok, part, max_new_tokens=max_new, temperature=1.0, top_p=0.95, seed=i)
+        ids += [t for p, r in zip(part, texts) for t in p + r]
+    return ids
+
+
 def data_path(out, split):
     return os.path.join(out, f"data_{split}.bin")
 
@@ -394,9 +427,10 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 files.
     Split by conversation: the last 5 % are held out (read by the final evaluation only); of the rest the
     first 20 % feed ILD (and SMART) and the other 80 % KD (paper.md §13); DPO prompts come from the KD split.
-    Beside them: "gen", the (KD) teacher's own replies (--teacher-replies, teacher_chats), and "unseen", text
-    of a domain no split holds, for the evaluation. Reused while source, length and tokenizer match; otherwise
-    prepared anew, and every stage made from the old data reruns (its recorded data key differs)."""
+    Beside them: "gen" and "text", the (KD) teacher's own replies and texts (--teacher-replies, teacher_chats;
+    --teacher-text, teacher_text), and "unseen", text of a domain no split holds, for the evaluation.
+    Reused while source, length and tokenizer match; otherwise prepared anew, and every stage made from the
+    old data reruns (its recorded data key differs)."""
     meta_path = os.path.join(out, "data.json")
     source = cfg.data or "chitchat-dataset==0.9.0"
     key = dict(
@@ -408,7 +442,10 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
         prompts="first user turn with its system turn",  # older data.json files kept the user text only
         unseen=convert.TEMPEST[:2],
         teacher_replies=cfg.teacher_replies,
-        replies_by=(cfg.kd_teacher or cfg.teacher or cfg.size) if cfg.teacher_replies else None,
+        teacher_text=cfg.teacher_text,
+        replies_by=(cfg.kd_teacher or cfg.teacher or cfg.size)
+        if cfg.teacher_replies + cfg.teacher_text
+        else None,
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)
@@ -439,6 +476,8 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     if cfg.teacher_replies:
         first_turns = [p for p in map(chat_prompt, splits["ild"]) if p]
         tokens["gen"] = teacher_chats(teacher, tok, first_turns, cfg.teacher_replies)
+    if cfg.teacher_text:
+        tokens["text"] = teacher_text(teacher, tok, cfg.teacher_text)
     tokens["unseen"] = tok.encode(convert.unseen_text(cfg.cache_dir or None))  # plain text, no chat template
     for name, ids in tokens.items():
         n = len(ids) // cfg.seq_len
@@ -467,11 +506,12 @@ def batch_rows(step, batch_size, n_rows, rank=0, world=1, micro=0, n_micro=1):
 
 def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
     """The rows batch_rows picks from a split, through a fixed shuffle of the split (seeded, so resuming
-    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device. With teacher replies,
-    every third ILD and KD step reads them instead."""
+    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device. Of every three ILD and
+    KD steps the third reads the teacher's replies and the second its texts instead, where prepared."""
     size = stage_batch(cfg, split)
-    if split in ("ild", "kd") and meta["n"].get("gen") and step % 3 == 2:
-        split, step = "gen", step // 3
+    mix = {1: "text", 2: "gen"}.get(step % 3)
+    if split in ("ild", "kd") and meta["n"].get(mix):
+        split, step = mix, step // 3
     arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(
         -1, cfg.seq_len
     )

@@ -50,22 +50,35 @@ def load_model(ckpt=None, teacher=None, size="135m", out_dir="out", device="cpu"
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
+NUCLEUS = 1024  # ids top-p reads first; it sorts the whole vocabulary only for rows whose best ids hold less
+
+
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """logits (B, V) -> next ids (B,). temperature 0 = greedy; top_k keeps the k best ids; top_p keeps the
     smallest set of best ids whose probability reaches top_p (the best one always survives).
     E.g. probs [0.5, 0.3, 0.2] with top_p 0.7 keep ids {0, 1}, renormalised to [0.625, 0.375]."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = (logits.float() / temperature).softmax(-1)  # (B, V)
+    if top_k <= 0 and top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # the best ids by topk: for 64 rows of 49k ids 6 ms here, where a sort of the vocabulary takes 126 ms
+    best, ids = probs.topk(min(top_k or NUCLEUS, probs.shape[-1]), dim=-1)  # (B, k) each, best first
+    if top_k:
+        best = best / best.sum(-1, keepdim=True)  # top_p is a share of what top_k kept
+    nxt = nucleus(best, ids, top_p, generator)
+    short = best.sum(-1) < top_p if not top_k else torch.zeros_like(nxt, dtype=torch.bool)
+    if short.any():  # ~1 row in 5 at temperature 1 (SmolLM2-135M): its nucleus is past the NUCLEUS best
+        nxt[short] = nucleus(*probs[short].sort(dim=-1, descending=True), top_p, generator)
+    return nxt
+
+
+def nucleus(probs, ids, top_p, generator):
+    """probs (B, k) best first and their ids (B, k) -> one id per row, drawn from the smallest best set
+    whose mass reaches top_p."""
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this id already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the mass before reaches top_p
+    return ids.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
 
 
 @torch.no_grad()

@@ -752,14 +752,38 @@ def test_teacher_chats_are_prompts_followed_by_the_teachers_greedy_replies():
     assert distill.teacher_chats(teacher, tok, [turn], 2, max_new=5) == want
 
 
+def test_teacher_text_samples_the_teachers_nucleus_after_each_opening():
+    # texts follow the OPENINGS in turn; every written id lies in the top-0.95 nucleus of the teacher's
+    # distribution (a full forward per position), not every one is the argmax, and a rerun writes the same
+    teacher, tok = convert.load_teacher("tiny")
+    ids = distill.teacher_text(teacher, tok, 3, max_new=6, batch=2)
+    assert ids == distill.teacher_text(teacher, tok, 3, max_new=6, batch=2)
+    pos, greedy = 0, []
+    for opening in distill.OPENINGS[:3]:
+        start = tok.encode(opening)
+        assert ids[pos : pos + len(start)] == start
+        pos += len(start)
+        text = start
+        while len(text) < len(start) + 6 and text[-1] != tok.eos_id:
+            with torch.no_grad():
+                probs = teacher(torch.tensor([text]))[0, -1, : tok.n_vocab].float().softmax(-1)
+            order = probs.argsort(descending=True)
+            before = probs[order].cumsum(0) - probs[order]  # mass of the ids likelier than each
+            assert before[(order == ids[pos]).nonzero()[0, 0]] < 0.95
+            greedy.append(ids[pos] == order[0])
+            text, pos = text + [ids[pos]], pos + 1
+    assert pos == len(ids) and not all(greedy)
+
+
 def test_teacher_reply_topics_avoid_the_subjects_of_the_fixed_questions():
     # no topic shares a content word with the evaluation's questions, whose answers must not be trained
     words = {w.strip("?.").lower() for q in distill.QUESTIONS for w in q.split() if len(w) > 3}
     assert not words & {w for t in distill.TOPICS for w in t.split()}
 
 
-def test_every_third_training_step_reads_the_teachers_replies(finished):
-    # ILD and KD steps 2, 5, 8, ... take their rows from the teacher-reply split, the others from their own
+def test_training_steps_cycle_through_corpus_teacher_texts_and_replies(finished):
+    # ILD and KD steps 1, 4, 7, ... take their rows from the teacher's texts, steps 2, 5, 8, ... from its
+    # replies, the others from their own split
     out = finished[0] / "tiny"
     meta, cfg = M.read_json(out / "data.json"), distill.parse_args(TINY)
 
@@ -771,7 +795,7 @@ def test_every_third_training_step_reads_the_teachers_replies(finished):
     for split in ("ild", "kd"):
         for step in range(6):
             got = {tuple(r.tolist()) for r in distill.get_batch(str(out), meta, split, step, cfg)}
-            assert got and got <= rows("gen" if step % 3 == 2 else split)
+            assert got and got <= rows(("text", "gen")[step % 3 - 1] if step % 3 else split)
 
 
 def test_unseen_split_is_the_text_of_the_tempest(finished):

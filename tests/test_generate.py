@@ -101,6 +101,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
     assert f[kept:].sum() == 0 and torch.allclose(f[:kept], p / p.sum(), atol=0.03)
 
 
+def test_top_p_past_the_nucleus_candidates_sorts_the_row():
+    # 0.5 on id 0 and 0.5 spread over 3000 ids: top_p 0.9 keeps id 0 and 2400 others, more than the
+    # NUCLEUS best ids, so id 0 is drawn at 0.5 / 0.9 (at 0.5 / 0.67 if only the NUCLEUS best were kept)
+    probs = torch.cat([torch.tensor([0.5]), torch.full((3000,), 0.5 / 3000)])
+    assert G.NUCLEUS < 2401
+    ids = G.sample(probs.log().expand(8000, -1), 1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert abs((ids == 0).float().mean() - 0.5 / 0.9) < 0.02 and len(set(ids.tolist())) > G.NUCLEUS
+
+
 def test_plain_sampling_follows_the_softmax():
     # without top_k/top_p even the 5 % id is drawn at its rate
     assert abs(sample_freq()[3] - 0.05) < 0.02
