@@ -81,14 +81,8 @@ PRESETS = {
         | dict(rope_rule="high", ild_target="mixer")
     ),
     "135m": (
-        dict(
-            seq_len=256,
-            teacher_replies=320,
-            teacher_text=384,
-            batch_size=4,
-            kd_batch_size=4,
-            dpo_batch_size=2,
-        )
+        dict(seq_len=256, teacher_replies=320)
+        | dict(batch_size=4, kd_batch_size=4, dpo_batch_size=2)
         | dict(ild_steps=250, ild_mla_steps=90, kd_steps=110, dpo_steps=8)
         | dict(ild_lr=2e-3, kd_lr=5e-4, dpo_lr=2e-6)
         | dict(dpo_pairs=16, dpo_max_new=32, smart_batches=1, eval_batches=3, ckpt_every=10)
