@@ -70,7 +70,7 @@ RANGES = {"positive": lambda v: v > 0, "at least 0": lambda v: v >= 0, "in [0, 1
 # (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). The paper distils KD and DPO from
 # Llama-3.1-8B-Instruct for every size (a separate KD teacher; --plan counts its memory).
 # tiny and 135m are CPU presets: short sequences and few steps, so that tiny runs every stage in about a
-# minute and 135m in under 30 minutes on 2 idle cores.
+# minute and 135m in about 30 minutes on 2 idle cores.
 OFFICIAL = ("batch_size", "ild_steps", "ild_lr", "kd_batch_size", "kd_steps", "kd_lr")  # the 1b-8b rows
 PRESETS = {
     "tiny": (
@@ -427,6 +427,7 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     old data reruns (its recorded data key differs)."""
     meta_path = os.path.join(out, "data.json")
     source = cfg.data or "chitchat-dataset==0.9.0"
+    writer = cfg.kd_teacher or cfg.teacher or cfg.size  # of the teacher's replies and texts
     key = dict(
         source=source,
         max_chats=cfg.max_chats,
@@ -437,9 +438,7 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
         unseen=convert.TEMPEST[:2],
         teacher_replies=cfg.teacher_replies,
         teacher_text=cfg.teacher_text,
-        replies_by=(cfg.kd_teacher or cfg.teacher or cfg.size)
-        if cfg.teacher_replies + cfg.teacher_text
-        else None,
+        replies_by=writer if cfg.teacher_replies or cfg.teacher_text else None,
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)

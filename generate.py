@@ -50,7 +50,7 @@ def load_model(ckpt=None, teacher=None, size="135m", out_dir="out", device="cpu"
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
-NUCLEUS = 1024  # ids top-p reads first; it sorts the whole vocabulary only for rows whose best ids hold less
+NUCLEUS = 1024  # the ids top-p reads first; a row whose best ids hold less than top_p sorts them all
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
@@ -67,8 +67,8 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     if top_k:
         best = best / best.sum(-1, keepdim=True)  # top_p is a share of what top_k kept
     nxt = nucleus(best, ids, top_p, generator)
-    short = best.sum(-1) < top_p if not top_k else torch.zeros_like(nxt, dtype=torch.bool)
-    if short.any():  # ~1 row in 5 at temperature 1 (SmolLM2-135M): its nucleus is past the NUCLEUS best
+    short = (best.sum(-1) < top_p) & (top_k <= 0)  # (B,) rows whose nucleus reaches past the best ids
+    if short.any():  # ~1 row in 5 of SmolLM2-135M at temperature 1
         nxt[short] = nucleus(*probs[short].sort(dim=-1, descending=True), top_p, generator)
     return nxt
 
