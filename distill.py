@@ -76,7 +76,7 @@ PRESETS = {
     "tiny": (
         dict(seq_len=64, max_chats=400, teacher_replies=16, teacher_text=8)
         | dict(batch_size=4, kd_batch_size=4, dpo_batch_size=2)
-        | dict(ild_steps=30, kd_steps=40, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3, dpo_lr=1e-5)
+        | dict(ild_steps=30, kd_steps=20, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3, dpo_lr=1e-5)
         | dict(dpo_pairs=8, dpo_max_new=12, smart_batches=2, eval_batches=2, ckpt_every=10)
         | dict(rope_rule="high", ild_target="mixer")
     ),
@@ -119,13 +119,13 @@ class DistillConfig:
     teacher_replies: int = option(
         0,
         "chats of the teacher's own greedy replies (to topic questions and corpus first turns), made once, "
-        "read by every third ILD and KD step (0 = none)",
+        "read by one in three ILD and KD steps, one in five with --teacher-text (0 = none)",
         "at least 0",
     )
     teacher_text: int = option(
         0,
         "texts the teacher writes on its own after openings of English prose (temperature 1, top-p 0.95), "
-        "made once, read by every third ILD and KD step (0 = none)",
+        "made once, read by three in five ILD and KD steps (0 = none)",
         "at least 0",
     )
     seq_len: int = option(
@@ -320,6 +320,11 @@ CHAT_FORM = '{"messages": [{"role": ..., "content": ...}, ...]}'
 PAIR_FORM = '{"prompt": ..., "chosen": ..., "rejected": ...}'
 
 
+def as_stored(obj):
+    """obj as it reads back from a JSON file (tuples become lists): what a stored record is compared with."""
+    return json.loads(json.dumps(obj))
+
+
 def read_jsonl(path, record, form):
     """The records of a JSONL file; malformed lines are reported with their line numbers (record() asserts
     the form)."""
@@ -382,12 +387,13 @@ def teacher_chats(teacher, tok, first_turns, n, max_new=96, batch=32):
     questions = [[{"role": "user", "content": f.format(t)}] for t in TOPICS for f in FORMS]
     turns = [ids for ids in map(tok.chat, first_turns) if len(ids) + max_new <= teacher.cfg.max_seq_len]
     prompts = [tok.chat(p) for p in questions[: n - n // 2]] + turns[: n // 2]
-    ids = []
-    for i in tqdm(range(0, len(prompts), batch), desc="teacher replies", leave=False):
-        part = prompts[i : i + batch]
-        for p, r in zip(part, reply_ids(teacher, tok, part, max_new_tokens=max_new)):
-            ids += p + r
-    return ids
+    # batches of prompts of like length: every row of a batch decodes over the longest prompt's cache
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies = {}
+    for i in tqdm(range(0, len(order), batch), desc="teacher replies", leave=False):
+        part = order[i : i + batch]
+        replies |= zip(part, reply_ids(teacher, tok, [prompts[j] for j in part], max_new_tokens=max_new))
+    return [t for i, p in enumerate(prompts) for t in p + replies[i]]
 
 
 # Openings of the teacher's own text (--teacher-text): common starts of English prose, stories, letters and
@@ -442,7 +448,7 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)
-        if meta["key"] != key:
+        if meta["key"] != as_stored(key):
             print(f"data: {out} holds data prepared from {meta['key']}; preparing {key} (stages rerun)")
         elif all(file_size(data_path(out, s)) == n * cfg.seq_len * 4 for s, n in meta["n"].items()):
             return meta
@@ -497,14 +503,22 @@ def batch_rows(step, batch_size, n_rows, rank=0, world=1, micro=0, n_micro=1):
     return [int((step * batch_size + j) % n_rows) for j in part]
 
 
+# The splits ILD and KD steps read in turn ("own": the stage's split of the corpus): with the teacher's texts,
+# of every five steps three read texts, one its replies, one the corpus; without, one in three reads replies.
+# The mixes measured are in the README.
+MIX_TEXT, MIX = ("own", "text", "gen", "text", "text"), ("own", "own", "gen")
+
+
 def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
     """The rows batch_rows picks from a split, through a fixed shuffle of the split (seeded, so resuming
-    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device. Of every three ILD and
-    KD steps the third reads the teacher's replies and the second its texts instead, where prepared."""
+    at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device. ILD and KD steps read
+    the teacher's texts and replies instead in the turns of MIX_TEXT or MIX, where prepared."""
     size = stage_batch(cfg, split)
-    mix = {1: "text", 2: "gen"}.get(step % 3)
-    if split in ("ild", "kd") and meta["n"].get(mix):
-        split, step = mix, step // 3
+    cycle = MIX_TEXT if meta["n"].get("text") else MIX
+    n, i = divmod(step, len(cycle))
+    if split in ("ild", "kd") and meta["n"].get(cycle[i]):
+        # the k-th step that turns to a split reads its k-th block of rows
+        split, step = cycle[i], n * cycle.count(cycle[i]) + cycle[:i].count(cycle[i])
     arr = np.memmap(os.path.join(out, f"data_{split}.bin"), dtype=np.uint32, mode="r").reshape(
         -1, cfg.seq_len
     )
@@ -1391,7 +1405,7 @@ def made_from(stage, r, records):
     if "dpo_data" in settings and r.cfg.dpo_data:  # the file's contents, not only its name
         settings["dpo_data_sha256"] = hashlib.sha256(Path(r.cfg.dpo_data).read_bytes()).hexdigest()
     inputs = {name: records.get(name, {}).get("run") for name in stage.inputs}
-    return json.loads(json.dumps(dict(settings=settings, data=r.meta["key"], inputs=inputs)))  # as stored
+    return as_stored(dict(settings=settings, data=r.meta["key"], inputs=inputs))
 
 
 def changes(old, new):

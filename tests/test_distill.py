@@ -116,8 +116,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert 0 < res["after DPO"]["kv_pct"] < 100 and "after DPO" in r.stdout
     for f in ("init_mla", "init_m2", "ild_mla", "ild_m2", "hybrid_init", "kd", "dpo"):
         assert torch.load(tmp_path / "tiny" / f"{f}.pt", weights_only=True)["done"]
-    r2 = run([], tmp_path)  # everything is done: nothing reruns
+    r2 = run([], tmp_path)  # everything is done: nothing reruns, the data is not prepared again
     assert r2.returncode == 0 and "resuming" not in r2.stdout and "[kd]" not in r2.stdout
+    assert "data:" not in r2.stdout and "teacher replies" not in r2.stderr
 
 
 def test_killed_kd_resumes_where_it_stopped(tmp_path):
@@ -744,12 +745,16 @@ def test_eval_shows_the_teachers_greedy_answers_to_the_fixed_questions(finished)
 
 
 def test_teacher_chats_are_prompts_followed_by_the_teachers_greedy_replies():
-    # two chats: a topic question and a corpus first turn, each followed by the teacher's own greedy reply
+    # two topic questions, then two corpus first turns, each followed by the teacher's own greedy reply, in
+    # this order, although batches of 2 group the prompts by length (the short turn with the short question)
     teacher, tok = convert.load_teacher("tiny")
-    turn = [{"role": "user", "content": "hi there, how was your day?"}]
-    question = [{"role": "user", "content": distill.FORMS[0].format(distill.TOPICS[0])}]
-    want = [t for p in (question, turn) for t in tok.chat(p) + greedy_reply(teacher, tok, tok.chat(p), 5)]
-    assert distill.teacher_chats(teacher, tok, [turn], 2, max_new=5) == want
+    turns = [
+        [{"role": "user", "content": "hi there, how was your day? " * 3}],
+        [{"role": "user", "content": "hi"}],
+    ]
+    questions = [[{"role": "user", "content": f.format(distill.TOPICS[0])}] for f in distill.FORMS[:2]]
+    want = [t for p in questions + turns for t in tok.chat(p) + greedy_reply(teacher, tok, tok.chat(p), 5)]
+    assert distill.teacher_chats(teacher, tok, turns, 4, max_new=5, batch=2) == want
 
 
 def test_teacher_text_samples_the_teachers_nucleus_after_each_opening():
@@ -782,8 +787,8 @@ def test_teacher_reply_topics_avoid_the_subjects_of_the_fixed_questions():
 
 
 def test_training_steps_cycle_through_corpus_teacher_texts_and_replies(finished):
-    # ILD and KD steps 1, 4, 7, ... take their rows from the teacher's texts, steps 2, 5, 8, ... from its
-    # replies, the others from their own split
+    # of ILD and KD steps 0-9, steps 1, 3, 4, 6, 8, 9 take their rows from the teacher's texts, steps 2, 7
+    # from its replies, steps 0, 5 from their own split
     out = finished[0] / "tiny"
     meta, cfg = M.read_json(out / "data.json"), distill.parse_args(TINY)
 
@@ -793,9 +798,31 @@ def test_training_steps_cycle_through_corpus_teacher_texts_and_replies(finished)
         }
 
     for split in ("ild", "kd"):
-        for step in range(6):
+        for step, read in enumerate(["own", "text", "gen", "text", "text"] * 2):
             got = {tuple(r.tolist()) for r in distill.get_batch(str(out), meta, split, step, cfg)}
-            assert got and got <= rows(("text", "gen")[step % 3 - 1] if step % 3 else split)
+            assert got and got <= rows(split if read == "own" else read)
+
+
+@pytest.mark.parametrize("with_text", [True, False])
+def test_each_split_a_step_turns_to_is_read_row_block_after_row_block(tmp_path, with_text):
+    # every row holds its split and its row number; a split some ILD steps turn to gives all its rows, then
+    # all again, and so on: with texts, steps 1, 3, 4, ... read the 8 text rows 2 at a time and steps 2, 7,
+    # 12, ... the 6 reply rows; without, steps 2, 5, 8, ... read the replies
+    cfg = distill.parse_args(TINY)
+    n = dict(ild=40, kd=40, gen=6) | (dict(text=8) if with_text else {})
+    for code, (split, rows) in enumerate(n.items()):
+        ids = np.arange(rows)[:, None] + 1000 * code + np.zeros((1, cfg.seq_len), dtype=np.int64)
+        ids.astype(np.uint32).tofile(tmp_path / f"data_{split}.bin")
+    cycle = ["own", "text", "gen", "text", "text"] if with_text else ["own", "own", "gen"]
+    reads = {}
+    for step in range(40):
+        batch = distill.get_batch(str(tmp_path), dict(n=n), "ild", step, cfg)
+        split = list(n)[int(batch[0, 0]) // 1000]
+        assert split == ("ild" if cycle[step % len(cycle)] == "own" else cycle[step % len(cycle)])
+        reads.setdefault(split, []).extend((batch[:, 0] % 1000).tolist())
+    for split in ("gen", "text")[: 1 + with_text]:
+        for i in range(0, len(reads[split]) - n[split] + 1, n[split]):
+            assert sorted(reads[split][i : i + n[split]]) == list(range(n[split]))
 
 
 def test_unseen_split_is_the_text_of_the_tempest(finished):
