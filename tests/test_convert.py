@@ -779,6 +779,11 @@ def test_mamba2_rows_are_the_attention_weights_and_the_rest_is_copied():
         )
         assert torch.equal(w[a + 2 * b : 2 * a + 2 * b], tb.self_attn.q_proj.weight)
         assert torch.equal(sb.mamba.out_proj.weight, tb.self_attn.o_proj.weight)
+        # the conv passes each token through: x, B, C are silu of the teacher's V, K, Q projections
+        h = torch.randn(2, 7, t.cfg.d_model)
+        xBC = sb.mamba.in_proj(h)[..., a : 2 * a + 2 * b].transpose(1, 2)  # (B, C_conv, T)
+        conv = sb.mamba.conv1d(torch.nn.functional.pad(xBC, (sb.mamba.conv1d.kernel_size[0] - 1, 0)))
+        assert torch.allclose(conv, xBC, atol=1e-6)
         for n in (
             "mlp.gate_proj",
             "mlp.up_proj",
@@ -787,6 +792,26 @@ def test_mamba2_rows_are_the_attention_weights_and_the_rest_is_copied():
             "post_attention_layernorm",
         ):
             assert torch.equal(sb.get_submodule(n).weight, tb.get_submodule(n).weight)
+
+
+def test_mamba2_outputs_start_at_the_norm_of_the_teachers_attention_outputs():
+    # with calibration tokens, each Mamba2 layer fed the teacher's input to it (the ILD forward) gives
+    # outputs whose mean norm is the teacher's attention output's, on those tokens and close on others
+    t = tiny_teacher()
+    for i, b in enumerate(t.layers):  # attention outputs of distinct sizes per layer
+        torch.nn.init.normal_(b.self_attn.o_proj.weight, std=0.02 * (1 + i))
+    torch.manual_seed(3)
+    calib, other = torch.randint(0, t.cfg.vocab_size, (2, 4, 32))
+    s = C.make_student(t, "m2", calib=calib)
+    norms = []
+    for idx in (calib, other):
+        _, ins, _, t_mix = t(idx, return_layers=True, logits=False)
+        s_mix = s(idx, layer_inputs=ins, mixers_only=True)
+        norms.append([(a.norm(dim=-1).mean() / b.norm(dim=-1).mean()).item() for a, b in zip(s_mix, t_mix)])
+    assert norms[0] == pytest.approx([1.0] * t.cfg.n_layer, rel=1e-4)
+    assert norms[1] == pytest.approx([1.0] * t.cfg.n_layer, rel=0.2)
+    uncalibrated = C.make_student(t, "m2")
+    assert [b.mamba.norm.weight.eq(1).all().item() for b in uncalibrated.layers] == [True] * t.cfg.n_layer
 
 
 def test_compose_takes_each_block_from_its_source_then_decodes_like_a_full_forward(tmp_path):

@@ -97,6 +97,24 @@ def test_ild_mixer_target_trains_the_mixers_only():
     assert {id(p) for p in student.parameters() if p.requires_grad} == mixers
 
 
+@pytest.mark.parametrize("scalar_lr", [1.0, 10.0])
+def test_scalar_lr_scales_the_step_of_the_mamba2_scalars_only(tmp_path, scalar_lr):
+    # AdamW's first step moves each weight by its group's lr (gradients >> eps; no warmup at 10 steps):
+    # Mamba2's A_log, dt_bias, D and gated-norm weights by scalar_lr times the lr, the other weights by the lr
+    cfg = distill.parse_args(["--size", "tiny", "--scalar-lr", str(scalar_lr)])
+    student = distill.trainable(convert.make_student(distill.random_teacher(cfg)[0], "m2").train(), "mixer")
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in named}
+    r = type("Run", (), dict(cfg=cfg, rank=0, path=lambda self, name: str(tmp_path / name)))()
+    opt = distill.optimizer(r, "ild_m2", student, [p for _, p in named], 10, 1e-3)[0]
+    student(torch.randint(0, 256, (2, 16))).float().pow(2).mean().backward()
+    opt.step()
+    step = {n: (p.detach() - before[n]).abs().max().item() for n, p in named}
+    scalars = {n for n in step if n.endswith((".A_log", ".dt_bias", ".D", ".norm.weight"))}
+    assert len(scalars) == 4 * M.size_config("tiny").n_layer and len(step) > len(scalars)
+    assert all(step[n] == pytest.approx(1e-3 * (scalar_lr if n in scalars else 1), rel=1e-2) for n in step)
+
+
 def run(args, out, **kw):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "distill.py"), "--size", "tiny", "--out-dir", str(out), *args],
