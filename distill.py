@@ -1394,7 +1394,8 @@ class Stage:
 
 TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision", "scalar_lr")
 ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", "ild_target", *TRAIN)
-ILD_MLA = (*ILD, "ild_mla_steps")  # the Mamba2 student does not depend on it
+# ild_mla_steps: the Mamba2 student does not depend on it; scalar_lr: the MLA student has no Mamba2 scalars
+ILD_MLA = (*(s for s in ILD if s != "scalar_lr"), "ild_mla_steps")
 KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "kd_train", "ce_weight", *TRAIN)
 DPO = (
     *("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_batch_size", "dpo_steps", "dpo_lr"),

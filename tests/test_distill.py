@@ -323,6 +323,13 @@ def test_ild_mla_steps_sets_the_mla_students_steps_only(rerun):
     assert after["ild_m2"] == before["ild_m2"] and after["ild_mla"] != before["ild_mla"]
 
 
+def test_scalar_lr_reruns_the_mamba2_students_ild_and_keeps_the_mla_students(rerun):
+    # the all-MLA student has no Mamba2 scalars: another --scalar-lr reruns ILD of the Mamba2 student only
+    before = run_ids(M.read_json(rerun / "tiny" / "stages.json"))
+    after = run_ids(distill_main(rerun, "--scalar-lr", "3"))
+    assert after["ild_mla"] == before["ild_mla"] and after["ild_m2"] != before["ild_m2"]
+
+
 def test_kd_train_mixers_leaves_every_other_weight_as_composed(rerun):
     # --kd-train mixers: KD changes the mixers' weights and no other (MLPs, norms, embeddings, head)
     distill_main(rerun, "--stage", "kd", "--kd-train", "mixers")
