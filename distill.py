@@ -1,33 +1,39 @@
-"""The Zebra-Llama post-training pipeline: teacher -> students -> ILD -> SMART -> hybrid -> KD -> DPO -> eval.
-
-Stages (paper.md §1, the STAGES table at the end; files under out/<size>/):
-  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students     §4, §6
-  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer          §10
-  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows)   §9
-  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher      §1
-  kd.pt                     end-to-end KL(p_teacher || p_student) distillation                 §11
-  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model                                     §12
+"""The Zebra-Llama post-training pipeline (arXiv 2505.17272 §3): teacher -> two students -> ILD -> SMART ->
+hybrid -> KD -> DPO -> eval, in the official code's order. Stages (STAGES below; files under out/<size>/):
+  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students
+  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer
+  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows)
+  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher
+  kd.pt                     end-to-end KL(p_teacher || p_student) distillation
+  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model
   eval.json                 held-out perplexity, KL and top-1 agreement to the teacher, KV cache
-stages.json records what each stage was made from (settings, data, input stages): a rerun skips a stage
-that is finished and made from today's inputs, resumes an unfinished one, and reruns any other (and so
-everything after it).
+stages.json records what each stage read (settings, teachers, data, files) and the digests of the files it
+wrote: a rerun skips a stage while all that is the same, resumes an unfinished one, and reruns any other.
+One run per out-dir at a time. --plan simulates every stage's memory at the real shapes, without a GPU.
 
   python distill.py                      # 135m: SmolLM2-135M-Instruct + chitchat corpus, CPU
-  python distill.py --size tiny          # random tiny teacher, every stage in about a minute
+  python distill.py --size tiny          # random tiny teacher, every stage in seconds
   python distill.py --size 1b --teacher /path/to/Llama-3.2-1B-Instruct
-  torchrun --nproc_per_node 8 distill.py --size 8b --teacher PATH   # DDP; FSDP2 for 8b
+  python distill.py --size 1b --plan --memory-gb 80 --precision bf16   # memory per stage on one 80 GB GPU
+  torchrun --nproc_per_node 8 distill.py --size 8b --teacher PATH   # FSDP2 for 8b
 """
 
 import argparse
 import contextlib
 import dataclasses
+import fcntl
+import glob
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import sys
 import time
+import warnings
+import weakref
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -36,35 +42,39 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import convert
 from generate import reply, reply_ids
 from model import (
-    Block,
     Model,
     atomic_write,
     load_checkpoint,
     read_checkpoint,
     read_json,
-    rope_freqs,
     save_checkpoint,
     size_config,
+    weights_digest,
     write_json,
 )
 
 
 # ----------------------------------------------------------------------------- configuration
-def option(default, help, valid=None):
+def option(default, help, valid=None, neutral=False):
     """A DistillConfig field with its --help line and the values it takes (a range of RANGES, or a list of
-    choices), checked at parse time."""
-    return field(default=default, metadata=dict(help=help, valid=valid))
+    choices), checked at parse time; neutral: it changes no stage's result (where files go, how often to
+    log or save, how to split a batch), so a stage does not rerun for it."""
+    return field(default=default, metadata=dict(help=help, valid=valid, neutral=neutral))
 
 
 RANGES = {"positive": lambda v: v > 0, "at least 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
 
 
-# Per-size defaults. 1b/3b/8b are the official configs (paper.md §10-§12): global batches per optimizer step
+# Per-size defaults. 1b/3b/8b are the official configs (configs/*/zebra_*.yaml and configs/dpo.yaml of
+# https://github.com/AMD-AGI/AMD-Hybrid-Models): global batches per optimizer step
 # (ILD batch_size, KD kd_batch_size sequences of 2048 tokens; DPO dpo_batch_size pairs), peak learning rates,
 # warmup 0.01 (DPO 0.1) and token budgets: ILD 20 % of 6.8B tokens = 1.36B per student, KD 1 epoch of the 80 %
 # (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). The paper distils KD and DPO from
@@ -76,7 +86,7 @@ PRESETS = {
     "tiny": (
         dict(seq_len=64, max_chats=400, teacher_replies=16, teacher_text=8)
         | dict(batch_size=4, kd_batch_size=4, dpo_batch_size=2)
-        | dict(ild_steps=30, kd_steps=20, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3, dpo_lr=1e-5)
+        | dict(ild_steps=30, kd_steps=5, dpo_steps=6, ild_lr=2e-3, kd_lr=1e-3, dpo_lr=1e-5)
         | dict(dpo_pairs=8, dpo_max_new=12, smart_batches=2, eval_batches=2, ckpt_every=10)
         | dict(rope_rule="high", ild_target="mixer", scalar_lr=10.0)
     ),
@@ -107,14 +117,18 @@ class DistillConfig:
     kd_teacher: str = option(
         "", "teacher of KD, DPO pairs, teacher replies and evaluation, any --teacher source ('' = --teacher)"
     )
-    out_dir: str = option("out", "folder for data and checkpoints (a size writes under OUT_DIR/SIZE)")
+    out_dir: str = option(
+        "out", "folder for data and checkpoints (a size writes under OUT_DIR/SIZE)", neutral=True
+    )
     data: str = option(
         "", "chat JSONL, one {'messages': [{'role', 'content'}, ...]} per line ('' = the chitchat corpus)"
     )
     dpo_data: str = option(
         "", "DPO JSONL, one {'prompt', 'chosen', 'rejected'} per line ('' = teacher vs KD replies)"
     )
-    cache_dir: str = option("", "downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)")
+    cache_dir: str = option(
+        "", "downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)", neutral=True
+    )
     max_chats: int = option(0, "use only the first N conversations (0 = all)", "at least 0")
     teacher_replies: int = option(
         0,
@@ -136,14 +150,14 @@ class DistillConfig:
         "ILD (and SMART, eval): global batch per optimizer step in sequences, summed over ranks",
         "positive",
     )
-    ild_steps: int = option(1000, "optimizer steps of each ILD run (paper.md §10)", "positive")
+    ild_steps: int = option(1000, "optimizer steps of each ILD run", "positive")
     ild_mla_steps: int = option(
         0,
         "optimizer steps of the all-MLA student's ILD, whose few SMART layers learn fast (0 = --ild-steps)",
         "at least 0",
     )
-    kd_steps: int = option(4000, "optimizer steps of end-to-end KD (paper.md §11)", "positive")
-    dpo_steps: int = option(100, "optimizer steps of DPO (paper.md §12)", "positive")
+    kd_steps: int = option(4000, "optimizer steps of end-to-end KD", "positive")
+    dpo_steps: int = option(100, "optimizer steps of DPO", "positive")
     ild_lr: float = option(2e-4, "peak learning rate of ILD", "positive")
     kd_lr: float = option(8e-5, "peak learning rate of KD", "positive")
     dpo_lr: float = option(5e-7, "peak learning rate of DPO", "positive")
@@ -161,7 +175,7 @@ class DistillConfig:
     ce_weight: float = option(
         0.0, "KD loss = KL + CE_WEIGHT * cross-entropy (the paper: pure KL)", "at least 0"
     )
-    dpo_beta: float = option(0.01, "DPO beta (paper.md §12)", "positive")
+    dpo_beta: float = option(0.01, "DPO beta (the official configs/dpo.yaml: 0.01)", "positive")
     dpo_pairs: int = option(64, "default DPO pairs to build from corpus prompts (0 = skip DPO)", "at least 0")
     dpo_max_new: int = option(64, "reply tokens at most when building DPO pairs", "positive")
     smart_batches: int = option(
@@ -187,16 +201,21 @@ class DistillConfig:
         ["all", "mixers"],
     )
     stage: str = option(
-        "", "rerun this stage (and any missing or stale one before it), drop the stages after it, stop"
+        "",
+        "rerun this stage (and any missing or stale one before it) and stop; a later run reruns the stages "
+        "after it that read what changed",
+        neutral=True,
     )
-    force: bool = option(False, "rerun every stage")
-    ckpt_every: int = option(100, "steps between resumable checkpoints", "positive")
-    log_every: int = option(10, "steps between log lines", "positive")
+    force: bool = option(False, "rerun every stage", neutral=True)
+    ckpt_every: int = option(100, "steps between resumable checkpoints", "positive", neutral=True)
+    log_every: int = option(10, "steps between log lines", "positive", neutral=True)
     seed: int = option(42, "seed of the data order and initialisation", "at least 0")
     fsdp: bool = option(
-        False, "under torchrun: FSDP2 instead of DDP (8b: a student and the teacher exceed one GPU)"
+        False,
+        "under torchrun: FSDP2 instead of DDP (8b: a student and the teacher exceed one GPU)",
+        neutral=True,
     )
-    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N")
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N", neutral=True)
     kd_batch_size: int = option(
         8, "KD: global batch per optimizer step in sequences, summed over ranks and micro-batches", "positive"
     )
@@ -205,14 +224,28 @@ class DistillConfig:
         0.1, "fraction of DPO's steps spent warming up (paper: 0.1); --warmup is ILD's and KD's", "in [0, 1]"
     )
     micro_batch: int = option(
-        0, "sequences (DPO: pairs) per forward and rank (0 = chosen by the memory plan)", "at least 0"
+        0,
+        "sequences (DPO: pairs) per forward and rank (0 = chosen by the memory plan)",
+        "at least 0",
+        neutral=True,
     )
-    plan: bool = option(False, "print the memory plan per stage (from SIZES, nothing loaded) and exit")
+    plan: bool = option(
+        False,
+        "simulate every stage's memory at the real shapes (SIZES, nothing loaded; minutes at 1b), print the "
+        "plan and exit; plan a GPU from any machine with --memory-gb 80 --precision bf16",
+        neutral=True,
+    )
     memory_gb: float = option(
-        0.0, "GiB per device the plan may use (0 = the CUDA device's memory, or the free RAM)", "at least 0"
+        0.0,
+        "GiB per device the plan may use (0 = the CUDA device's memory, or the free RAM)",
+        "at least 0",
+        neutral=True,
     )
     world: int = option(
-        0, "processes the plan assumes, e.g. 8 to plan 8 GPUs from one machine (0 = this run's)", "at least 0"
+        0,
+        "processes the plan assumes, e.g. 8 to plan 8 GPUs from one machine (0 = this run's)",
+        "at least 0",
+        neutral=True,
     )
     precision: str = option(
         "auto",
@@ -285,26 +318,30 @@ def check_device(device):
 
 # ----------------------------------------------------------------------------- distributed
 def setup_distributed(cfg):
-    """(rank, world). Under torchrun: one process per device, gloo on CPU, nccl on GPU."""
+    """cfg with this process's device, rank, world. Under torchrun: one process per device, gloo on CPU,
+    nccl on GPU."""
     if "RANK" not in os.environ:
-        return 0, 1
+        return cfg, 0, 1
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ['LOCAL_RANK'])}")
         torch.cuda.set_device(cfg.device)
-    return dist.get_rank(), dist.get_world_size()
+    return cfg, dist.get_rank(), dist.get_world_size()
 
 
 def wrap_model(model, cfg, world):
-    """DDP for sizes that fit one device; FSDP2 (fully_shard per block, then the root) with --fsdp (8b)."""
+    """DDP for sizes that fit one device; FSDP2 (fully_shard per block, then the root) with --fsdp (8b),
+    gathering the parameters in bf16 under bf16 training (half the traffic of fp32) and reducing the
+    gradients in fp32."""
     if world == 1:
         return model
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy(param_dtype=amp_dtype(cfg), reduce_dtype=torch.float32)
         for block in model.layers:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
     return torch.nn.parallel.DistributedDataParallel(model)
 
 
@@ -332,20 +369,21 @@ def as_stored(obj):
 
 
 def read_jsonl(path, record, form):
-    """The records of a JSONL file; malformed lines are reported with their line numbers (record() asserts
-    the form)."""
+    """The records of a JSONL file; malformed lines (not UTF-8, not JSON, not the form: record() asserts it)
+    are reported with their line numbers."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file at {path}: pass a JSONL file with one {form} per line")
     rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             try:
-                rows += [record(json.loads(line))] if line.strip() else []
+                rows += [record(json.loads(line.decode("utf-8")))] if line.strip() else []
             except Exception:
                 bad.append(n)
     if bad:
         raise ValueError(
-            f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be {form}"
+            f"{path}: {len(bad)} malformed line(s), first at line(s) {bad[:5]}; each line must be {form} "
+            "in UTF-8"
         )
     return rows
 
@@ -425,28 +463,24 @@ def data_path(out, split):
     return os.path.join(out, f"data_{split}.bin")
 
 
-def file_size(path):
-    return os.path.getsize(path) if os.path.isfile(path) else -1
-
-
 def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     """Tokenize chats with the teacher's chat template and pack them into (N, seq_len) uint32 files.
     Split by conversation: the last 5 % are held out (read by the final evaluation only); of the rest the
-    first 20 % feed ILD (and SMART) and the other 80 % KD (paper.md §13); DPO prompts come from the KD split.
-    Beside them: "gen" and "text", the (KD) teacher's own replies and texts (--teacher-replies, teacher_chats;
-    --teacher-text, teacher_text), and "unseen", text of a domain no split holds, for the evaluation.
-    Reused while source, length and tokenizer match; otherwise prepared anew, and every stage made from the
-    old data reruns (its recorded data key differs)."""
+    first 20 % feed ILD (and SMART) and the other 80 % KD (the official data split); DPO prompts come from
+    the KD split. Beside them: "gen" and "text", the (KD) teacher's own replies and texts
+    (--teacher-replies, teacher_chats; --teacher-text, teacher_text), and "unseen", text of a domain no
+    split holds, for the evaluation. Reused while its key (the source and its content, length, tokenizer)
+    matches and every file its digest; otherwise prepared anew (and the stages that read it rerun)."""
     meta_path = os.path.join(out, "data.json")
     source = cfg.data or "chitchat-dataset==0.9.0"
     writer = cfg.kd_teacher or cfg.teacher or cfg.size  # of the teacher's replies and texts
     key = dict(
         source=source,
+        source_sha256=sha256(cfg.data) if cfg.data else None,
         max_chats=cfg.max_chats,
         seq_len=cfg.seq_len,
         tokenizer=tok.name,
         n_vocab=tok.n_vocab,
-        prompts="first user turn with its system turn",  # older data.json files kept the user text only
         unseen=convert.TEMPEST[:2],
         teacher_replies=cfg.teacher_replies,
         teacher_text=cfg.teacher_text,
@@ -454,12 +488,14 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     )
     if os.path.isfile(meta_path):
         meta = read_json(meta_path)
-        if meta["key"] != as_stored(key):
+        if not isinstance(meta, dict) or not {"key", "n", "sha256", "prompts"} <= meta.keys():
+            print(f"data: {meta_path} is not this version's; preparing the data anew")
+        elif meta["key"] != as_stored(key):
             print(f"data: {out} holds data prepared from {meta['key']}; preparing {key} (stages rerun)")
-        elif all(file_size(data_path(out, s)) == n * cfg.seq_len * 4 for s, n in meta["n"].items()):
+        elif all(sha256(data_path(out, s)) == digest for s, digest in meta["sha256"].items()):
             return meta
         else:
-            print(f"data: a file of {out}/data_*.bin is missing or truncated; preparing it anew")
+            print(f"data: a file of {out}/data_*.bin is missing or changed; preparing it anew")
         os.remove(meta_path)  # first, so that a kill below never leaves new files under the old key
     chats = (
         read_jsonl(cfg.data, chat_record, CHAT_FORM)
@@ -473,29 +509,37 @@ def prepare_data(cfg, tok, out, teacher, max_prompts=4096):
     n_ild = (len(chats) - n_held) // 5
     splits = {"ild": chats[:n_ild], "kd": chats[n_ild:-n_held], "heldout": chats[-n_held:]}
     prompts = [p for p in map(chat_prompt, splits["kd"]) if p]
-    meta = dict(key=key, prompts=prompts[:max_prompts], n={})
+    meta = dict(key=key, prompts=prompts[:max_prompts], n={}, sha256={})
     tokens = {name: [] for name in splits}
     for name, part in splits.items():
         for msgs in tqdm(part, desc=f"tokenize {name}", leave=False):
             tokens[name].extend(tok.chat(msgs, add_generation_prompt=False))
+    tokens["unseen"] = tok.encode(convert.unseen_text(cfg.cache_dir or None))  # plain text, no chat template
+    for name, ids in tokens.items():  # before minutes of teacher replies and texts
+        if len(ids) < cfg.seq_len:
+            raise ValueError(
+                f"the {name} split has {len(ids)} tokens, fewer than one sequence of {cfg.seq_len}: "
+                "give more data (--data, --max-chats) or a shorter --seq-len"
+            )
     if cfg.teacher_replies:
         first_turns = [p for p in map(chat_prompt, splits["ild"]) if p]
         tokens["gen"] = teacher_chats(teacher, tok, first_turns, cfg.teacher_replies)
     if cfg.teacher_text:
         tokens["text"] = teacher_text(teacher, tok, cfg.teacher_text)
-    tokens["unseen"] = tok.encode(convert.unseen_text(cfg.cache_dir or None))  # plain text, no chat template
     for name, ids in tokens.items():
         n = len(ids) // cfg.seq_len
         if n == 0:
-            raise ValueError(
-                f"the {name} split has {len(ids)} tokens, fewer than one sequence of {cfg.seq_len}: "
-                "give more data (--data, --max-chats) or a shorter --seq-len"
-            )
+            raise ValueError(f"the teacher's {name} has fewer than {cfg.seq_len} tokens: ask for more of it")
         rows = np.asarray(ids[: n * cfg.seq_len], dtype=np.uint32)  # (n * seq_len,), read as (n, seq_len)
         atomic_write(data_path(out, name), rows.tofile)
-        meta["n"][name] = n
+        meta["n"][name], meta["sha256"][name] = n, sha256(data_path(out, name))
     write_json(meta_path, meta)
     return meta
+
+
+def data_digest(meta):
+    """What a stage that reads the data notes: the data's key and its files' digests."""
+    return hashlib.sha256(json.dumps([meta["key"], meta["sha256"]], sort_keys=True).encode()).hexdigest()
 
 
 def batch_rows(step, batch_size, n_rows, rank=0, world=1, micro=0, n_micro=1):
@@ -535,12 +579,13 @@ def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
 
 # ----------------------------------------------------------------------------- losses
 def ild_layer_losses(student, teacher, idx, target="block"):
-    """Teacher-forced layer losses (paper.md §10), one per layer: student block i gets the teacher's input to
-    block i. target "block" is the official code: per-token L2 distance (not squared) of the block outputs
-    (the last one after the final norm) plus that of the mixer outputs, averaged over tokens; we follow the
-    code rather than the paper's MSE, the code produced the published models. target "mixer" (MOHAWK's
-    stage 2, [project]) scores the mixer alone on the teacher's normed input: the MLPs, identical to the
-    teacher's, stay frozen, so a step runs no MLP forward or backward."""
+    """Intermediate layer distillation (ILD), one loss per layer: student block i gets the teacher's input
+    to block i (teacher forcing). target "block" is the official code (trainer/kd_trainer.py): per-token L2
+    distance (not squared) of the block outputs (the last one after the final norm) plus that of the mixer
+    outputs, averaged over tokens; we follow the code rather than the paper's MSE, the code produced the
+    published models. target "mixer" (MOHAWK's stage 2, arXiv 2408.10189, [project]) scores the mixer alone
+    on the teacher's normed input: the MLPs, identical to the teacher's, stay frozen, so a step runs no MLP
+    forward or backward."""
     with torch.no_grad():
         _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
     if target == "mixer":
@@ -575,7 +620,7 @@ def ild_loss(student, teacher, idx, target="block"):
 
 def kd_loss(s_logits, t_logits, chunk=1024):
     """KL(p_T || p_S) per token at temperature 1, averaged over all positions (the official code sums per
-    sequence: the same up to scale, paper.md §11). Computed over chunks of positions in fp32."""
+    sequence (trainer/kd_trainer.py): the same up to scale). Computed over chunks of positions in fp32."""
     s, t = s_logits.flatten(0, -2), t_logits.flatten(0, -2)  # (B*T, V)
     total = 0.0
     for i in range(0, s.shape[0], chunk):
@@ -585,8 +630,8 @@ def kd_loss(s_logits, t_logits, chunk=1024):
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
-    """Sigmoid DPO (paper.md §12): -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over sequence
-    log-probs."""
+    """Sigmoid DPO (Rafailov et al. 2023, as the official train_hybrid/train_dpo.py):
+    -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over sequence log-probs."""
     return -F.logsigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))).mean()
 
 
@@ -600,12 +645,12 @@ def token_logprobs(logits, targets):
     return F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
 
 
-# ----------------------------------------------------------------------------- SMART (paper.md §9)
+# ----------------------------------------------------------------------------- SMART
 def smart_select(scores, n_mla):
-    """Choose n_mla layers (paper.md §9): layers 0 and L-2 forced (the published lists' terminal MLA
-    layers), every gap within one of the uniform gap (L-2)/(n_mla-1) (all published lists obey this), and the
-    largest total score among such sets, found by dynamic programming over (k-th chosen layer, its index).
-    E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
+    """Choose n_mla layers (the paper's SMART; its code is not published): layers 0 and L-2 forced (the
+    published lists' terminal MLA layers), every gap within one of the uniform gap (L-2)/(n_mla-1) (all
+    published lists obey this), and the largest total score among such sets, found by dynamic programming
+    over (k-th chosen layer, its index). E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
     L = len(scores)
     if not 2 <= n_mla <= L - 1:
         raise ValueError(f"SMART needs 2 <= N_MLA <= L-1 = {L - 1}, got {n_mla}")
@@ -622,24 +667,60 @@ def smart_select(scores, n_mla):
 
 
 @torch.no_grad()
-def smart_scores(teacher, m2, mla, batches):
-    """s_i = KL(all-M2) - KL(all-M2 with layer i from the all-MLA student): how much one MLA layer helps."""
-    kls = np.zeros(teacher.cfg.n_layer + 1)
+def smart_scores(teacher, m2, mla, batches, micro):
+    """s_i = KL(all-M2) - KL(all-M2 with layer i from the all-MLA student): how much one MLA layer helps.
+    Each batch runs in micro-batches of `micro` rows; the KLs are per-token means over all rows."""
+    kls, rows = np.zeros(teacher.cfg.n_layer + 1), 0
     for idx in tqdm(batches, desc="SMART batches", leave=False):
-        t = teacher(idx)
-        kls[-1] += kd_loss(m2(idx), t).item()
-        for i in range(teacher.cfg.n_layer):
-            keep, m2.layers[i] = m2.layers[i], mla.layers[i]
-            kls[i] += kd_loss(m2(idx), t).item()
-            m2.layers[i] = keep
-    return (kls[-1] - kls[:-1]) / len(batches), kls[-1] / len(batches)
+        for part in idx.split(micro):
+            t, w = teacher(part), len(part)
+            kls[-1] += kd_loss(m2(part), t).item() * w
+            for i in range(teacher.cfg.n_layer):
+                keep, m2.layers[i] = m2.layers[i], mla.layers[i]
+                kls[i] += kd_loss(m2(part), t).item() * w
+                m2.layers[i] = keep
+            rows += w
+    return (kls[-1] - kls[:-1]) / rows, kls[-1] / rows
+
+
+# ----------------------------------------------------------------------------- precision
+def cpu_has_bf16():
+    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    if not os.path.isfile("/proc/cpuinfo"):
+        return False
+    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype(cfg):
+    """The autocast dtype of training, None for plain fp32: --precision bf16, or auto on CUDA (as the official
+    runs) and on CPUs with native bf16. Under --dry-run the weights themselves are bf16: no autocast."""
+    if cfg.dry_run or cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16" or cfg.device.startswith("cuda") or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(cfg):
+    """The autocast of every student forward that trains or serves as DPO's reference (the two must agree)."""
+    return torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=amp_dtype(cfg) is not None)
+
+
+def teacher_dtype(cfg):
+    """The dtype teachers are kept in: bf16 where training autocasts to bf16 (as the official runs: the
+    teacher then computes in bf16 anyway, and the students' SVD init barely notices the rounding), else the
+    default dtype (fp32; bf16 under --dry-run)."""
+    return amp_dtype(cfg) or torch.get_default_dtype()
 
 
 # ----------------------------------------------------------------------------- training loop
 def stage_batch(cfg, stage):
     """Global batch of a stage (or data split) per optimizer step: sequences (ILD, KD; SMART and evaluation
-    batches are ILD-sized) or preference pairs (DPO)."""
-    return {"kd": cfg.kd_batch_size, "dpo": cfg.dpo_batch_size}.get(stage, cfg.batch_size)
+    batches are ILD-sized) or preference pairs (DPO). Reads only the setting of that stage."""
+    if stage == "kd":
+        return cfg.kd_batch_size
+    return cfg.dpo_batch_size if stage == "dpo" else cfg.batch_size
 
 
 def accumulate(model, step_loss, step, per_rank, micro, amp, say, retry=True):
@@ -650,36 +731,42 @@ def accumulate(model, step_loss, step, per_rank, micro, amp, say, retry=True):
     ranks would wait for this one at the gradient sync: there it is one clear error. Returns (loss, terms,
     micro)."""
     while True:
-        n_micro = math.ceil(per_rank / micro)
-        total, terms = 0.0, {}
         try:
-            for m in range(n_micro):
-                # this micro-batch's share of the rank's rows, by the rule step_loss slices with
-                w = len(batch_rows(step, per_rank, per_rank, 0, 1, m, n_micro)) / per_rank
-                with sync_gradients(model, m == n_micro - 1):
-                    with amp:
-                        loss, t = step_loss(model, step, m, n_micro)
-                    (loss * w).backward()
-                total = total + loss.detach() * w
-                terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
-            return total, terms, micro
+            return *one_try(model, step_loss, step, per_rank, micro, amp), micro
         except torch.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # hand the failed try's blocks back before the smaller one
-            if not retry:
-                raise MemoryError(
-                    f"out of memory at step {step} with {micro} sequences per forward on one of several "
-                    f"processes, which cannot halve their micro-batch in step: rerun with --micro-batch "
-                    f"{max(1, micro // 2)} (python distill.py --plan shows the need)"
-                ) from None
-            if micro == 1:
-                raise MemoryError(
-                    f"out of memory at step {step} with one sequence per forward: use more GPUs "
-                    "(torchrun, --fsdp) or a shorter --seq-len (python distill.py --plan shows the need)"
-                ) from None
-            micro //= 2
-            say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
+            pass  # leave the handler first: its traceback holds the failed try's frames, graph and all
+        model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the failed try's blocks back before the smaller one
+        if not retry:
+            raise MemoryError(
+                f"out of memory at step {step} with {micro} sequences per forward on one of several "
+                f"processes, which cannot halve their micro-batch in step: rerun with --micro-batch "
+                f"{max(1, micro // 2)} (python distill.py --plan shows the need)"
+            )
+        if micro == 1:
+            raise MemoryError(
+                f"out of memory at step {step} with one sequence per forward: use more GPUs "
+                "(torchrun, --fsdp) or a shorter --seq-len (python distill.py --plan shows the need)"
+            )
+        micro //= 2
+        say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
+
+
+def one_try(model, step_loss, step, per_rank, micro, amp):
+    """accumulate's body -> (loss, terms). Its locals hold the graph: when it raises, they go with it."""
+    n_micro = math.ceil(per_rank / micro)
+    total, terms = 0.0, {}
+    for m in range(n_micro):
+        # this micro-batch's share of the rank's rows, by the rule step_loss slices with
+        w = len(batch_rows(step, per_rank, per_rank, 0, 1, m, n_micro)) / per_rank
+        with sync_gradients(model, m == n_micro - 1):
+            with amp:
+                loss, t = step_loss(model, step, m, n_micro)
+            (loss * w).backward()
+        total = total + loss.detach() * w
+        terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
+    return total, terms
 
 
 def sync_gradients(model, last):
@@ -702,7 +789,7 @@ def optimizer(r, stage, model, params, steps, lr):
     scalar = {id(p) for n, p in model.named_parameters() if n.endswith(SCALARS)}
     groups = [[p for p in params if (id(p) in scalar) == s] for s in (False, True)]
     opt = torch.optim.AdamW(
-        [dict(params=g, lr=lr * m) for g, m in zip(groups, (1.0, cfg.scalar_lr)) if g],
+        [dict(params=g, lr=lr * (cfg.scalar_lr if s else 1.0)) for s, g in enumerate(groups) if g],
         lr=lr,
         weight_decay=cfg.weight_decay,
     )
@@ -730,14 +817,12 @@ def train(r, stage, model, step_loss, steps, lr):
     checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
     step_loss(model, step, micro, n_micro) -> (loss, terms): micro-batch `micro` of `n_micro` of this
     rank's share of global step `step` (rows from batch_rows)."""
-    cfg, rank, world, tok, path = r.cfg, r.rank, r.world, r.tok, r.path(f"{stage}.pt")
-    model = wrap_model(model.train(), cfg, world)
+    cfg, rank, world, path = r.cfg, r.rank, r.world, r.path(f"{stage}.pt")
+    model = r.wrap(model.train())
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched, start, history = optimizer(r, stage, model, params, steps, lr)
-    amp = torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=amp_dtype(cfg) is not None)
-    per_rank = stage_batch(cfg, stage) // world
-    # main sets cfg.micro_plan ({stage: micro-batch}, not a flag) from the memory plan
-    micro = min(per_rank, cfg.micro_batch or getattr(cfg, "micro_plan", {}).get(stage) or per_rank)
+    amp, per_rank = autocast(cfg), stage_batch(cfg, stage) // world
+    micro = min(per_rank, r.micro[stage])
 
     def say(msg):
         if rank == 0:
@@ -747,11 +832,12 @@ def train(r, stage, model, step_loss, steps, lr):
     t0, tokens = time.time(), 0
     stop = f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
     for step in bar:
+        r.progress["step"] = step
         try:
             loss, terms, micro = accumulate(model, step_loss, step, per_rank, micro, amp, say, world == 1)
         except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
             raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
-        if world > 1:  # log the loss of the global batch: the mean over ranks
+        if dist.is_initialized():  # log the loss of the global batch: the mean over ranks
             dist.all_reduce(loss := loss.detach().clone())
             loss /= world
         if not math.isfinite(loss.item()):
@@ -775,309 +861,24 @@ def train(r, stage, model, step_loss, steps, lr):
                 + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s"
             )
         # FSDP2 runs keep only finished stages: resuming sharded optimizer state is not implemented
-        if rank == 0 and not cfg.fsdp and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            save_checkpoint(
-                path,
-                unwrap(model),
-                stage,
+        if not cfg.fsdp and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            r.save(
+                f"{stage}.pt",
+                model,
                 step + 1,
-                tok,
                 optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(),
                 history=history,
                 rng=torch.get_rng_state(),
             )
-    model.eval()
-    sd = full_state_dict(model)
-    if rank == 0:
-        save_checkpoint(path, unwrap(model), stage, steps, tok, state_dict=sd, done=True, history=history)
-    if world > 1:
-        dist.barrier()
+    r.save(f"{stage}.pt", model.eval(), steps, done=True, history=history)
+    r.sync()
     return unwrap(model)
-
-
-# ----------------------------------------------------------------------------- memory plan (issue 10)
-GiB = 2**30
-PLAN_STAGES = ("ild_mla", "ild_m2", "kd", "dpo")
-
-
-def cpu_has_bf16():
-    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    if not os.path.isfile("/proc/cpuinfo"):
-        return False
-    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(cfg):
-    """The autocast dtype of training, None for plain fp32: --precision bf16, or auto on CUDA (as the official
-    runs) and on CPUs with native bf16. Under --dry-run the weights themselves are bf16: no autocast."""
-    if cfg.dry_run or cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16" or cfg.device.startswith("cuda") or cpu_has_bf16():
-        return torch.bfloat16
-    return None
-
-
-def teacher_dtype(cfg):
-    """The dtype teachers are kept in: bf16 where training autocasts to bf16 (as the official runs: the
-    teacher then computes in bf16 anyway, and the students' SVD init barely notices the rounding), else the
-    default dtype (fp32; bf16 under --dry-run)."""
-    return amp_dtype(cfg) or torch.get_default_dtype()
-
-
-def block_params(cfg, kind, mixer_only=False):
-    """Parameters of one block (or its mixer alone) of this kind, counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        block = Block(dataclasses.replace(cfg, kinds=[kind] * cfg.n_layer), 0)
-        return sum(p.numel() for p in (block.mixer if mixer_only else block).parameters())
-
-
-def saved_bytes(fn, exclude):
-    """Bytes of the distinct storages autograd saves for backward while fn() runs, plus those of the tensors
-    fn returns (kept until the loss is formed), leaving out the storages in `exclude` (weights, inputs
-    counted elsewhere)."""
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in exclude:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    for t in out:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def per_token(fn, lengths=(64, 128)):
-    """(bytes per token, constant bytes) of fn(T), from its saved bytes at two lengths: the slope is the
-    activation memory per token, the intercept what does not grow with T (bf16 copies of the weights that
-    autocast keeps for backward)."""
-    (t1, b1), (t2, b2) = [(T, fn(T)) for T in lengths]
-    slope = (b2 - b1) / (t2 - t1)
-    return slope, max(0.0, b1 - slope * t1)
-
-
-def block_memory(cfg, kind, amp, ild=None):
-    """(trainable params, bytes per token, constant bytes) of one training block of this kind at the real
-    dims, measured on the CPU with random weights: its forward saves what backward needs. ild None (KD, DPO):
-    the input is the previous block's output; ild = ILD's target: the input is the teacher's (no gradient),
-    the loss terms of ild_layer_losses are included, and with "mixer" only the mixer runs and trains."""
-    c = dataclasses.replace(cfg, kinds=[kind] * cfg.n_layer)
-    block = Block(c, 0)
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-
-    def saved(T):
-        x = torch.randn(1, T, cfg.d_model, requires_grad=ild is None)
-        ang = torch.arange(T)[None, :, None] * rope_freqs(c)  # (1, T, head_dim/2)
-        target = torch.randn(1, T, cfg.d_model)
-
-        def fn():
-            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-                if ild == "mixer":
-                    return [l2(block(x, ang.cos(), ang.sin(), mixer_only=True), target)]
-                h, a = block(x, ang.cos(), ang.sin())
-                return [l2(h, target) + l2(a, target)] if ild else [h]
-
-        return saved_bytes(fn, weights | (set() if ild is None else {x.untyped_storage().data_ptr()}))
-
-    trainable = block.mixer if ild == "mixer" else block
-    return (sum(p.numel() for p in trainable.parameters()), *per_token(saved))
-
-
-def loss_memory(cfg, stage, amp, t_dtype):
-    """Bytes per token of the logits and the loss on them, measured like block_memory: the student's logits
-    (autocast dtype) with what the loss saves, plus the teacher's logits for KD."""
-
-    def saved(T):
-        s = torch.randn(T, cfg.vocab_size, dtype=amp or torch.float32, requires_grad=True)
-        if stage == "kd":
-            t = torch.randn(T, cfg.vocab_size, dtype=t_dtype)
-            return saved_bytes(lambda: [kd_loss(s, t), s, t], set())
-        return saved_bytes(lambda: [token_logprobs(s[None], torch.zeros(1, T, dtype=torch.long)), s], set())
-
-    return per_token(saved, (32, 64))[0]
-
-
-def memory_budget(cfg):
-    """Bytes one process may use: --memory-gb, else the CUDA device's total memory, else the RAM available
-    now plus what this process already holds (a teacher loaded before the plan counts in the plan)."""
-    if cfg.memory_gb:
-        return cfg.memory_gb * GiB, f"{cfg.memory_gb:g} GiB per device (--memory-gb)"
-    if cfg.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(cfg.device).total_memory
-        return total, f"{total / GiB:.1f} GiB on {torch.cuda.get_device_name(cfg.device)}"
-    kb = {
-        line.split(":")[0]: int(line.split()[1])
-        for path in ("/proc/meminfo", "/proc/self/status")
-        for line in open(path)
-        if line.startswith(("MemAvailable:", "VmRSS:"))
-    }
-    free = (kb["MemAvailable"] + kb["VmRSS"]) * 1024
-    return free, f"{free / GiB:.1f} GiB of RAM (available + this process)"
-
-
-def memory_plan(cfg, tcfg, world, kd_tcfg=None):
-    """Per training stage, the estimated peak memory per device and the micro-batch that fits in 90 % of
-    the budget (the rest: allocator slack, CUDA context, transients). Static: student weights (fp32 master),
-    gradients and AdamW state of the trainable ones (sharded over ranks under --fsdp), the teacher (and a
-    separate KD teacher) in their dtypes, DPO's reference model; per sequence: the activations backward
-    needs (block_memory) plus the teacher's kept layer outputs (ILD) or logits and loss (loss_memory).
-    tcfg: the teacher's config with the hybrid fields. Returns {stage: dict of bytes and the split}."""
-    amp, budget = amp_dtype(cfg), memory_budget(cfg)[0]
-    t_dtype, master = teacher_dtype(cfg), torch.get_default_dtype().itemsize  # master: fp32 (dry run bf16)
-    t_bytes = t_dtype.itemsize
-
-    def embed(c):  # embeddings, the untied head, the final norm
-        return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.d_model
-
-    shard = world if cfg.fsdp else 1
-    blocks = {k: block_memory(tcfg, k, amp) for k in ("mla", "m2")}
-    ild = {k: block_memory(tcfg, k, amp, cfg.ild_target) for k in ("mla", "m2")}
-    teacher = (embed(tcfg) + tcfg.n_layer * block_params(tcfg, "attn")) * t_bytes
-    kd_teacher = 0 if kd_tcfg is None else (embed(kd_tcfg) + kd_tcfg.n_layer * block_params(kd_tcfg, "attn"))
-    kd_teacher *= t_bytes
-    hybrid = ["mla" if i in tcfg.mla_layers else "m2" for i in range(tcfg.n_layer)]
-    plan = {}
-    for stage in PLAN_STAGES:
-        if stage.startswith("ild"):
-            n, tok, const = ild[stage[4:]]
-            params = embed(tcfg) + tcfg.n_layer * block_params(tcfg, stage[4:])
-            trainable = tcfg.n_layer * n + (tcfg.d_model if cfg.ild_target == "block" else 0)
-            act, const = tcfg.n_layer * tok, tcfg.n_layer * const
-            logits = 2 * tcfg.n_layer * tcfg.d_model * t_bytes  # the teacher's block inputs and mixer outputs
-            transient = tok  # backward of one teacher-forced layer: its temporaries, about its saved size
-        else:
-            n, tok, const = (sum(v) for v in zip(*(blocks[k] for k in hybrid)))
-            params = trainable = embed(tcfg) + n
-            if stage == "kd" and cfg.kd_train == "mixers":  # MLPs, norms, embeddings and head stay frozen
-                trainable = sum(block_params(tcfg, k, mixer_only=True) for k in hybrid)
-            act = tok + 2 * tcfg.d_model * 4  # + the final norm's input and the head's (fp32 bound)
-            logits = loss_memory(tcfg, stage, amp, t_dtype)
-            # backward starts with the fp32 gradient of the logits, then one layer's temporaries at a time
-            transient = max(blocks[k][1] for k in hybrid) + tcfg.vocab_size * 4
-        seq = cfg.seq_len * (2 if stage == "dpo" else 1)  # a DPO pair: chosen and rejected, <= seq_len each
-        row = dict(
-            weights=params * master / shard,
-            grads=trainable * master / shard,
-            optimizer=trainable * 2 * master / shard,
-            teacher=teacher,
-            kd_teacher=kd_teacher if stage in ("kd", "dpo") else 0,
-            reference=params * master if stage == "dpo" else 0,
-            casts=const,
-            act_token=act,
-            logits_token=logits,
-            transient_token=transient,
-        )
-        static = sum(row[k] for k in ("weights", "grads", "optimizer", "teacher", "kd_teacher", "reference"))
-        static += const
-        row["per_seq"] = seq * (act + logits + transient)
-        per_rank = stage_batch(cfg, stage) // world
-        fit = int((0.9 * budget - static) // row["per_seq"])
-        micro = min(per_rank, cfg.micro_batch or max(1, fit))
-        n_micro = math.ceil(per_rank / micro)
-        micro = math.ceil(per_rank / n_micro)
-        row.update(
-            micro=micro, n_micro=n_micro, fits=fit >= 1, peak=static + micro * row["per_seq"], budget=budget
-        )
-        plan[stage] = row
-    return plan
-
-
-def dtype_name(dtype):
-    return {None: "off", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-
-
-def print_plan(cfg, plan, world):
-    """The plan as a table, one row per stage, GiB per device (per token: KiB)."""
-    print(
-        f"memory plan: --size {cfg.size}, {world} process(es){' (FSDP2)' if cfg.fsdp else ''}, "
-        f"budget {memory_budget(cfg)[1]}, seq_len {cfg.seq_len}, autocast {dtype_name(amp_dtype(cfg))}, "
-        f"weights {dtype_name(torch.get_default_dtype())}, teacher {dtype_name(teacher_dtype(cfg))}"
-    )
-    cols = ("weights", "grads", "optimizer", "teacher", "kd_teacher", "reference", "casts")
-    head = " ".join(f"{c:>10}" for c in cols)
-    print(f"{'stage':<8}{head}{'act/tok':>9}{'lgt/tok':>9}{'per seq':>9}{'peak':>8}  micro x accum x ranks")
-    for stage, r in plan.items():
-        gib = " ".join(f"{r[c] / GiB:>10.2f}" for c in cols)
-        split = f"{r['micro']} x {r['n_micro']} x {world} = {stage_batch(cfg, stage)}"
-        print(
-            f"{stage:<8}{gib}{r['act_token'] / 1024:>9.1f}{r['logits_token'] / 1024:>9.1f}"
-            f"{r['per_seq'] / GiB:>9.2f}{r['peak'] / GiB:>8.2f}  {split}"
-            + ("" if r["fits"] else "  DOES NOT FIT: one sequence exceeds the budget")
-        )
-    print("GiB per device; act/tok and lgt/tok in KiB per token (ILD: the teacher's kept layer outputs)")
-
-
-# the --dry-run settings: the size's real shapes, everything else as small as a CPU allows
-DRY_RUN = (
-    dict(seq_len=64, batch_size=2, kd_batch_size=2, dpo_batch_size=1, max_chats=300)
-    | dict(ild_steps=2, ild_mla_steps=0, kd_steps=2, dpo_steps=1, dpo_pairs=2, dpo_max_new=4)
-    | dict(smart_batches=1, eval_batches=1, log_every=1)
-)
-
-
-def configure_run(cfg):
-    """main's first hook: --dry-run applies DRY_RUN, keeps every weight in bf16
-    (a 1b student's fp32 weights and AdamW state alone take ~17 GB, and evaluation holds five models) and
-    writes under <out-dir>/dry-run; --plan prints the plan from SIZES and returns True (main exits)."""
-    if cfg.dry_run:
-        for k, v in DRY_RUN.items():
-            setattr(cfg, k, v)
-        cfg.out_dir = os.path.join(cfg.out_dir, "dry-run")
-        torch.set_default_dtype(torch.bfloat16)
-    if not cfg.plan:
-        return False
-    tcfg = convert.with_hybrid_fields(
-        size_config(cfg.size),
-        cfg.size,
-        [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None,
-    )
-    world = cfg.world or int(os.environ.get("WORLD_SIZE", 1))
-    kd = cfg.kd_teacher  # counted when given as a size key
-    print_plan(cfg, memory_plan(cfg, tcfg, world, size_config(kd) if kd in PRESETS else None), world)
-    if kd and kd not in PRESETS:
-        print(f"the KD teacher {kd} is not counted: give its size (e.g. --kd-teacher 8b) to --plan")
-    return True
-
-
-def random_teacher(cfg):
-    """--dry-run without --teacher: a random Llama of the size (default dtype), the byte-level tokenizer."""
-    torch.manual_seed(cfg.seed)
-    model = Model(size_config(cfg.size))
-    torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)  # small (tied) embeddings keep logits sane
-    return model.eval(), convert.Tokenizer.byte_level()
-
-
-def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):
-    """main's second hook, once the teacher is loaded: the plan's micro-batch per stage (printed by rank 0);
-    a global batch that does not split evenly over the ranks, or a stage whose single sequence does not
-    fit, is an error before any work (the latter unless --micro-batch is given)."""
-    for stage, flag in (("ild", "--batch-size"), ("kd", "--kd-batch-size"), ("dpo", "--dpo-batch-size")):
-        if stage_batch(cfg, stage) % world:
-            raise ValueError(
-                f"{flag} {stage_batch(cfg, stage)} is not a multiple of the {world} processes: every rank "
-                "takes an equal share of the global batch"
-            )
-    plan = memory_plan(cfg, tcfg, world, kd_tcfg)
-    if rank == 0:
-        print_plan(cfg, plan, world)
-    tight = [s for s, r in plan.items() if not r["fits"]]
-    if tight and not cfg.micro_batch:
-        r = plan[tight[0]]
-        raise ValueError(
-            f"stage {tight[0]} needs ~{(r['peak'] / GiB):.1f} GiB per device for one sequence of "
-            f"{cfg.seq_len} tokens, more than the {r['budget'] / GiB:.1f} GiB budget: use more GPUs "
-            "(torchrun, --fsdp), a shorter --seq-len, or --micro-batch 1 to try anyway"
-        )
-    return {s: r["micro"] for s, r in plan.items()}
 
 
 # ----------------------------------------------------------------------------- DPO pairs and evaluation
 def build_dpo_pairs(teacher, student, tok, prompts, max_new, batch=8):
-    """Default preference pairs (paper.md §12 [project]): chosen = the teacher's greedy reply, rejected = the
+    """Default preference pairs [project]: chosen = the teacher's greedy reply, rejected = the
     student's own reply before DPO, for prompts (message lists) from the training split. Kept as token ids,
     so that replies that differ as tokens stay different; the text beside them is for people. Returns
     (pairs, dropped): pairs whose two replies are the same ids teach nothing and are dropped."""
@@ -1109,9 +910,11 @@ def build_dpo_pairs(teacher, student, tok, prompts, max_new, batch=8):
     return pairs, dropped + len(prompts) - len(fits)
 
 
-def pair_batch(tok, pairs, device):
-    """Prompt + response, right-padded -> (idx, response mask), chosen rows then rejected rows. Pairs with ids
-    are used as they are; text-only pairs (--dpo-data) get the chat template and an end-of-turn token."""
+def pair_batch(tok, pairs, device, max_len):
+    """Prompt + response, right-padded -> (idx, response mask), chosen rows then rejected rows, each at most
+    max_len tokens (--seq-len): a longer one loses the start of its prompt, so the response the loss reads
+    stays whole. Pairs with ids are used as they are; text-only pairs (--dpo-data) get the chat template
+    and an end-of-turn token."""
     seqs, masks = [], []
     for key in ("chosen", "rejected"):
         for d in pairs:
@@ -1119,6 +922,8 @@ def pair_batch(tok, pairs, device):
                 p, r = d["prompt_ids"], d[key + "_ids"]
             else:
                 p, r = tok.chat([{"role": "user", "content": d["prompt"]}]), tok.encode(d[key]) + [tok.eos_id]
+            r = r[:max_len]
+            p = p[len(p) + len(r) - max_len :] if len(p) + len(r) > max_len else p
             seqs.append(p + r)
             masks.append([0] * len(p) + [1] * len(r))
     T = max(map(len, seqs))
@@ -1128,34 +933,26 @@ def pair_batch(tok, pairs, device):
 
 
 @torch.no_grad()
-def evaluate(models, teacher, splits, kv_base):
-    """Per model: on each split ({name: batches}) perplexity, KL(p_T || p_S) per token and top-1 agreement
-    with `teacher`; its KV cache per token, also as a percentage of kv_base's (the model it was converted
-    from)."""
-    rows = {
-        name: dict(
-            kv_bytes_per_token_bf16=m.cfg.kv_bytes_per_token(),
-            kv_pct=100 * m.cfg.kv_bytes_per_token() / kv_base.cfg.kv_bytes_per_token(),
-            params=m.num_params(),
-        )
-        for name, m in models.items()
-    }
+def evaluate(model, teacher, splits, micro):
+    """Perplexity, KL(p_T || p_S) per token and top-1 agreement with `teacher` on each split ({name:
+    batches}), in micro-batches of `micro` rows: per-token means over all rows."""
+    res = {}
     for split, batches in splits.items():
-        acc = {name: np.zeros(3) for name in models}
+        acc, rows = np.zeros(3), 0
         for idx in tqdm(batches, desc=f"evaluate {split}", leave=False):
-            t = teacher(idx)
-            for name, m in models.items():
-                s = t if m is teacher else m(idx)
-                ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+            for part in idx.split(micro):
+                t = teacher(part)
+                s = t if model is teacher else model(part)
+                ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), part[:, 1:].flatten())
                 agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
-                acc[name] += [ce.item(), kd_loss(s, t).item(), agree.item()]
-        for name in models:
-            ce, kl, agree = acc[name] / len(batches)
-            rows[name][split] = dict(ppl=math.exp(ce), kl=kl, top1=agree)
-    return rows
+                acc += np.array([ce.item(), kd_loss(s, t).item(), agree.item()]) * len(part)
+                rows += len(part)
+        ce, kl, top1 = acc / rows
+        res[split] = dict(ppl=math.exp(ce), kl=kl, top1=top1)
+    return res
 
 
-# simple factual questions: the teacher answers them; a distilled model should still (issue 11)
+# simple factual questions: the teacher answers them; a distilled model should still
 QUESTIONS = (
     "What is the capital of France?",
     "How many days are there in a week?",
@@ -1193,41 +990,144 @@ def print_table(rows, skipped):
         print(f"{name:<22}skipped: {why}")
 
 
-# ----------------------------------------------------------------------------- the stages (paper.md §1)
+# ----------------------------------------------------------------------------- the stages
 @dataclass
 class Run:
-    """What every stage reads: the settings, this process's place under torchrun, the teachers, the data."""
+    """What every stage reads and writes: the settings, this process's place under torchrun, the teachers,
+    the data, each stage's rows per forward (the memory plan), and the files under out/<size>/. SimRun
+    stands in for it when the memory plan simulates a stage."""
 
     cfg: DistillConfig
     rank: int
     world: int
     out: str
     tok: convert.Tokenizer
-    teacher: torch.nn.Module  # the model converted into the hybrid; teacher of ILD and SMART
-    kd_teacher: torch.nn.Module  # teacher of KD, DPO pairs and evaluation (--kd-teacher; else the same)
+    # the model converted into the hybrid (teacher of ILD and SMART), and the teacher of KD, DPO pairs and
+    # evaluation (--kd-teacher; else the same)
+    teachers: tuple
     meta: dict  # data.json
+    micro: dict  # {stage: rows (DPO: pairs) per forward}
+    digests: dict = field(default_factory=dict)  # of teacher, kd_teacher and data: what a stage notes
+    reads: dict = None  # where a stage notes what it reads (run_stage); None: not noted
+    progress: dict = field(default_factory=dict)  # the stage and step running, for an interrupt's message
+
+    def note(self, key, value):
+        if self.reads is not None:
+            self.reads[key] = value
+
+    @property
+    def teacher(self):
+        self.note("teacher", self.digests.get("teacher"))
+        return self.teachers[0]
+
+    @property
+    def kd_teacher(self):
+        self.note("kd_teacher", self.digests.get("kd_teacher"))
+        return self.teachers[1]
 
     def path(self, name):
         return os.path.join(self.out, name)
 
-    def load(self, name):
-        return load_checkpoint(self.path(name), self.cfg.device)[0].eval()
+    def written(self, name):
+        """The digest its stage recorded for file `name`, None if none did."""
+        return next(
+            (rec["files"][name] for rec in self.records().values() if name in rec.get("files", {})), None
+        )
+
+    def load(self, name, dtype=None):
+        self.note(f"file {name}", self.written(name))
+        return load_checkpoint(self.path(name), self.cfg.device, dtype)[0].eval()
+
+    def save(self, name, model, step, **extra):
+        """<name> from a model wrapped or not: every rank joins an FSDP2 gather, rank 0 writes. The teacher
+        it comes from is recorded (bench.py --tasks compares with it) unless it is --dry-run's random one."""
+        sd = full_state_dict(model)
+        if not (self.cfg.dry_run and not self.cfg.teacher):
+            extra["teacher"] = convert.teacher_record(self.cfg.teacher or self.cfg.size)
+        if self.rank == 0:
+            save_checkpoint(self.path(name), unwrap(model), name[:-3], step, self.tok, state_dict=sd, **extra)
+
+    def write_json(self, name, obj):
+        write_json(self.path(name), obj)
+
+    def read_json(self, name, shape=None):
+        """A side file, checked against its shape (here or by the caller): a wrong one is one clear error."""
+        obj = read_json(self.path(name))
+        if shape is not None and not isinstance(obj, shape):
+            raise ValueError(
+                f"{self.path(name)} is damaged (not a JSON {shape.__name__}): rerun with --force"
+            )
+        return obj
+
+    def has(self, name):
+        self.note(f"file {name}", self.written(name))
+        return os.path.isfile(self.path(name))
 
     def batch(self, split, step, micro=0, n_micro=1):
+        self.note("data", self.digests.get("data"))
         return get_batch(self.out, self.meta, split, step, self.cfg, self.rank, self.world, micro, n_micro)
 
     def first_batches(self, split, n):
         """The first n whole batches of a split (fewer when the split has fewer rows)."""
+        self.note("data", self.digests.get("data"))
         return [
             get_batch(self.out, self.meta, split, i, self.cfg) for i in range(min(n, self.meta["n"][split]))
         ]
 
+    def dpo_pairs(self):
+        """The DPO pairs: --dpo-data, or built once (rank 0) into dpo_pairs.jsonl. -> (pairs, why none)."""
+        cfg, path = self.cfg, self.path("dpo_pairs.jsonl")
+        if cfg.dpo_data:
+            self.note("dpo_data content", sha256(cfg.dpo_data))
+            return read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM), ""
+        if not cfg.dpo_pairs:
+            return [], "--dpo-pairs 0"
+        if not self.meta["prompts"]:
+            return [], "the KD split has no chat with a user turn to take DPO prompts from"
+        if self.rank == 0 and not os.path.isfile(path):
+            prompts = self.meta["prompts"][: cfg.dpo_pairs]
+            pairs, dropped = build_dpo_pairs(
+                self.kd_teacher, self.load("kd.pt"), self.tok, prompts, cfg.dpo_max_new
+            )
+            print(
+                f"DPO: {len(pairs)} pairs from {len(prompts)} prompts; {dropped} dropped "
+                "(both replies the same tokens, or the prompt too long)"
+            )
+            if pairs:
+                atomic_write(
+                    path, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+                )
+        self.sync()
+        if os.path.isfile(path):
+            return read_jsonl(path, pair_record, PAIR_FORM), ""
+        return [], "every reply pair was the same tokens (nothing to prefer)"
+
+    def wrap(self, model):
+        return wrap_model(model, self.cfg, self.world)
+
     def records(self):
-        """stages.json: what each stage was made from (provenance below)."""
-        return read_json(self.path("stages.json")) if os.path.isfile(self.path("stages.json")) else {}
+        """stages.json: what each stage read and wrote (bookkeeping below); a record of another version
+        counts as none (its stage reruns)."""
+        records = self.read_json("stages.json", dict) if os.path.isfile(self.path("stages.json")) else {}
+        return {k: v for k, v in records.items() if isinstance(v, dict) and {"start", "done"} <= v.keys()}
+
+    def fingerprint(self, stage):
+        """A digest of all a stage could read: every setting that can change a result, the teachers, the
+        data and the files of the stages before it. An unfinished stage resumes only from the same."""
+        records, names = self.records(), [s.name for s in STAGES]
+        files = {s: records.get(s, {}).get("files") for s in names[: names.index(stage.name)]}
+        settings = {f.name: getattr(self.cfg, f.name) for f in fields(DistillConfig) if f.name not in NEUTRAL}
+        text = json.dumps(as_stored([settings, self.digests, files]), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def mla_layers(self):
-        return read_json(self.path("smart.json"))["chosen"]
+        chosen = self.read_json("smart.json", dict).get("chosen")
+        if not (isinstance(chosen, list) and all(isinstance(i, int) for i in chosen)):
+            raise ValueError(
+                f"{self.path('smart.json')} is damaged (no list of chosen layers): rerun with --force"
+            )
+        self.note("mla_layers", chosen)
+        return chosen
 
     def sync(self):  # ranks wait for rank 0's files
         if self.world > 1:
@@ -1235,16 +1135,16 @@ class Run:
 
 
 def run_init(r):
-    """All-MLA (SVD) and all-Mamba2 students from the teacher's weights (paper.md §4, §6)."""
+    """All-MLA (SVD) and all-Mamba2 students from the teacher's weights (convert.make_student)."""
     # training tokens choose the MLA rope pairs (§3.4) and set the Mamba2 output norms; 4 rows are enough
-    calib = get_batch(r.out, r.meta, "ild", 0, r.cfg)[:4]
+    calib = r.first_batches("ild", 1)[0][:4]  # the global batch's, whatever the ranks
     for kind in ("mla", "m2"):
         student = convert.make_student(r.teacher, kind, r.cfg.rope_rule, calib)
-        save_checkpoint(r.path(f"init_{kind}.pt"), student, "init_" + kind, 0, r.tok, done=True)
+        r.save(f"init_{kind}.pt", student, 0, done=True)
 
 
 def run_ild(r, kind):
-    """ILD of one student, every layer teacher-forced, on the ILD split (paper.md §10)."""
+    """ILD of one student, every layer teacher-forced, on the ILD split (ild_loss)."""
     student = trainable(r.load(f"init_{kind}.pt").train(), r.cfg.ild_target)
 
     def step_loss(m, step, micro, n_micro):
@@ -1255,31 +1155,33 @@ def run_ild(r, kind):
 
 
 def run_smart(r):
-    """Which layers stay MLA, scored on the first ILD (training) batches (paper.md §9).
+    """Which layers stay MLA (SMART), scored on the first ILD (training) batches.
     The held-out split stays unseen until the final evaluation. --mla-layers overrides the choice."""
     if r.cfg.mla_layers:
         res = dict(rule="given by --mla-layers", chosen=r.teacher.cfg.mla_layers)
     else:
-        m2, mla = r.load("ild_m2.pt"), r.load("ild_mla.pt")
-        scores, base_kl = smart_scores(r.teacher, m2, mla, r.first_batches("ild", r.cfg.smart_batches))
+        dtype = teacher_dtype(r.cfg)  # no gradients: the students score in the teacher's dtype
+        m2, mla = r.load("ild_m2.pt", dtype), r.load("ild_mla.pt", dtype)
+        batches = r.first_batches("ild", r.cfg.smart_batches)
+        scores, base_kl = smart_scores(r.teacher, m2, mla, batches, r.micro["smart"])
         res = dict(
             rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
             kl_all_m2=base_kl,
             scores=scores.tolist(),
             chosen=smart_select(scores, len(r.teacher.cfg.mla_layers)),
         )
-    write_json(r.path("smart.json"), res)
+    r.write_json("smart.json", res)
     print(f"SMART: MLA layers {res['chosen']}")
 
 
 def run_hybrid(r):
-    """The hybrid composed from the two ILD students and the teacher (paper.md §1 step 4)."""
+    """The hybrid composed from the two ILD students and the teacher (convert.compose_hybrid)."""
     hybrid = convert.compose_hybrid(r.teacher, r.load("ild_mla.pt"), r.load("ild_m2.pt"), r.mla_layers())
-    save_checkpoint(r.path("hybrid_init.pt"), hybrid, "hybrid_init", 0, r.tok, done=True)
+    r.save("hybrid_init.pt", hybrid, 0, done=True)
 
 
 def run_kd(r):
-    """End-to-end KL distillation from the KD teacher on the KD split (paper.md §11)."""
+    """End-to-end KL distillation from the KD teacher on the KD split (kd_loss)."""
     cfg = r.cfg
 
     def kd_step(m, step, micro, n_micro):
@@ -1297,40 +1199,19 @@ def run_kd(r):
     train(r, "kd", hybrid, kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
 
 
-def dpo_pairs(r):
-    """The DPO pairs: --dpo-data, or built once (rank 0) into dpo_pairs.jsonl. -> (pairs, why none)."""
-    cfg, path = r.cfg, r.path("dpo_pairs.jsonl")
-    if cfg.dpo_data:
-        return read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM), ""
-    if not cfg.dpo_pairs:
-        return [], "--dpo-pairs 0"
-    if not r.meta["prompts"]:
-        return [], "the KD split has no chat with a user turn to take DPO prompts from"
-    why = "every reply pair was the same tokens (nothing to prefer)"
-    if r.rank == 0 and not os.path.isfile(path):
-        prompts = r.meta["prompts"][: cfg.dpo_pairs]
-        pairs, dropped = build_dpo_pairs(r.kd_teacher, r.load("kd.pt"), r.tok, prompts, cfg.dpo_max_new)
-        print(
-            f"DPO: {len(pairs)} pairs from {len(prompts)} prompts; {dropped} dropped "
-            "(both replies the same tokens, or the prompt too long)"
-        )
-        if pairs:
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs)))
-    r.sync()
-    return (read_jsonl(path, pair_record, PAIR_FORM), "") if os.path.isfile(path) else ([], why)
-
-
 def run_dpo(r):
-    """DPO against the frozen KD model (paper.md §12).
+    """DPO against the frozen KD model (dpo_loss).
     Returns why it was skipped, if it was (no pairs)."""
     cfg = r.cfg
-    pairs, why = dpo_pairs(r)
+    pairs, why = r.dpo_pairs()
     if not pairs:
         print(f"DPO skipped: {why}")
         return why
-    idx, mask = pair_batch(r.tok, pairs, cfg.device)  # (2 * pairs, T): chosen rows, then rejected rows
-    with torch.no_grad():
-        ref_lp = seq_logprobs(r.load("kd.pt"), idx, mask)
+    idx, mask = pair_batch(r.tok, pairs, cfg.device, cfg.seq_len)  # (2 * pairs, T): chosen, then rejected
+    ref, rows = r.load("kd.pt"), 2 * r.micro["dpo"]
+    with torch.no_grad(), autocast(cfg):  # the policy's autocast: at step 0 the two log-probs are equal
+        ref_lp = torch.cat([seq_logprobs(ref, i, m) for i, m in zip(idx.split(rows), mask.split(rows))])
+    del ref
     n = len(pairs)
 
     def dpo_step(m, step, micro, n_micro):
@@ -1345,36 +1226,45 @@ def run_dpo(r):
 
 
 def run_eval(r):
-    """Every stage's model on the held-out split, against the KD teacher (paper.md §14)."""
-    fresh = convert.compose_hybrid(r.teacher, r.load("init_mla.pt"), r.load("init_m2.pt"), r.mla_layers())
-    models = {"teacher": r.teacher}
+    """Every stage's model, one at a time, on the held-out split and the unseen text against the KD teacher
+    (perplexity, KL, top-1 agreement); the final model's and the KD teacher's answers to QUESTIONS."""
+    dtype = teacher_dtype(r.cfg)  # no gradients: the students are scored in the teacher's dtype
+    models = {"teacher": lambda: r.teacher}
     if r.kd_teacher is not r.teacher:
-        models["KD teacher"] = r.kd_teacher
-    models.update(
-        {
-            "hybrid (no training)": fresh,
-            "hybrid after ILD": r.load("hybrid_init.pt"),
-            "after KD": r.load("kd.pt"),
-        }
+        models["KD teacher"] = lambda: r.kd_teacher
+    models["hybrid (no training)"] = lambda: convert.compose_hybrid(
+        r.teacher, r.load("init_mla.pt", dtype), r.load("init_m2.pt", dtype), r.mla_layers()
     )
+    models["hybrid after ILD"] = lambda: r.load("hybrid_init.pt", dtype)
+    models["after KD"] = lambda: r.load("kd.pt", dtype)
     skipped = {}
-    if os.path.isfile(r.path("dpo.pt")):
-        models["after DPO"] = r.load("dpo.pt")
+    if r.has("dpo.pt"):
+        models["after DPO"] = lambda: r.load("dpo.pt", dtype)
     else:
         skipped["after DPO"] = r.records()["dpo"]["skipped"]
     splits = {split: r.first_batches(split, r.cfg.eval_batches) for split in ("heldout", "unseen")}
-    rows = evaluate(models, r.kd_teacher, splits, r.teacher)
-    final = "after DPO" if "after DPO" in models else "after KD"
-    qa = {"teacher": answers(r.kd_teacher, r.tok), "distilled": answers(models[final], r.tok)}
+    rows, qa, final = {}, {"teacher": answers(r.kd_teacher, r.tok)}, list(models)[-1]
+    for name, load in models.items():
+        m = load()
+        kv = m.cfg.kv_bytes_per_token()
+        rows[name] = dict(
+            kv_bytes_per_token_bf16=kv,
+            kv_pct=100 * kv / r.teacher.cfg.kv_bytes_per_token(),
+            params=m.num_params(),
+            **evaluate(m, r.kd_teacher, splits, r.micro["eval"]),
+        )
+        if name == final:
+            qa["distilled"] = answers(m, r.tok)
+        del m
     res = dict(
         size=r.cfg.size,
         mla_layers=r.mla_layers(),
-        config=asdict(r.cfg),
+        config={f.name: getattr(r.cfg, f.name) for f in fields(DistillConfig)},  # all: eval.json keeps them
         results=rows,
         skipped=skipped,
         answers=qa,
     )
-    write_json(r.path("eval.json"), res)
+    r.write_json("eval.json", res)
 
 
 @dataclass(frozen=True)
@@ -1382,8 +1272,6 @@ class Stage:
     name: str
     run: object  # run(Run) writes the stage's files; returns why it was skipped, if it was
     files: tuple  # what it writes under out/<size>/
-    inputs: tuple = ()  # the stages whose files it reads
-    settings: tuple = ()  # the DistillConfig fields its result depends on (besides the data and its inputs)
     all_ranks: bool = False  # training runs on every rank; the other stages on rank 0 while the rest wait
     scratch: tuple = ()  # files it may also write, removed with it but not needed to call it finished
 
@@ -1392,123 +1280,440 @@ class Stage:
         return getattr(self.run, "func", self.run).__doc__.split("\n")[0]
 
 
-TRAIN = ("warmup", "weight_decay", "grad_clip", "seed", "precision", "scalar_lr")
-ILD = ("teacher", "batch_size", "ild_steps", "ild_lr", "ild_target", *TRAIN)
-# ild_mla_steps: the Mamba2 student does not depend on it; scalar_lr: the MLA student has no Mamba2 scalars
-ILD_MLA = (*(s for s in ILD if s != "scalar_lr"), "ild_mla_steps")
-KD = ("kd_teacher", "kd_batch_size", "kd_steps", "kd_lr", "kd_train", "ce_weight", *TRAIN)
-DPO = (
-    *("kd_teacher", "dpo_data", "dpo_pairs", "dpo_max_new", "dpo_batch_size", "dpo_steps", "dpo_lr"),
-    *("dpo_beta", "dpo_warmup", *TRAIN),
-)
-SMART = ("teacher", "mla_layers", "smart_batches")
-EVAL = ("kd_teacher", "eval_batches")
 STAGES = (
-    Stage("init", run_init, ("init_mla.pt", "init_m2.pt"), settings=("teacher", "rope_rule")),
-    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), ("init",), ILD_MLA, all_ranks=True),
-    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), ("init",), ILD, all_ranks=True),
-    Stage("smart", run_smart, ("smart.json",), ("ild_mla", "ild_m2"), SMART),
-    Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",), ("ild_mla", "ild_m2", "smart"), ("teacher",)),
-    Stage("kd", run_kd, ("kd.pt",), ("hybrid_init",), KD, all_ranks=True),
-    Stage("dpo", run_dpo, ("dpo.pt",), ("kd",), DPO, all_ranks=True, scratch=("dpo_pairs.jsonl",)),
-    Stage("eval", run_eval, ("eval.json",), ("init", "hybrid_init", "kd", "dpo", "smart"), EVAL),
+    Stage("init", run_init, ("init_mla.pt", "init_m2.pt")),
+    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), all_ranks=True),
+    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), all_ranks=True),
+    Stage("smart", run_smart, ("smart.json",)),
+    Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",)),
+    Stage("kd", run_kd, ("kd.pt",), all_ranks=True),
+    Stage("dpo", run_dpo, ("dpo.pt",), all_ranks=True, scratch=("dpo_pairs.jsonl",)),
+    Stage("eval", run_eval, ("eval.json",)),
 )
 
 
-# ----------------------------------------------------------------------------- provenance: which stages run
-def made_from(stage, r, records):
-    """What a stage's result depends on: its settings, the data, and the run of each input stage (a rerun
-    input gets a new run id, so everything downstream of it reruns too)."""
-    settings = {name: getattr(r.cfg, name) for name in stage.settings}
-    if "dpo_data" in settings and r.cfg.dpo_data:  # the file's contents, not only its name
-        settings["dpo_data_sha256"] = hashlib.sha256(Path(r.cfg.dpo_data).read_bytes()).hexdigest()
-    inputs = {name: records.get(name, {}).get("run") for name in stage.inputs}
-    return as_stored(dict(settings=settings, data=r.meta["key"], inputs=inputs))
+# ----------------------------------------------------------------------------- memory: each stage simulated
+GiB = 2**30
 
 
-def changes(old, new):
-    """What differs between two made_from records, in words."""
-    said = [
-        f"--{k.replace('_', '-')} {old['settings'].get(k)} -> {v}"
-        for k, v in new["settings"].items()
-        if old["settings"].get(k) != v
-    ]
-    said += ["other data"] if old["data"] != new["data"] else []
-    said += [f"a new {k}" for k, v in new["inputs"].items() if old["inputs"].get(k) != v]
-    return ", ".join(said)
+class LiveBytes(TorchDispatchMode):
+    """The bytes tensor storages hold, now and at the peak. Every storage an op creates counts from its
+    creation until Python frees it, so autograd's saved tensors, gradients, optimizer state and autocast's
+    casts all count. Under FakeTensorMode tensors have shapes and dtypes but no memory: a stage's own code
+    at its real shapes then gives the bytes a GPU would hold, short of the caching allocator's slack and
+    the CUDA context. No value is computed: one read back (.item(), a bool) reads as 1 (True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.live, self.share = {}, {}  # id(storage) -> bytes counted for it, share of its bytes
+
+    def count(self, t, share=1.0):
+        """Count t's storage at `share` of its bytes (an FSDP2 shard), from now until it is freed."""
+        st = t.untyped_storage()
+        if id(st) not in self.live:
+            self.live[id(st)] = 0
+            weakref.finalize(st, self.free, id(st))
+        n = int(st.nbytes() * share)
+        self.now += n - self.live[id(st)]
+        self.live[id(st)], self.share[id(st)] = n, share
+        self.peak = max(self.peak, self.now)
+
+    def free(self, key):
+        self.now -= self.live.pop(key)
+        del self.share[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return True if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        # a tensor made like a shard (AdamW's state of a sharded parameter) is a shard too
+        like = func in (torch.ops.aten.zeros_like.default, torch.ops.aten.empty_like.default)
+        share = self.share.get(id(args[0].untyped_storage()), 1.0) if like else 1.0
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.live:
+                self.count(t, share)
+        return out
 
 
+def build(cfg, dtype):
+    """A randomly initialised Model in dtype (the simulation's stand-in for a loaded one)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Model(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+@dataclass
+class SimRun(Run):
+    """A Run made inside FakeTensorMode: the stages run their own code at the real shapes, but read random
+    token ids, build a model where a real run loads one, write nothing, run one micro-batch per step or
+    loop and train two steps (the second with AdamW's state resident); further micro-batches and steps
+    repeat the same allocations. Under --fsdp, what one rank holds is counted (fsdp_shares)."""
+
+    lb: LiveBytes = None
+    written_json: dict = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, cfg, tcfg, kd_tcfg, world, micro, lb):
+        rows = micro * world
+        cfg = dataclasses.replace(
+            cfg,
+            device="cpu",  # fake CPU tensors; the precision stays the one the real device would use
+            precision="bf16" if amp_dtype(cfg) else "fp32",
+            rope_rule="high",  # 2norm's pairs depend on values; the shapes are the same
+            **dict(batch_size=rows, kd_batch_size=rows, dpo_batch_size=rows, smart_batches=1, eval_batches=1),
+            **dict(ild_steps=2, ild_mla_steps=0, kd_steps=2, dpo_steps=2, dpo_pairs=8, log_every=10**9),
+        )
+        dtype = teacher_dtype(cfg)
+        teacher = build(tcfg, dtype).requires_grad_(False)
+        kd_teacher = teacher if kd_tcfg is None else build(kd_tcfg, dtype).requires_grad_(False)
+        prompt = [{"role": "user", "content": "x" * 64}]  # a short first turn, as the corpus's
+        meta = dict(prompts=[prompt] * cfg.dpo_pairs)
+        tok = convert.Tokenizer.byte_level()
+        rows_per_forward = defaultdict(lambda: micro)
+        return cls(cfg, 0, world, "(simulated)", tok, (teacher, kd_teacher), meta, rows_per_forward, lb=lb)
+
+    def load(self, name, dtype=None):  # init_mla.pt, ild_m2.pt, ...: one kind; hybrid_init.pt, kd.pt: both
+        kind, L = name[:-3].split("_")[-1], self.teacher.cfg.n_layer
+        kinds = [kind] * L if kind in ("mla", "m2") else convert.hybrid_kinds(L, self.teacher.cfg.mla_layers)
+        return build(dataclasses.replace(self.teacher.cfg, kinds=kinds), dtype or torch.get_default_dtype())
+
+    def save(self, name, model, step, **extra):
+        pass
+
+    def write_json(self, name, obj):
+        self.written_json[name] = obj
+
+    def read_json(self, name, shape=None):  # smart.json before SMART has run here: the size's layers
+        return self.written_json.get(name, dict(chosen=self.teachers[0].cfg.mla_layers))
+
+    def has(self, name):
+        return True
+
+    def batch(self, split, step, micro=0, n_micro=1):
+        size = stage_batch(self.cfg, split) // self.world
+        rows = len(batch_rows(step, size, size, 0, 1, micro, n_micro))
+        return torch.randint(0, self.teacher.cfg.vocab_size, (rows, self.cfg.seq_len))
+
+    def first_batches(self, split, n):  # one micro-batch of SMART's or the evaluation's loop
+        return [torch.randint(0, self.teacher.cfg.vocab_size, (self.micro[split], self.cfg.seq_len))]
+
+    def dpo_pairs(self):
+        """The default pairs' generation at its batch, then pairs of seq_len tokens (the longest kept)."""
+        build_dpo_pairs(
+            self.kd_teacher, self.load("kd.pt"), self.tok, self.meta["prompts"], self.cfg.dpo_max_new
+        )
+        half = [1] * (self.cfg.seq_len // 2)
+        pair = dict(prompt="", chosen="", rejected="", prompt_ids=half, chosen_ids=half, rejected_ids=half)
+        return [pair] * self.cfg.dpo_batch_size, ""
+
+    def wrap(self, model):
+        if self.cfg.fsdp and self.world > 1:
+            fsdp_shares(model, self.lb, self.world, amp_dtype(self.cfg) or torch.get_default_dtype())
+        return model
+
+    def sync(self):
+        pass
+
+
+def fsdp_shares(model, lb, world, dtype):
+    """Count what one of `world` FSDP2 ranks holds of a model it trains (wrap_model): 1/world of the fp32
+    parameters, gradients and AdamW state, and one block's parameters at a time, gathered in the compute
+    dtype for its forward and again for its backward. The simulation computes with the whole parameters
+    cast to the compute dtype, each counted as the fp32 shard it stands for."""
+    share = 4 / dtype.itemsize / world
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+        lb.count(p, share)
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p: lb.count(p.grad, share))
+    for block in model.layers:
+        n = sum(p.numel() for p in block.parameters())
+
+        def gather(module, *_, n=n):
+            module.gathered = torch.empty(n, dtype=dtype)
+
+        def release(module, *_):
+            module.gathered = None
+
+        block.register_forward_pre_hook(gather)
+        block.register_forward_hook(release)
+        block.register_full_backward_pre_hook(gather)
+        block.register_full_backward_hook(release)
+
+
+def simulate(stage, cfg, tcfg, kd_tcfg, world, micro):
+    """(peak, start): bytes alive at the peak of one process running `stage` (a Stage) with `micro` rows
+    (DPO: pairs) per forward, and at its start (the teachers)."""
+    with FakeTensorMode(), LiveBytes() as lb, quiet():
+        r = SimRun.make(cfg, tcfg, kd_tcfg, world, micro, lb)
+        start = lb.now
+        stage.run(r)
+    return lb.peak, start
+
+
+@contextlib.contextmanager
+def quiet():
+    """No bars, prints or warnings from the stages while they are simulated."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+
+
+def memory_budget(cfg):
+    """Bytes one process may use: --memory-gb, else the CUDA device's total memory, else the RAM available
+    now plus what this process already holds (a teacher loaded before the plan counts in the plan)."""
+    if cfg.memory_gb:
+        return cfg.memory_gb * GiB, f"{cfg.memory_gb:g} GiB per device (--memory-gb)"
+    if cfg.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(cfg.device).total_memory
+        return total, f"{total / GiB:.1f} GiB on {torch.cuda.get_device_name(cfg.device)}"
+    kb = {
+        line.split(":")[0]: int(line.split()[1])
+        for path in ("/proc/meminfo", "/proc/self/status")
+        for line in open(path)
+        if line.startswith(("MemAvailable:", "VmRSS:"))
+    }
+    free = (kb["MemAvailable"] + kb["VmRSS"]) * 1024
+    return free, f"{free / GiB:.1f} GiB of RAM (available + this process)"
+
+
+def micro_rows(cfg, stage, world):
+    """Rows (DPO: pairs) a process runs per step of `stage`: its share of a training step's global batch;
+    SMART's and the evaluation's batches (rank 0 alone); None for a stage that runs no batches."""
+    if stage in ("smart", "eval"):
+        return cfg.batch_size
+    return stage_batch(cfg, stage) // world if stage in ("ild_mla", "ild_m2", "kd", "dpo") else None
+
+
+def memory_plan(cfg, tcfg, world, kd_tcfg=None, stages=STAGES):
+    """Each stage's peak per process, simulated (simulate), and the micro-batch of each batched stage: the
+    most rows whose peak stays within 90 % of the budget (the rest: allocator slack, CUDA context). Past
+    what does not grow with the rows, the peak grows linearly in them, so the line through the peaks at 1
+    row and at the whole batch never underestimates between them: the rows it allows fit. --micro-batch
+    fixes the split instead. -> {stage: dict(peak, start, micro, n_micro)}."""
+    room, plan = 0.9 * memory_budget(cfg)[0], {}
+
+    def sim(stage, micro):
+        return simulate(stage, cfg, tcfg, kd_tcfg, world, micro)
+
+    for stage in tqdm(stages, desc="memory plan (simulated)", leave=False):
+        rows = micro_rows(cfg, stage.name, world)
+        if rows is None:  # no batches: the calibration rows of init
+            plan[stage.name] = dict(zip(("peak", "start"), sim(stage, 4)))
+            continue
+        micro = min(rows, cfg.micro_batch or rows)
+        peak, start = sim(stage, micro)
+        if peak > room and micro > 1 and not cfg.micro_batch:
+            one = sim(stage, 1)[0]
+            micro = max(1, min(micro - 1, 1 + int((room - one) * (micro - 1) // (peak - one))))
+        n_micro = math.ceil(rows / micro)
+        if math.ceil(rows / n_micro) != rows:  # as even as the micro-batches go
+            micro = math.ceil(rows / n_micro)
+            peak, start = sim(stage, micro)
+        plan[stage.name] = dict(peak=peak, start=start, micro=micro, n_micro=n_micro)
+    return plan
+
+
+def dtype_name(dtype):
+    return {None: "off", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def print_plan(cfg, plan, world):
+    """The plan as a table: per stage the simulated peak per process, its share of the budget, the bytes
+    alive when it starts (teachers), and its split of rows."""
+    budget, where = memory_budget(cfg)
+    print(
+        f"memory plan: --size {cfg.size}, {world} process(es){' (FSDP2)' if cfg.fsdp else ''}, "
+        f"budget {where}, seq_len {cfg.seq_len}, autocast {dtype_name(amp_dtype(cfg))}, "
+        f"teacher {dtype_name(teacher_dtype(cfg))}"
+    )
+    print(f"{'stage':<13}{'peak GiB':>9}{'of budget':>10}{'at start':>9}  rows per forward x micro-batches")
+    for name, p in plan.items():
+        split = f"{p['micro']} x {p['n_micro']}" if "micro" in p else "-"
+        ranks = " (rank 0)" if name in ("smart", "eval") else f" x {world} ranks" if "micro" in p else ""
+        over = "  EXCEEDS 90 % OF THE BUDGET" if p["peak"] > 0.9 * budget else ""
+        print(
+            f"{name:<13}{p['peak'] / GiB:>9.2f}{100 * p['peak'] / budget:>9.1f}%{p['start'] / GiB:>9.2f}"
+            f"  {split}{ranks}{over}"
+        )
+    print("GiB per process: the tensors alive, simulated at the real shapes on tensors that hold no memory")
+
+
+# the --dry-run settings: the size's real shapes, everything else as small as a CPU allows
+DRY_RUN = (
+    dict(seq_len=64, batch_size=2, kd_batch_size=2, dpo_batch_size=1, max_chats=300)
+    | dict(ild_steps=2, ild_mla_steps=0, kd_steps=2, dpo_steps=1, dpo_pairs=2, dpo_max_new=4)
+    | dict(smart_batches=1, eval_batches=1, log_every=1)
+)
+
+
+def dry_run(cfg):
+    """--dry-run: DRY_RUN's settings, every weight in bf16 (a 1b student's fp32 weights and AdamW state
+    alone take ~17 GB) and the files under <out-dir>/dry-run."""
+    torch.set_default_dtype(torch.bfloat16)
+    return dataclasses.replace(cfg, **DRY_RUN, out_dir=os.path.join(cfg.out_dir, "dry-run"))
+
+
+def random_teacher(cfg):
+    """--dry-run without --teacher: a random Llama of the size (default dtype), the byte-level tokenizer."""
+    torch.manual_seed(cfg.seed)
+    model = Model(size_config(cfg.size))
+    torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)  # small (tied) embeddings keep logits sane
+    return model.eval(), convert.Tokenizer.byte_level()
+
+
+def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):
+    """main's second hook, once the teacher is loaded: each stage's rows per forward. On CUDA (or with
+    --memory-gb) from the memory plan, printed by rank 0, and a stage that does not fit with one row stops
+    the run before any work (unless --micro-batch); on the CPU the whole batch (the CPU presets fit a
+    laptop's RAM; --plan simulates them too). A global batch that does not split evenly over the ranks is
+    an error."""
+    for stage, flag in (("ild", "--batch-size"), ("kd", "--kd-batch-size"), ("dpo", "--dpo-batch-size")):
+        if stage_batch(cfg, stage) % world:
+            raise ValueError(
+                f"{flag} {stage_batch(cfg, stage)} is not a multiple of the {world} processes: every rank "
+                "takes an equal share of the global batch"
+            )
+    if not (cfg.device.startswith("cuda") or cfg.memory_gb):
+        return {s.name: cfg.micro_batch or micro_rows(cfg, s.name, world) or 1 for s in STAGES}
+    budget, plan = memory_budget(cfg)[0], {}
+    for stage in STAGES:  # stage by stage: one that does not fit stops the plan there
+        plan |= memory_plan(cfg, tcfg, world, kd_tcfg, [stage])
+        p = plan[stage.name]
+        if p["peak"] > 0.9 * budget and not cfg.micro_batch:
+            raise ValueError(
+                f"stage {stage.name} needs ~{p['peak'] / GiB:.1f} GiB per device with {p.get('micro', 1)} "
+                f"row(s) per forward, more than 90 % of the {budget / GiB:.1f} GiB budget: use more GPUs "
+                "(torchrun, --fsdp), a shorter --seq-len, or --micro-batch 1 to try anyway"
+            )
+    if rank == 0:
+        print_plan(cfg, plan, world)
+    return {s: p.get("micro", 1) for s, p in plan.items()}
+
+
+# ----------------------------------------------------------------------------- bookkeeping: which stages run
+# One rule, by content. A stage's record in stages.json holds what it read (each setting that can change a
+# result, with its value; the digests of the teachers, of the data and of each file it loaded) and the
+# digest of each file it wrote. It is current while all it read reads the same today and its files still
+# match their digests; otherwise it reruns (or resumes, when unfinished from the same start). So a stage
+# after a rerun one reruns only if what it reads of it changed.
+NEUTRAL = {f.name for f in fields(DistillConfig) if f.metadata["neutral"]}
 RESUME = "unfinished: resume"
 
 
+class Reading:
+    """The settings as a stage sees them: each one read that can change a result is noted in `reads`, as
+    its flag with its value."""
+
+    def __init__(self, cfg, reads):
+        self.__dict__.update(_cfg=cfg, _reads=reads)
+
+    def __getattr__(self, name):
+        value = getattr(self._cfg, name)
+        if name not in NEUTRAL:
+            self._reads["--" + name.replace("_", "-")] = as_stored(value)
+        return value
+
+
+def sha256(path):
+    """The sha256 (hex) of a file's bytes, None for no file."""
+    if not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def today(r, key):
+    """What the read noted as `key` (Run.note) reads today."""
+    if key.startswith("--"):
+        return as_stored(getattr(r.cfg, key[2:].replace("-", "_")))
+    if key.startswith("file "):
+        return r.written(key[5:])
+    if key == "mla_layers":
+        return r.mla_layers() if r.has("smart.json") else None
+    if key == "dpo_data content":
+        return sha256(r.cfg.dpo_data)
+    return r.digests[key]  # teacher, kd_teacher, data
+
+
 def why_run(stage, r, records):
-    """The question: None when the stage is finished and made from today's settings, data and inputs; else
-    why it runs. Only RESUME keeps its files (an unfinished stage made from the same inputs)."""
+    """None when the stage is current; else why it runs. Only RESUME keeps its files."""
     rec, cfg = records.get(stage.name), r.cfg
     if cfg.force or cfg.stage == stage.name:
         return "--force" if cfg.force else f"--stage {stage.name}"
     if rec is None:
-        found = any(os.path.isfile(r.path(f)) for f in stage.files)
+        found = any(r.has(f) for f in stage.files)
         return "its files carry no record of what they were made from" if found else "not run yet"
-    now = made_from(stage, r, records)
-    if rec["made_from"] != now:
-        return f"made from {changes(rec['made_from'], now)}"
-    for f in stage.files:  # kept or resumed from here on: a damaged file stops the run, named, right now
-        if f.endswith(".pt") and os.path.isfile(r.path(f)):
-            read_checkpoint(r.path(f))
-        elif f.endswith(".json") and os.path.isfile(r.path(f)):
-            read_json(r.path(f))
     if not rec["done"]:
+        if rec["start"] != r.fingerprint(stage):
+            return "unfinished, and what it reads has changed since it started"
+        try:  # the last periodic checkpoint, which it resumes from
+            [read_checkpoint(r.path(f)) for f in stage.files if f.endswith(".pt") and r.has(f)]
+        except ValueError:
+            return "unfinished, and its last checkpoint is damaged"
         return RESUME
-    missing = [f for f in stage.files if not os.path.isfile(r.path(f))]
-    return f"{missing[0]} is missing" if missing and not rec["skipped"] else None
-
-
-def invalidate(stage, r, records):
-    """The action: remove a stage's files and record, so that nothing reads them before it has rerun."""
-    for f in stage.files + stage.scratch:
-        if os.path.isfile(r.path(f)):
-            os.remove(r.path(f))
-    records.pop(stage.name, None)
-    write_json(r.path("stages.json"), records)
+    changed = [k for k, v in rec["reads"].items() if today(r, k) != v]
+    if changed:
+        return f"made from another {', '.join(changed)}"
+    damaged = [f for f, digest in rec["files"].items() if sha256(r.path(f)) != digest]
+    return f"{damaged[0]} is missing or was changed since it was written" if damaged else None
 
 
 def run_stage(stage, r):
-    """Ask whether a stage must run, and if so (re)start or resume it, recording what it is made from."""
-    records = r.records()
+    """Run a stage unless it is current, noting what it reads; record that and the digests of its files.
+    A stage that reruns from scratch first loses its files and record, so nothing reads them meanwhile."""
+    t0, records = time.time(), r.records()
     why = why_run(stage, r, records)
+    if r.rank == 0 and time.time() - t0 > 1:
+        print(f"[{stage.name}] checked against its record in {time.time() - t0:.1f} s")
     r.sync()  # every rank has asked before rank 0 changes any file
     if why is None:
         return
     if r.rank == 0:
         if why not in ("not run yet", RESUME):
-            rec = records.get(stage.name)
-            print(f"[{stage.name}] {'restarts' if rec and not rec['done'] else 'reruns'}: {why}")
+            print(f"[{stage.name}] {'restarts' if why.startswith('unfinished') else 'reruns'}: {why}")
         if why != RESUME:
-            invalidate(stage, r, records)
-            run_id = os.urandom(8).hex()
-            records[stage.name] = dict(made_from=made_from(stage, r, records), run=run_id, done=False)
+            for f in filter(r.has, stage.files + stage.scratch):
+                os.remove(r.path(f))
+            records[stage.name] = dict(start=r.fingerprint(stage), done=False)
             write_json(r.path("stages.json"), records)
     r.sync()
-    skipped = stage.run(r) if stage.all_ranks or r.rank == 0 else None
+    r.progress.update(stage=stage.name, step=None)
+    reads = {}
+    seen = dataclasses.replace(r, cfg=Reading(r.cfg, reads), reads=reads)
+    skipped = stage.run(seen) if stage.all_ranks or r.rank == 0 else None
     r.sync()
     if r.rank == 0:
+        t0, files = time.time(), {f: sha256(r.path(f)) for f in stage.files if r.has(f)}
+        if time.time() - t0 > 1:
+            print(f"[{stage.name}] digests of its files: {time.time() - t0:.1f} s")
         records = r.records()
-        records[stage.name].update(done=True, skipped=skipped or "")
+        records[stage.name].update(reads=reads, files=files, done=True, skipped=skipped or "")
         write_json(r.path("stages.json"), records)
     r.sync()
+
+
+def mla_layer_list(cfg):
+    return [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
 
 
 def load_teachers(cfg):
     """(teacher, KD teacher, tokenizer): the model to convert, and the teacher of KD, DPO pairs and
     evaluation (the same model unless --kd-teacher). Both must share one vocabulary and hold --seq-len."""
     cache = cfg.cache_dir or None
-    if cfg.dry_run and not cfg.teacher:  # random weights at the real shapes (issue 10)
+    if cfg.dry_run and not cfg.teacher:  # random weights at the real shapes
         teacher, tok = random_teacher(cfg)
     else:
         teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
-    mla_layers = [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
-    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layers)
+    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layer_list(cfg))
     kd_teacher, kd_tok = (teacher, tok) if not cfg.kd_teacher else convert.load_teacher(cfg.kd_teacher, cache)
     same_ids = (kd_tok.ranks, kd_tok.special) == (tok.ranks, tok.special)
     if not same_ids or kd_teacher.cfg.vocab_size != teacher.cfg.vocab_size:
@@ -1531,39 +1736,81 @@ def load_teachers(cfg):
 # ----------------------------------------------------------------------------- the stage runner
 def main(argv=None):
     cfg = parse_args(argv)
-    if configure_run(cfg):  # memory plan, micro-batching, precision, dry run (issue 10): --plan exits here
+    cfg = dry_run(cfg) if cfg.dry_run else cfg
+    if cfg.plan:  # from SIZES, nothing loaded
+        tcfg = convert.with_hybrid_fields(size_config(cfg.size), cfg.size, mla_layer_list(cfg))
+        world, kd = cfg.world or int(os.environ.get("WORLD_SIZE", 1)), cfg.kd_teacher
+        print_plan(cfg, memory_plan(cfg, tcfg, world, size_config(kd) if kd in PRESETS else None), world)
+        if kd and kd not in PRESETS:
+            print(f"the KD teacher {kd} is not counted: give its size (e.g. --kd-teacher 8b) to --plan")
         return
-    rank, world = setup_distributed(cfg)
+    cfg, rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
-    out = os.path.join(cfg.out_dir, cfg.size)
+    out, progress = os.path.join(cfg.out_dir, cfg.size), {}
     os.makedirs(out, exist_ok=True)
+    held = lock(out) if rank == 0 else None  # noqa: F841 (held open for the run: closing it unlocks)
+    try:
+        run_all(cfg, rank, world, out, progress)
+    except KeyboardInterrupt:
+        step = f" step {progress['step']}" if progress.get("step") is not None else ""
+        print(
+            f"\ninterrupted at {progress.get('stage', 'the start')}{step}; rerun the same command to resume"
+        )
+        sys.exit(130)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def lock(out):
+    """One run per folder: hold an exclusive lock on out/.lock while this process lives (the OS drops it when
+    the process ends, however it ends), and remove the temporary files a killed run left."""
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise ValueError(
+            f"{out} is in use by another distill.py (pid {f.read().strip() or '?'}): wait for it to finish "
+            "or give another --out-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    for tmp in glob.glob(os.path.join(out, "*.tmp*")):  # atomic_write's, of a killed run
+        os.remove(tmp)
+    return f
+
+
+def run_all(cfg, rank, world, out, progress):
+    """Teachers, plan, data, then every stage in order (up to --stage)."""
     if cfg.dpo_data and not read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM):  # now, not after hours of KD
         raise ValueError(f"{cfg.dpo_data} holds no DPO pairs: give one {PAIR_FORM} per line")
     teacher, kd_teacher, tok = load_teachers(cfg)
     kd_tcfg = kd_teacher.cfg if kd_teacher is not teacher else None
-    cfg.micro_plan = plan_micro_batches(cfg, teacher.cfg, world, rank, kd_tcfg)  # issue 10
+    micro = plan_micro_batches(cfg, teacher.cfg, world, rank, kd_tcfg)
     meta = [prepare_data(cfg, tok, out, kd_teacher) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(meta)
-    r = Run(cfg, rank, world, out, tok, teacher, kd_teacher, meta[0])
+    digests = dict(teacher=weights_digest(teacher.state_dict()), data=data_digest(meta[0]))
+    digests["kd_teacher"] = (
+        digests["teacher"] if kd_teacher is teacher else weights_digest(kd_teacher.state_dict())
+    )
+    r = Run(cfg, rank, world, out, tok, (teacher, kd_teacher), meta[0], micro, digests, progress=progress)
     names = [s.name for s in STAGES]
     last = names.index(cfg.stage) if cfg.stage else len(STAGES) - 1
     for stage in STAGES[: last + 1]:
         run_stage(stage, r)
-    if rank == 0 and cfg.stage:  # --stage X: what came after X was made from the old X
-        records = r.records()
-        for stage in STAGES[last + 1 :]:
-            if stage.name in records or any(os.path.isfile(r.path(f)) for f in stage.files):
-                print(f"[{stage.name}] removed: made from the {cfg.stage} that was just rerun")
-                invalidate(stage, r, records)
+    if rank == 0 and cfg.stage and last + 1 < len(STAGES):
+        print(f"stopped after --stage {cfg.stage}; the next run reruns what came after it if that read it")
     if rank == 0 and os.path.isfile(r.path("eval.json")):
-        res = read_json(r.path("eval.json"))
-        print_table(res["results"], res.get("skipped", {}))
+        res = r.read_json("eval.json", dict)
+        if not {"results", "skipped", "answers"} <= res.keys():
+            raise ValueError(f"{r.path('eval.json')} is damaged (no results): rerun with --stage eval")
+        print_table(res["results"], res["skipped"])
         print_answers(res["answers"])
         newest = r.path("dpo.pt") if os.path.isfile(r.path("dpo.pt")) else r.path("kd.pt")
         print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {newest}")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

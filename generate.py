@@ -1,9 +1,10 @@
 """Chat with any zebra checkpoint: the teacher, a converted student, or the distilled hybrid.
 
-Decoding uses each layer kind's own cache (paper.md §16): a KV cache for attention, the latent
-[c ; k^R] rows for MLA, the constant conv + SSM state for Mamba2, with the Triton decode kernels on
-CUDA and the torch references elsewhere. Prompts of one batch may differ in length: each is
-prefilled into its own cache row and the rows then decode together at their own positions.
+Decoding uses each layer kind's own cache, as the official Zebra-Llama inference code does: a KV
+cache for attention, the latent [c ; k^R] rows for MLA, the constant conv + SSM state for Mamba2, with
+the Triton decode kernels on CUDA and the torch references elsewhere. Prompts of one batch may differ
+in length: each is prefilled into its own cache row and the rows then decode together at their own
+positions.
 A decode step makes no host synchronisation, so `--compile` can compile it with torch.compile
 (CUDA graphs on a GPU, as gpt-fast does).
 
@@ -23,30 +24,38 @@ import sys
 import torch
 from tqdm import tqdm
 
-from convert import Tokenizer, load_teacher
-from model import SIZES, load_checkpoint
+from convert import Tokenizer, load_teacher, load_zebra
+from model import SIZES
 
 STAGES_NEWEST_FIRST = ("dpo", "kd")
+
+
+def newest_checkpoint(out_dir, size):
+    """The file of the newest distilled stage in out_dir/size."""
+    found = [os.path.join(out_dir, size, f"{s}.pt") for s in STAGES_NEWEST_FIRST]
+    path = next((p for p in found if os.path.isfile(p)), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"no distilled model in {os.path.join(out_dir, size)}: run `python distill.py "
+            f"--size {size}` first, or pass --ckpt PATH or --teacher {size}"
+        )
+    return path
+
+
+def load_distilled(path, device="cpu", dtype=torch.float32):
+    """-> (model, tokenizer, checkpoint dict) from a checkpoint file or an exported directory."""
+    model, ckpt = load_zebra(path)
+    if ckpt.get("tokenizer") is None:
+        raise ValueError(f"{path} carries no tokenizer; rewrite it with convert.py or distill.py")
+    return model.to(device=device, dtype=dtype).eval(), Tokenizer.from_spec(ckpt["tokenizer"]), ckpt
 
 
 def load_model(ckpt=None, teacher=None, size="135m", out_dir="out", device="cpu", dtype=torch.float32):
     """-> (model, tokenizer) from a checkpoint file or exported directory, a teacher source, or the newest
     distilled stage of out_dir/size."""
-    if teacher is not None:
-        model, tok = load_teacher(teacher)
-    else:
-        if ckpt is None:
-            found = [os.path.join(out_dir, size, f"{s}.pt") for s in STAGES_NEWEST_FIRST]
-            ckpt = next((p for p in found if os.path.isfile(p)), None)
-            if ckpt is None:
-                raise FileNotFoundError(
-                    f"no distilled model in {os.path.join(out_dir, size)}: run `python distill.py "
-                    f"--size {size}` first, or pass --ckpt PATH or --teacher {size}"
-                )
-        model, meta = load_checkpoint(ckpt)
-        if meta.get("tokenizer") is None:
-            raise ValueError(f"{ckpt} carries no tokenizer; rewrite it with convert.py or distill.py")
-        tok = Tokenizer.from_spec(meta["tokenizer"])
+    if teacher is None:
+        return load_distilled(ckpt or newest_checkpoint(out_dir, size), device, dtype)[:2]
+    model, tok = load_teacher(teacher)
     return model.to(device=device, dtype=dtype).eval(), tok
 
 

@@ -1,11 +1,11 @@
 """Multi-head latent attention (MLA) decode math: absorbed decode, its torch references, a Triton kernel.
 
-The layer itself is model.MLA. Paper stage: the MLA layers of the Zebra-Llama hybrid (paper.md §3 math,
-§16 inference path; kernels.md §4).
+The layer itself is model.MLA. Paper stage: the MLA layers of the Zebra-Llama hybrid (arXiv 2505.17272), whose
+math is DeepSeek-V3's MLA (inference/model.py, "absorb" decode) with GQA key/value groups.
 Per token x: q = W_UQ W_DQ x split per head into [q^N (d_N) ; q^R (d_R)]; [c ; k^R] = W_DKV x with c the r_kv
 latent and k^R one rope key shared by all heads; per KV group g, [k^N_g ; v_g] = W_UKV,g c; head h uses group
 h // (H/n_kv). Logits τ(q^N·k^N + q^R·k^R) with τ = (d_N + d_R)^-1/2: the per-head width, never the latent
-width r_kv + d_R. RoPE (paper.md §3.4, the [project] choice, not the official YaRN): the rope block
+width r_kv + d_R. RoPE (this project's choice, not the official code's YaRN table): the rope block
 reuses the teacher's rotation pairs `rope_pairs` (half-split: first members, then second members) with
 the teacher's own cos/sin tables; no mscale.
 
@@ -114,8 +114,8 @@ if HAS_TRITON:
         PREC: tl.constexpr,
     ):
         """Stage 1, grid (B, cdiv(H, BLOCK_H), splits): BLOCK_H heads over one slice of one row's cache."""
-        pid_b = tl.program_id(0).to(tl.int64)  # int64 before any stride math
-        pid_h, pid_s, n_splits = tl.program_id(1), tl.program_id(2), tl.num_programs(2)
+        pid_b, pid_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # before any stride math
+        pid_s, n_splits = tl.program_id(2), tl.num_programs(2)
         seqlen = tl.load(seqlens_ptr + pid_b)
         start = pid_s * split_len
         end = tl.minimum(start + split_len, seqlen)  # end <= start: an empty split, the loop below never runs
@@ -142,7 +142,8 @@ if HAS_TRITON:
                 kv_row + (R + offs_p)[None, :] * skv_d, mask=mask_n[:, None] & mask_p[None, :], other=0.0
             )
             c, k_pe = c.to(tl.float32), k_pe.to(tl.float32)
-            # two dots, latent block + rope block, instead of padding r + d_R to a power of 2 (kernels.md §4)
+            # two dots, latent block + rope block, instead of padding r + d_R to a power of 2 (SGLang's
+            # decode_attention splits DeepSeek's 576 into 512 + 64 the same way)
             s = tl.dot(q_lat, tl.trans(c), input_precision=PREC)
             s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=PREC) * scale  # (BLOCK_H, BLOCK_N)
             s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -324,7 +325,7 @@ def mla_decode_full(
 # ----------------------------------------------------------------------------- self-test and timings
 def _self_test(dev, kernel):
     """Every backend and split count against the fp64 decompressed oracle at the 135m MLA shape
-    (paper.md §8.4), r not a power of 2, ragged rows with NaN in every unused slot."""
+    (model.SIZES), r not a power of 2, ragged rows with NaN in every unused slot."""
     B, H, G, r, d_R, d_N, d_V = 4, 9, 3, 48, 32, 32, 64
     scale, lens = (d_N + d_R) ** -0.5, torch.tensor([0, 1, 65, 300], device=dev)
     kv = torch.randn(B, 320, r + d_R, device=dev)
@@ -369,7 +370,7 @@ def _gpu_timing():
     """The launch wrapper alone in bf16 at 1b's r_kv = 128, d_R = 32, as achieved cache-read bandwidth."""
     p = torch.cuda.get_device_properties(0)
     bw = getattr(p, "memory_clock_rate", 0) * 1e3 * getattr(p, "memory_bus_width", 0) / 4  # DDR: 2 per clock
-    peak = bw or 3.35e12  # H100 SXM datasheet (kernels.md §6) when torch reports no clock and bus width
+    peak = bw or 3.35e12  # the H100 SXM datasheet's 3.35 TB/s when torch reports no clock and bus width
     for b, S, h in [(1, 16384, 16), (64, 4096, 16), (64, 4096, 32)]:
         kv = torch.randn(b, S, 128 + 32, device="cuda", dtype=torch.bfloat16)
         q = torch.randn(b, h, 128 + 32, device="cuda", dtype=torch.bfloat16)

@@ -1,11 +1,13 @@
 """One model class for the teacher, the two ILD students, the bench peers and the Zebra hybrid.
 
 Zebra-Llama (arXiv 2505.17272) keeps a pre-trained Llama's blocks and swaps each layer's mixer:
-"attn" (the teacher's GQA attention, paper.md §2), "mla" (multi-head latent attention, paper.md §3)
-or "m2" (Mamba2 SSM, paper.md §5). `ModelConfig.kinds` says which one each layer has. The three
+"attn" (the teacher's grouped-query attention), "mla" (DeepSeek-V3's multi-head latent attention)
+or "m2" (MambaInLlama's Mamba2 SSM). `ModelConfig.kinds` says which one each layer has. The three
 mixers live here; their math lives beside its kernels: ssm_scan.py (the SSD scan and decode step) and
 mla.py (absorbed MLA decode). Every block is the Llama pre-norm block h = h + mixer(norm(h));
-h = h + mlp(norm(h)) (paper.md §7).
+h = h + mlp(norm(h)). "Official" below means the authors' code, https://github.com/AMD-AGI/AMD-Hybrid-Models
+(paths inside its Zebra-Llama/ folder, e.g. hybrid/mla/hybrid_model.py for the MLA block); "[project]"
+marks where this file departs from it.
 
 Decoding keeps one cache per layer (AttnCache, MLACache, SSMCache), allocated once at its full length
 S_max and written in place. A decode step (T = 1) attends over the whole allocation with a mask and reads
@@ -19,6 +21,7 @@ Glossary (shape letters used in the comments):
 Run the tests: python -m pytest tests/test_model.py
 """
 
+import hashlib
 import json
 import math
 import os
@@ -55,7 +58,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     max_seq_len: int = 8192
     kinds: list = None  # layer kind per index; None = all "attn" (the teacher)
-    # hybrid fields (paper.md §3.6, §8): the size's default MLA layers and the MLA shapes
+    # hybrid fields: the size's default MLA layers and the MLA shapes (see SIZES)
     mla_layers: list = field(default_factory=list)
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -64,7 +67,8 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_pair_rule: str = "high"  # how the MLA rope pairs were chosen (convert.select_rope_pairs)
     rope_pairs: dict = None  # {layer: [teacher pair index, ...]} for MLA layers; None = "high" pairs
-    # Mamba2 (paper.md §5.1): expand 1, H heads with P = N = head_dim, x/B per KV group, C per head
+    # Mamba2 as the official train_hybrid/train_distill.py builds it: expand 1, H heads with
+    # P = N = head_dim, x/B per KV group, C per head
     d_conv: int = 4
     chunk_size: int = 64
 
@@ -127,8 +131,9 @@ class ModelConfig:
         return self.rope_pairs.get(i, list(range(self.qk_rope_head_dim // 2)))
 
     def kv_bytes_per_token(self, elt=2):
-        """Cache bytes that grow with each token (paper.md §8.2): 2*G*P per attention layer, r_kv + d_R
-        per MLA layer, nothing for Mamba2 (its state is constant). elt = bytes per element (2 for bf16)."""
+        """Cache bytes that grow with each token (what the paper's KV-cache sizes count): 2*G*P per attention
+        layer, r_kv + d_R per MLA layer, nothing for Mamba2 (its state is constant). elt = bytes per element
+        (2 for bf16)."""
         per = {
             "attn": 2 * self.n_kv_head * self.head_dim,
             "mla": self.kv_lora_rank + self.qk_rope_head_dim,
@@ -142,8 +147,9 @@ class ModelConfig:
         return d
 
 
-# Exact keys only (style.md rule 6). 1b/3b/8b: the paper's published configs (paper.md §3.6, §8.1);
-# 135m: the project's SmolLM2 config (§8.4); tiny: a random Llama for tests and the smoke run.
+# Exact keys only: no fuzzy matching, nothing guessed from file names. 1b/3b/8b: the paper's published
+# configs (layer lists, ranks and dims of the official configs/*/zebra_*_8bt_SFT.yaml); [project] 135m: a
+# SmolLM2-135M teacher with ranks scaled from the 1B ratios; tiny: a random Llama for tests and the smoke run.
 # One line per group: the teacher's dims, its attention heads, the MLA layers and ranks, the MLA head dims.
 _LLAMA3 = dict(vocab_size=128256, rope_theta=5e5, rope_factor=32.0, max_seq_len=131072)
 SIZES = {
@@ -202,7 +208,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_freqs(cfg, device=None):
-    """Rotation frequency of each of the head_dim/2 RoPE pairs, with Llama-3 scaling (paper.md §3.4).
+    """Rotation frequency of each of the head_dim/2 RoPE pairs, with Llama-3 scaling.
 
     Pair j rotates dims (j, j + head_dim/2) (HF half-split layout, the only layout in this repo).
     Llama-3 scaling divides low frequencies (wavelength > orig_ctx / low_freq) by `rope_factor`,
@@ -293,7 +299,7 @@ def causal_mask(pos, T, S):
 
 # ----------------------------------------------------------------------------- GQA attention (teacher)
 class Attention(nn.Module):
-    """Llama grouped-query attention (paper.md §2): H query heads share G key/value heads."""
+    """Llama grouped-query attention: H query heads share G key/value heads."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -339,14 +345,15 @@ class Attention(nn.Module):
 
 # ----------------------------------------------------------------------------- MLA mixer
 class MLA(nn.Module):
-    """Multi-head latent attention (paper.md §3) with the official Zebra/DeepSeek parameter names
-    (use_lora_layer_norm=false: no norms between the projections).
+    """Multi-head latent attention as the official hybrid/mla/hybrid_mla_layer.py, with its DeepSeek-V3
+    parameter names (use_lora_layer_norm=false: no norms between the projections).
 
     q = q_b(q_a(x)) split per head into [q^N (d_N) ; q^R (d_R)]; [c ; k^R] = kv_a(x) with c the r_kv latent
     and k^R one rope key shared by all heads; per KV group g, [k^N_g ; v_g] = kv_b(c), and head h reads group
-    h // (H/G). The rope block turns with the teacher's own rotation pairs `rope_pairs` (d_R/2 teacher pair
-    indices, chosen at conversion, paper.md §3.4). The cache keeps [c ; rotated k^R] per token; training and
-    prefill decompress K and V, decode absorbs kv_b into the query and the output (mla.py's docstring).
+    h // (H/G). [project] The rope block turns with the teacher's own rotation pairs `rope_pairs` (d_R/2
+    teacher pair indices, chosen at conversion) at the teacher's frequencies; the official code uses a YaRN
+    table over each head's last d_R dims. The cache keeps [c ; rotated k^R] per token; training and prefill
+    decompress K and V, decode absorbs kv_b into the query and the output (mla.py's docstring).
     """
 
     def __init__(self, cfg, rope_pairs):
@@ -354,7 +361,8 @@ class MLA(nn.Module):
         self.cfg = cfg
         H, G, r = cfg.n_head, cfg.n_kv_head, cfg.kv_lora_rank
         dN, dR, dV = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        # logits scale: the per-head width, never the latent width r_kv + d_R (kernels.md §4.1)
+        # logits scale: the per-head query width d_N + d_R, as in the teacher; never the width r_kv + d_R of
+        # the absorbed decode's dot products, which would change the softmax
         self.scale = (dN + dR) ** -0.5
         self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dN + dR), bias=False)
@@ -377,7 +385,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)  # (B, H, T, d_N + d_R)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, G, dR)], -1)  # (B, S, G, d_N + d_R)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, S, ·)
-        # enable_gqa maps head h to group h // (H/G) (paper.md §3.5) without copying K/V
+        # enable_gqa maps head h to group h // (H/G) (Llama's repeat_kv grouping) without copying K/V
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
         )  # (B, H, T, d_V)
@@ -399,7 +407,8 @@ class MLA(nn.Module):
         S = cached_len(pos, T, cache.kv.shape[1])
         write_rows(cache.kv, torch.cat([c, k_pe], -1), pos)  # (B, T, r_kv + d_R)
         if T == 1:
-            # kv_b_proj rows are [k^N ; v] per group, so W_UK and W_UV are views, no copy (paper.md §16)
+            # weight absorption (DeepSeek-V3 inference/model.py): kv_b_proj rows are [k^N ; v] per group, so
+            # W_UK and W_UV are views, no copy
             W = self.kv_b_proj.weight.view(cfg.n_kv_head, dN + dV, r)  # (G, d_N + d_V, r_kv)
             # cache_seqlens = pos + 1: the new token, just written, attends to itself
             o = mla_decode_full(q_nope[:, 0], q_pe[:, 0], cache.kv, pos + 1, W[:, :dN], W[:, dN:], self.scale)
@@ -412,10 +421,11 @@ class MLA(nn.Module):
 
 # ----------------------------------------------------------------------------- Mamba2 mixer
 class Mamba2(nn.Module):
-    """The Mamba2 variant of MambaInLlama / Zebra (paper.md §5): expand 1, H heads, P = N = head_dim.
+    """The Mamba2 variant of MambaInLlama / Zebra (official hybrid/mamba2/hybrid_mamba2_layer.py): expand 1,
+    H heads, P = N = head_dim.
 
     in_proj emits [z | x | B | C | dt] of widths [H*P, G*P, G*P, H*P, H]; x and B keep the teacher's G
-    KV groups (they are seeded from W_V and W_K, paper.md §6) and head h reads group h // (H/G) inside
+    KV groups (MambaInLlama's init seeds them from W_V and W_K) and head h reads group h // (H/G) inside
     the scan, C has one group per head (seeded from W_Q). A depthwise causal conv (k = d_conv) runs over
     [x | B | C] before any repeat.
     """
@@ -427,7 +437,7 @@ class Mamba2(nn.Module):
         self.conv_dim = cfg.d_xb * 2 + cfg.d_inner
         self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner + 2 * cfg.d_xb + H, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=True)
-        # random parts as mamba_ssm (paper.md §5.3): dt ~ logU[1e-3, 0.1] stored as softplus^-1,
+        # random parts as mamba_ssm's Mamba2: dt ~ logU[1e-3, 0.1] stored as softplus^-1,
         # A ~ -U[1, 16]
         dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
@@ -510,7 +520,7 @@ class Block(nn.Module):
         a = self.mixer(self.input_layernorm(h), cos, sin, cache, pos)
         if mixer_only:  # ILD's mixer target: the MLP is the teacher's and stays frozen
             return a
-        h = h + a  # out of place: FSDP2 hooks must see a fresh tensor (paper.md §7)
+        h = h + a  # out of place: FSDP2 hooks must see a fresh tensor
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, a
 
@@ -564,8 +574,8 @@ class Model(nn.Module):
         """idx (B, T) -> logits (B, T, V). With a cache, the T tokens continue each sequence at cache.pos and
         the cache advances. return_layers adds per layer the block inputs, block outputs (the last one after
         the final norm) and mixer outputs; layer_inputs (L tensors (B, T, D)) feeds block i the given input
-        instead of block i-1's output: ILD's teacher forcing (paper.md §10); with mixers_only, only the
-        mixer outputs, one per layer, and no MLP runs."""
+        instead of block i-1's output: ILD's teacher forcing, as the official trainer/kd_trainer.py; with
+        mixers_only, only the mixer outputs, one per layer, and no MLP runs."""
         B, T = idx.shape
         if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -639,15 +649,31 @@ def read_json(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged ({e}): delete it and rerun the step that writes it") from None
+        raise ValueError(
+            f"{path} is damaged ({e}): rerun the step that writes it, or put back a good copy"
+        ) from None
+
+
+def weights_digest(state_dict):
+    """sha256 (hex) over each tensor's name, dtype, shape and raw bytes, in name order: any changed byte of
+    any weight changes it. The bytes are hashed in place (no copy of a CPU or memory-mapped tensor)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # (nbytes,)
+    return h.hexdigest()
 
 
 def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None, **extra):
-    """One format for every stage (style.md rule 19), written atomically.
-    state_dict: an already gathered one (FSDP2), else the model's own."""
+    """One format for every stage, written atomically, with weights_digest of the weights so that a damaged
+    file is refused when read. state_dict: an already gathered one (FSDP2), else the model's own.
+    extra: more entries, e.g. teacher= the teacher source (a size key or a path) the weights come from."""
+    sd = model.state_dict() if state_dict is None else state_dict
     ckpt = dict(
         config=model.cfg.to_dict(),
-        model=model.state_dict() if state_dict is None else state_dict,
+        model=sd,
+        weights_sha256=weights_digest(sd),
         stage=stage,
         step=step,
         tokenizer=tokenizer.spec() if tokenizer is not None else None,
@@ -657,26 +683,37 @@ def save_checkpoint(path, model, stage, step=0, tokenizer=None, state_dict=None,
 
 
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict (config, model, stage, step, tokenizer, ...) of a file, or of a directory
-    written by `convert.py --export`, without building a model. A missing, truncated or foreign one, or a
-    config with missing keys, gives one error naming it and the fix."""
+    """The checkpoint dict (config, model, stage, step, tokenizer, ...) of a file written by
+    save_checkpoint, without building a model. A missing, truncated, foreign or damaged file, or a config
+    with missing keys, gives one error naming it and the fix."""
     if os.path.isdir(path):
-        import convert  # convert imports this file: import it only when an exported directory is read
-
-        ckpt = convert.read_export(path)
-    elif not os.path.isfile(path):
+        raise ValueError(
+            f"{path} is a folder, not a checkpoint file: pass the .pt file (an export folder of "
+            "`convert.py --export` is read by generate.py and bench.py)"
+        )
+    if not os.path.isfile(path):
         raise FileNotFoundError(
             f"no checkpoint at {path}: run `python distill.py` or `python convert.py` first"
         )
-    else:
-        try:
-            ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
-            if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
-                raise ValueError("no config and model entries")
-        except Exception as e:  # a truncated or foreign file: say which and what to do
-            raise ValueError(
-                f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}); delete it and rerun"
-            ) from None
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+            raise ValueError("no config and model entries")
+    except Exception as e:  # a truncated or foreign file: say which and what to do
+        raise ValueError(
+            f"{path} is not a readable zebra checkpoint ({type(e).__name__}: {e}): rerun the stage that "
+            "wrote it, or pass another checkpoint"
+        ) from None
+    if "weights_sha256" not in ckpt:
+        raise ValueError(
+            f"{path} carries no weights digest: it was written by an older version of this code; rerun the "
+            "stage that wrote it"
+        )
+    if weights_digest(ckpt["model"]) != ckpt["weights_sha256"]:
+        raise ValueError(
+            f"{path} is damaged: its weights do not match the digest written with them (a changed byte on "
+            "disk or in a copy); copy it again from a good source, or rerun the stage that wrote it"
+        )
     ModelConfig.from_dict(ckpt["config"], path)
     return ckpt
 
@@ -691,13 +728,17 @@ def check_finite(state_dict, source):
             )
 
 
-def load_checkpoint(path, device="cpu", dtype=None):
-    """-> (model, ckpt dict) from a checkpoint file or an exported directory: built on the meta device and
-    filled strictly from it; non-finite weights are refused."""
-    ckpt = read_checkpoint(path, device)
-    check_finite(ckpt["model"], path)
+def model_from_checkpoint(ckpt, source, device="cpu", dtype=None):
+    """-> (model, ckpt) from a checkpoint dict (read_checkpoint's, or an export folder's read by convert):
+    built on the meta device and filled strictly from it; non-finite weights are refused."""
+    check_finite(ckpt["model"], source)
     try:
-        model = Model.from_state_dict(ModelConfig.from_dict(ckpt["config"], path), ckpt["model"])
+        model = Model.from_state_dict(ModelConfig.from_dict(ckpt["config"], source), ckpt["model"])
     except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-        raise ValueError(f"{path}: the weights do not fit its config ({e}); convert it again") from None
+        raise ValueError(f"{source}: the weights do not fit its config ({e}); convert it again") from None
     return model.to(device=device, dtype=dtype), ckpt
+
+
+def load_checkpoint(path, device="cpu", dtype=None):
+    """-> (model, ckpt dict) from a checkpoint file (see read_checkpoint and model_from_checkpoint)."""
+    return model_from_checkpoint(read_checkpoint(path, device), path, device, dtype)

@@ -1,4 +1,5 @@
-"""Mamba2 selective scan (SSD): the sequence mixer of the hybrid's Mamba2 layers (paper.md §5).
+"""Mamba2 selective scan (SSD): the sequence mixer of the hybrid's Mamba2 layers (Zebra-Llama,
+arXiv 2505.17272, keeps MambaInLlama's variant of mamba_ssm's Mamba2).
 
 Names: b batch, T sequence length, h heads, g groups, p head size, n state size, Q chunk length,
 c = ⌈T/Q⌉ chunks.
@@ -9,18 +10,18 @@ Per batch row and head (state S of shape p×n, A < 0 one scalar per head, Δ the
 x (b, T, g_x, p), B (b, T, g_B, n) and C (b, T, g_C, n) each carry their own group count; head i reads group
 i // (h/g). Zebra passes x and B per KV group and C per head, so nothing is repeated in memory.
 
-The chunked ("SSD") form is ssd_minimal's: the T×T matrix mapping x to y is cut into Q×Q blocks.
-Below, steps 2 and 3 come first and 1 sits beside 4, as the kernels group them (`ssd_chunked` runs 1–4).
-  1. diagonal blocks (tokens of one chunk): y = ((C·Bᵀ) ∘ exp(cs_i − cs_j) ∘ causal ∘ Δ_j)·x,
-     cs = cumsum(A·Δ)
-  2. B-terms (chunk states): the p×n state each chunk builds alone from zero
-  3. A-terms (state passing): walk the chunks in order, S ← exp(ΣA·Δ of the chunk)·S + its state
-  4. C-terms (off-diagonal blocks): the state entering a chunk read out by C, decayed by exp(cs_i)
-Three tiers, tested pairwise: `ssm_scan_ref` (the sequential loop, ground truth), `ssd_chunked` (steps
-1–4 as differentiable torch matmuls: the training path on every device, fp32 whatever the autocast state)
-and Triton kernels (chunked prefill, decode step), each kernel directly below the torch function it
-implements.
-Triton is forward-only in v1; training autograd goes through `ssd_chunked` (kernels.md §9).
+The chunked ("SSD") form is that of mamba_ssm's ssd_minimal.py: the T×T matrix mapping x to y is cut into
+Q×Q blocks, and `ssd_chunked` runs its four steps in one function, cs = cumsum(A·Δ) within each chunk:
+  1. diagonal blocks (intra-chunk outputs): y = ((C·Bᵀ) ∘ exp(cs_i − cs_j) ∘ causal ∘ Δ_j)·x
+  2. the state each chunk ends with, built from zero by its own tokens (B-terms)
+  3. states passed across chunks in order, S ← exp(ΣA·Δ of the chunk)·S + its state (A-terms)
+  4. state -> output: the state entering a chunk read out by C, decayed by exp(cs_i) (C-terms)
+Three tiers, tested pairwise: `ssm_scan_ref` (the sequential loop, ground truth; `ssm_step_ref` is one of
+its steps), `ssd_chunked` (steps 1–4 as differentiable torch matmuls: the training path on every device,
+fp32 whatever the autocast state) and Triton kernels: chunked prefill in three launches (Δ, cs and step 2;
+step 3; steps 1 and 4 fused) and the decode step.
+File order: torch references, @triton.jit kernels, their launch wrappers, the dispatchers, the self-test.
+Triton is forward-only in v1 (no Triton backward yet); training autograd goes through `ssd_chunked`.
 Public calls: `ssd`, `ssm_step`.
 Run: `python ssm_scan.py` (self-test + timing; with TRITON_INTERPRET=1 it also checks the kernels on CPU),
      `python -m pytest tests/test_ssm_scan.py`.
@@ -61,7 +62,7 @@ def _acc_dtype(t):
 
 
 def _heads(t, h):
-    """(..., g, k) -> (..., h, k): head i reads group i // (h/g), the GQA-style repeat of paper.md §5.2."""
+    """(..., g, k) -> (..., h, k): head i reads group i // (h/g), MambaInLlama's GQA-style repeat."""
     return t.repeat_interleave(h // t.shape[-2], dim=-2)
 
 
@@ -73,7 +74,7 @@ def process_dt(dt, dt_bias=None):
     return F.softplus(dt)
 
 
-# ------------------------------------------------------------------------- the sequential loop (ground truth)
+# ------------------------------------------------ the sequential loop (ground truth) and one decode token
 
 
 def _recur(S, x, delta, A, B, C):
@@ -101,56 +102,106 @@ def ssm_scan_ref(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, retur
     return (y.to(x.dtype), S) if return_final_state else y.to(x.dtype)
 
 
-# ----------------------------------------------------------------------------- SSD in torch, step by step
+def ssm_step_ref(state, x, dt, A, B, C, D=None, dt_bias=None):
+    """One decode token: state (b, h, p, n) updated in place; x (b, g_x, p), dt (b, h), B (b, g_B, n),
+    C (b, g_C, n) -> y (b, h, p). The math runs in the state's dtype (fp32) whatever the autocast state."""
+    h, acc = dt.shape[1], state.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        xs = _heads(x, h).to(acc)  # (b, h, p)
+        delta = process_dt(dt, dt_bias).to(acc)  # (b, h)
+        S, y = _recur(state, xs, delta, A.to(acc), _heads(B, h).to(acc), _heads(C, h).to(acc))
+        state.copy_(S)
+        if D is not None:
+            y = y + D.to(acc)[:, None] * xs
+    return y.to(x.dtype)  # (b, h, p)
 
 
-def chunk_cumsum(delta, A, chunk_size):
-    """Δ (b, T, h) -> (dt, cs), each (b, h, c, Q). Δ is zero-padded to whole chunks: A·0 = 0 (decay 1) and
-    0·x = 0 (no input), so the padding changes nothing. cs: the in-chunk cumsum of A·Δ (the log-decay)."""
-    (b, T, h), c = delta.shape, -(-delta.shape[1] // chunk_size)  # c chunks, the last one zero-padded
-    dt = F.pad(delta, (0, 0, 0, c * chunk_size - T))  # (b, c·Q, h)
-    dt = dt.reshape(b, c, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
-    return dt, torch.cumsum(dt * A[:, None, None], dim=-1)
+# ----------------------------------------------------------------------------- SSD in torch: steps 1–4
 
 
-def chunked(t, h, c, Q, dtype):
+def _chunked(t, h, c, Q, dtype):
     """(b, T, g, k) -> (b, h, c, Q, k): head i reads group i // (h/g), zero-padded to c·Q tokens, in chunks.
-    One copy, straight into the contiguous layout the batched matmuls below want."""
+    One copy, straight into the contiguous layout the batched matmuls of `ssd_chunked` want."""
     b, T, g, k = t.shape
     out = t.new_zeros(b, g, h // g, c * Q, k, dtype=dtype)  # zeros past T: the padding
     out[:, :, :, :T] = t.transpose(1, 2)[:, :, None]  # (b, g, 1, T, k), broadcast over h/g heads
     return out.reshape(b, h, c, Q, k)
 
 
-def unchunked(y, T):
-    """(b, h, c, Q, p) -> (b, T, h, p): the inverse of `chunked` for outputs, padding dropped."""
-    b, h, c, Q, p = y.shape
-    return y.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, p)[:, :T]
+def ssd_chunked(
+    x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, initial_state=None, return_final_state=False
+):
+    """Chunked SSD in plain torch (mamba_ssm's ssd_minimal.py), differentiable, any length: the training
+    path. Inputs and outputs as `ssd`'s.
+
+    Unrolled, y = M·x + D·x with M_ij = (C_i·B_j)·exp(cs_i − cs_j)·Δ_j for j ≤ i, cs = cumsum(A·Δ): one T×T
+    lower-triangular matrix per head. Cut into Q×Q blocks, the diagonal blocks are small dense matmuls
+    (step 1). Every block below them has rank ≤ n: C-side · decay between the chunks · B-side, i.e. it
+    factors through the p×n state the recurrence carries (steps 2, 3, 4: ssd_minimal's B-, A- and C-terms),
+    so they cost c sequential steps instead of T. cs restarts in each chunk: every exp spans one chunk.
+    The math runs in fp32 (fp64 for fp64 inputs) even under autocast: bf16 matmuls here would cost ~1e-3
+    relative error in the state, which every later token inherits."""
+    (b, T, _, _), h, Q, acc = x.shape, dt.shape[2], chunk_size, _acc_dtype(x)
+    c = -(-T // Q)  # chunks, the last one zero-padded: Δ = 0 is decay 1 and no input, so it changes nothing
+    with torch.autocast(x.device.type, enabled=False):
+        dt = F.pad(process_dt(dt, dt_bias).to(acc), (0, 0, 0, c * Q - T))  # Δ (b, c·Q, h)
+        dt = dt.reshape(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
+        cs = torch.cumsum(dt * A.to(acc)[:, None, None], dim=-1)  # (b, h, c, Q): log-decay since chunk start
+        xc, Bc, Cc = (_chunked(t, h, c, Q, acc) for t in (x, B, C))  # (b, h, c, Q, p | n)
+
+        # 1. diagonal blocks (outputs from the chunk's own tokens): y_i = Σ_{j ≤ i} M_ij·x_j inside a chunk
+        causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+        # mask BEFORE exp: above the diagonal cs_i − cs_j > 0 may overflow to inf, and inf·0 is a NaN gradient
+        log_decay = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)  # (b, h, c, Q, Q)
+        y = ((Cc @ Bc.transpose(-1, -2)) * torch.exp(log_decay) * dt[..., None, :]) @ xc  # (b, h, c, Q, p)
+
+        # 2. the state each chunk ends with, built from zero by its own tokens (B-side):
+        #    Σ_j x_j ⊗ B_j·Δ_j·exp(cs_last − cs_j)
+        w = dt * torch.exp(cs[..., -1:] - cs)  # (b, h, c, Q); exponent ≤ 0
+        states = (xc * w[..., None]).transpose(-1, -2) @ Bc  # (b, h, c, p, n)
+
+        # 3. states passed across chunks (the decay between them): S ← exp(cs_last)·S + the chunk's state,
+        #    c steps in order, starting from the initial state
+        decay = torch.exp(cs[..., -1])[..., None, None]  # (b, h, c, 1, 1): each chunk's total decay
+        S = torch.zeros_like(states[:, :, 0]) if initial_state is None else initial_state.to(acc)
+        prev = []
+        for k in range(c):
+            prev.append(S)  # the state entering chunk k
+            S = decay[:, :, k] * S + states[:, :, k]  # (b, h, p, n)
+        prev = torch.stack(prev, dim=2)  # (b, h, c, p, n)
+
+        # 4. state -> output of each chunk (C-side): the state entering it, read out by C_i and decayed to
+        #    token i by exp(cs_i)
+        y = y + (Cc @ prev.transpose(-1, -2)) * torch.exp(cs)[..., None]  # (b, h, c, Q, p)
+
+        if D is not None:
+            y = y + D.to(acc)[:, None, None, None] * xc
+        y = y.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, -1)[:, :T].to(x.dtype)  # (b, T, h, p)
+    return (y, S) if return_final_state else y
 
 
-def chunk_states(xc, Bc, dt, cs):
-    """Step 2, B-terms: the state each chunk builds alone from zero,
-    Σ_k x_k ⊗ B_k·Δ_k·exp(cs_last − cs_k) -> (b, c, h, p, n)."""
-    w = dt * torch.exp(cs[..., -1:] - cs)  # (b, h, c, Q); exponent ≤ 0
-    return ((xc * w[..., None]).transpose(-1, -2) @ Bc).transpose(1, 2)  # (b, h, c, p, n) -> (b, c, h, p, n)
+# ----------------------------------------------------------------------------- Triton kernels
 
 
 if HAS_TRITON:
-    # Rules for every kernel (kernels.md §7): program ids go int64 before any stride product (int32 offsets
-    # overflow past ~61k tokens, mamba #1015); loads are upcast to fp32 at once; every exp of a cumsum
-    # difference is exp(min(Δ, 0)); user tensors are addressed through their strides (views are fine), the
-    # buffers made here (fp32 states, outputs) are contiguous and addressed from their sizes.
+    # Rules for every kernel: program ids that index a batch row, chunk or head go int64 before any stride
+    # product (int32 offsets overflow past ~61k tokens: state-spaces/mamba #1015; tests/test_compile.py checks
+    # the TTIR) and into a scalar base pointer, from which per-element offsets inside one chunk stay int32;
+    # loads are upcast to fp32 at once; every exp of a cumsum difference is exp(min(Δ, 0)); user tensors are
+    # addressed through their strides (views are fine), the buffers made here (fp32 states, outputs) are
+    # contiguous and addressed from their sizes.
 
     @triton.jit
     def _softplus(v):
         # log1p(exp(v)) from exp/log only (libdevice fails under the interpreter); log(w)·u/(w − 1)
-        # cancels the rounding of w = 1 + u: 2e-7 relative error down to v = −88 (kernels.md §1.3).
+        # cancels the rounding of w = 1 + u: 2e-7 relative error down to v = −88 (plain log(1 + u) is 0.9 %
+        # off at v = −12).
         # Identity above 20, like F.softplus.
         u = tl.exp(tl.minimum(v, 20.0))
         w = 1.0 + u
         return tl.where(v > 20.0, v, tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0)))
 
-    # _chunk_state_kernel: `process_dt` + `chunk_cumsum` + `chunk_states` (step 2) in one pass over x and B.
+    # _chunk_state_kernel: Δ, cs and step 2 of `ssd_chunked` (each chunk's own state) in one pass over x, B.
     # One program per (chunk, batch row, head) walks its chunk in sub-blocks of BLOCK_K tokens, which keeps
     # the tiles small for long chunks: the state so far decays by a sub-block's exp(ΣA·Δ) before it adds.
     @triton.jit
@@ -191,16 +242,20 @@ if HAS_TRITON:
         H = tl.num_programs(2)
         A = tl.load(A_ptr + hd).to(tl.float32)
         offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        x_base = x_ptr + b * sx_b + (hd // rep_x) * sx_g  # head -> its group
-        B_base = B_ptr + b * sB_b + (hd // rep_B) * sB_g
+        # scalar int64 bases at the chunk's first token t0 (batch row, chunk, head -> its group); int32
+        # per-element offsets from there take half the registers of int64 ones
+        t0 = c * Q
+        n_t = (T - t0).to(tl.int32)  # tokens from t0 to the end (< 2^31): positions at or past it are masked
+        x_base = x_ptr + b * sx_b + (hd // rep_x) * sx_g + t0 * sx_t
+        B_base = B_ptr + b * sB_b + (hd // rep_B) * sB_g + t0 * sB_t
+        dt_base = dt_ptr + b * sdt_b + hd * sdt_h + t0 * sdt_t
         out = ((b * H + hd) * nchunks + c) * Q  # dt, cs: (b, h, c, Q)
         acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         carry = 0.0  # cs at the end of the previous sub-block
         for k0 in range(0, Q, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            t = c * Q + offs_k
-            valid = t < T
-            dt = tl.load(dt_ptr + b * sdt_b + t * sdt_t + hd * sdt_h, mask=valid, other=0.0).to(tl.float32)
+            valid = offs_k < n_t
+            dt = tl.load(dt_base + offs_k * sdt_t, mask=valid, other=0.0).to(tl.float32)
             if bias_ptr is not None:
                 dt += tl.load(bias_ptr + hd).to(tl.float32)
             dt = tl.where(valid, _softplus(dt), 0.0)  # Δ = 0 past T: decay 1, no input
@@ -209,12 +264,12 @@ if HAS_TRITON:
             tl.store(cs_ptr + out + offs_k, cs)
             last = tl.sum(tl.where(offs_k == k0 + BLOCK_K - 1, cs, 0.0), axis=0)  # cs's own last entry
             xt = tl.load(
-                x_base + t[:, None] * sx_t + offs_p[None, :] * sx_p,
+                x_base + offs_k[:, None] * sx_t + offs_p[None, :] * sx_p,
                 mask=valid[:, None] & (offs_p[None, :] < P),
                 other=0.0,
             ).to(tl.float32)  # (K, P)
             Bt = tl.load(
-                B_base + t[:, None] * sB_t + offs_n[None, :] * sB_n,
+                B_base + offs_k[:, None] * sB_t + offs_n[None, :] * sB_n,
                 mask=valid[:, None] & (offs_n[None, :] < N),
                 other=0.0,
             ).to(tl.float32)  # (K, N)
@@ -225,21 +280,7 @@ if HAS_TRITON:
         mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
         tl.store(st + offs_p[:, None] * N + offs_n[None, :], acc, mask=mask)
 
-
-def state_passing(states, cs, initial_state=None):
-    """Step 3, A-terms: S ← exp(cs_last[c])·S + states[c] over the chunks in order (T/Q steps, not T).
-    Returns the state entering each chunk (b, c, h, p, n) and the final state (b, h, p, n)."""
-    S = torch.zeros_like(states[:, 0]) if initial_state is None else initial_state.to(states.dtype)
-    decay = torch.exp(cs[..., -1])[..., None, None]  # (b, h, c, 1, 1): each chunk's total decay
-    prev = []
-    for c in range(states.shape[1]):
-        prev.append(S)
-        S = decay[:, :, c] * S + states[:, c]  # (b, h, p, n)
-    return torch.stack(prev, dim=1), S  # (b, c, h, p, n)
-
-
-if HAS_TRITON:
-    # _state_passing_kernel: `state_passing` (step 3), the only sequential part. The p·n state is flattened
+    # _state_passing_kernel: step 3 of `ssd_chunked`, the only sequential part. The p·n state is flattened
     # and cut into BLOCK elements per program, so a 128×128 state runs on 16 programs per (batch row, head).
     @triton.jit
     def _state_passing_kernel(
@@ -261,28 +302,9 @@ if HAS_TRITON:
             s = decay * s + tl.load(st_ptr + at, mask=mask, other=0.0)
         tl.store(final_ptr + (b * H + hd) * dim + offs, s, mask=mask)
 
-
-def diagonal_outputs(xc, Bc, Cc, dt, cs):
-    """Step 1, diagonal blocks: y_i = Σ_{j≤i, same chunk} (C_i·B_j)·exp(cs_i − cs_j)·Δ_j·x_j
-    -> (b, h, c, Q, p)."""
-    Q = dt.shape[-1]
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=dt.device).tril()
-    # mask BEFORE exp: above the diagonal cs_i − cs_j > 0 may overflow to inf, and inf·0 is a NaN gradient
-    log_decay = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)  # (b, h, c, Q, Q)
-    return ((Cc @ Bc.transpose(-1, -2)) * torch.exp(log_decay) * dt[..., None, :]) @ xc
-
-
-def offdiagonal_outputs(Cc, cs, prev_states):
-    """Step 4, C-terms: the state entering each chunk read out by C,
-    y_i = (C_i·S_prevᵀ)·exp(cs_i) -> (b, h, c, Q, p)."""
-    S = prev_states.transpose(1, 2)  # (b, h, c, p, n)
-    return (Cc @ S.transpose(-1, -2)) * torch.exp(cs)[..., None]
-
-
-if HAS_TRITON:
-    # _chunk_scan_kernel: `diagonal_outputs` (step 1) + `offdiagonal_outputs` (step 4) + D·x, fused so y is
-    # written once. One program holds BLOCK_M rows × BLOCK_P columns of one chunk's y; the causal loop visits
-    # the column blocks up to the diagonal. C·Bᵀ is recomputed per head (simpler than mamba's group bmm).
+    # _chunk_scan_kernel: steps 1 and 4 of `ssd_chunked` + D·x, fused so y is written once. One program
+    # holds BLOCK_M rows × BLOCK_P columns of one chunk's y; the causal loop visits the column blocks up to
+    # the diagonal. C·Bᵀ is recomputed per head (simpler than mamba's group bmm).
     @triton.jit
     def _chunk_scan_kernel(
         x_ptr,
@@ -324,12 +346,16 @@ if HAS_TRITON:
         hd, H = tl.program_id(2).to(tl.int64), tl.num_programs(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows: positions inside the chunk
         offs_p, offs_n = pid_p * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        t_m, mask_n = c * Q + offs_m, offs_n[None, :] < N
+        # scalar int64 bases at the chunk's first token t0, int32 tile offsets from there (as in
+        # _chunk_state_kernel)
+        t0, mask_n = c * Q, offs_n[None, :] < N
+        n_t = (T - t0).to(tl.int32)  # rows at or past n_t lie beyond the sequence
         chunk = ((b * H + hd) * nchunks + c) * Q  # dt, cs: (b, h, c, Q)
         cs_m = tl.load(cs_ptr + chunk + offs_m)
+        C_base = C_ptr + b * sC_b + (hd // rep_C) * sC_g + t0 * sC_t
         Cm = tl.load(
-            C_ptr + b * sC_b + (hd // rep_C) * sC_g + t_m[:, None] * sC_t + offs_n[None, :] * sC_n,
-            mask=(t_m[:, None] < T) & mask_n,
+            C_base + offs_m[:, None] * sC_t + offs_n[None, :] * sC_n,
+            mask=(offs_m[:, None] < n_t) & mask_n,
             other=0.0,
         ).to(tl.float32)  # (M, N)
         S = tl.load(
@@ -338,19 +364,19 @@ if HAS_TRITON:
             other=0.0,
         )  # (P, N)
         acc = tl.dot(Cm, tl.trans(S), input_precision=PREC) * tl.exp(cs_m)[:, None]  # (M, P) step 4
-        x_base, B_base = x_ptr + b * sx_b + (hd // rep_x) * sx_g, B_ptr + b * sB_b + (hd // rep_B) * sB_g
+        x_base = x_ptr + b * sx_b + (hd // rep_x) * sx_g + t0 * sx_t
+        B_base = B_ptr + b * sB_b + (hd // rep_B) * sB_g + t0 * sB_t
         # step 1, causal: the column blocks up to the diagonal
         for k0 in range(0, (pid_m + 1) * BLOCK_M, BLOCK_M):
             offs_k = k0 + tl.arange(0, BLOCK_M)
-            t_k = c * Q + offs_k
             Bk = tl.load(
-                B_base + t_k[:, None] * sB_t + offs_n[None, :] * sB_n,
-                mask=(t_k[:, None] < T) & mask_n,
+                B_base + offs_k[:, None] * sB_t + offs_n[None, :] * sB_n,
+                mask=(offs_k[:, None] < n_t) & mask_n,
                 other=0.0,
             ).to(tl.float32)  # (K, N)
             xk = tl.load(
-                x_base + t_k[:, None] * sx_t + offs_p[None, :] * sx_p,
-                mask=(t_k[:, None] < T) & (offs_p[None, :] < P),
+                x_base + offs_k[:, None] * sx_t + offs_p[None, :] * sx_p,
+                mask=(offs_k[:, None] < n_t) & (offs_p[None, :] < P),
                 other=0.0,
             ).to(tl.float32)  # (K, P)
             cs_k, dt_k = tl.load(cs_ptr + chunk + offs_k), tl.load(dt_ptr + chunk + offs_k)
@@ -359,49 +385,13 @@ if HAS_TRITON:
             w = tl.where(causal, tl.exp(tl.minimum(cs_m[:, None] - cs_k[None, :], 0.0)), 0.0)
             CB = tl.dot(Cm, tl.trans(Bk), input_precision=PREC)  # (M, K)
             acc += tl.dot(CB * w * dt_k[None, :], xk, input_precision=PREC)
-        mask_y = (t_m[:, None] < T) & (offs_p[None, :] < P)
+        mask_y = (offs_m[:, None] < n_t) & (offs_p[None, :] < P)
         if D_ptr is not None:
-            xm = tl.load(x_base + t_m[:, None] * sx_t + offs_p[None, :] * sx_p, mask=mask_y, other=0.0)
+            xm = tl.load(x_base + offs_m[:, None] * sx_t + offs_p[None, :] * sx_p, mask=mask_y, other=0.0)
             acc += tl.load(D_ptr + hd).to(tl.float32) * xm.to(tl.float32)
-        y_tile = y_ptr + ((b * T + t_m[:, None]) * H + hd) * P + offs_p[None, :]  # y: (b, T, h, p)
-        tl.store(y_tile, acc, mask=mask_y)
+        y_base = y_ptr + ((b * T + t0) * H + hd) * P  # y: (b, T, h, p)
+        tl.store(y_base + offs_m[:, None] * (H * P) + offs_p[None, :], acc, mask=mask_y)
 
-
-def ssd_chunked(
-    x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, initial_state=None, return_final_state=False
-):
-    """Chunked SSD in plain torch, differentiable, any length: the training path, ssd_minimal's steps 1–4.
-    The math runs in fp32 (fp64 for fp64 inputs) even under autocast: bf16 matmuls here would cost ~1e-3
-    relative error in the state, which every later token inherits."""
-    T, h, acc = x.shape[1], dt.shape[2], _acc_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        dts, cs = chunk_cumsum(process_dt(dt, dt_bias).to(acc), A.to(acc), chunk_size)  # (b, h, c, Q) each
-        xc, Bc, Cc = (chunked(t, h, dts.shape[2], chunk_size, acc) for t in (x, B, C))  # (b, h, c, Q, p | n)
-        y = diagonal_outputs(xc, Bc, Cc, dts, cs)  # step 1
-        states = chunk_states(xc, Bc, dts, cs)  # step 2
-        prev, final = state_passing(states, cs, initial_state)  # step 3
-        y = y + offdiagonal_outputs(Cc, cs, prev)  # step 4
-        if D is not None:
-            y = y + D.to(acc)[:, None, None, None] * xc
-        y = unchunked(y, T).to(x.dtype)  # (b, T, h, p)
-    return (y, final) if return_final_state else y
-
-
-def ssm_step_ref(state, x, dt, A, B, C, D=None, dt_bias=None):
-    """One decode token: state (b, h, p, n) updated in place; x (b, g_x, p), dt (b, h), B (b, g_B, n),
-    C (b, g_C, n) -> y (b, h, p). The math runs in the state's dtype (fp32) whatever the autocast state."""
-    h, acc = dt.shape[1], state.dtype
-    with torch.autocast(x.device.type, enabled=False):
-        xs = _heads(x, h).to(acc)  # (b, h, p)
-        delta = process_dt(dt, dt_bias).to(acc)  # (b, h)
-        S, y = _recur(state, xs, delta, A.to(acc), _heads(B, h).to(acc), _heads(C, h).to(acc))
-        state.copy_(S)
-        if D is not None:
-            y = y + D.to(acc)[:, None] * xs
-    return y.to(x.dtype)  # (b, h, p)
-
-
-if HAS_TRITON:
     # _ssm_step_kernel: `ssm_step_ref`, one token. One program holds BLOCK_P rows of one head's fp32 state,
     # loads them once, updates them in place and reduces against C for y. N need not be a power of 2: lanes
     # past N are masked on every load and store.
@@ -532,8 +522,11 @@ def chunk_scan_fwd(x, B, C, dts, cs, prev_states, D=None):
     """Launch _chunk_scan_kernel -> y (b, T, h, p) in x's dtype."""
     (b, T, _, p), (h, c, Q), n = x.shape, dts.shape[1:], B.shape[3]
     y = torch.empty(b, T, h, p, device=x.device, dtype=x.dtype)
-    # ptxas -v (tests/test_compile.py): BLOCK_M = 64 spills at N = 128 in bf16, and fp32 needs 16
-    BLOCK_M, BLOCK_P = min(Q, 32 if x.element_size() <= 2 else 16), min(dot_block(p), 64)
+    # ptxas -v (tests/test_compile.py) on the model's own launches, whose x, B and C are the conv's strided
+    # views (token stride 1, and a p/n stride of T that loses its alignment when T % 16 != 0): 32 rows per
+    # program spill at N = 128 in bf16; 16 rows at 4 warps, 8 warps at N = 128, keep the C, B and state tiles
+    # in registers
+    BLOCK_M, BLOCK_P, BLOCK_N = min(Q, 16), min(dot_block(p), 64), dot_block(n)
     # b·nchunks on grid axis 0: axes 1 and 2 are limited to 65,535 on CUDA, and b·T/Q can pass that
     grid = (b * c, triton.cdiv(Q, BLOCK_M) * triton.cdiv(p, BLOCK_P), h)
     _chunk_scan_kernel[grid](
@@ -556,8 +549,9 @@ def chunk_scan_fwd(x, B, C, dts, cs, prev_states, D=None):
         Q=Q,
         BLOCK_M=BLOCK_M,
         BLOCK_P=BLOCK_P,
-        BLOCK_N=dot_block(n),
+        BLOCK_N=BLOCK_N,
         PREC=dot_prec(x),
+        num_warps=4 if BLOCK_N <= 64 else 8,
     )
     return y
 
@@ -575,7 +569,7 @@ def ssm_step_fwd(state, x, dt, A, B, C, D=None, dt_bias=None):
     (b, _, p), h, n = x.shape, dt.shape[1], B.shape[2]
     A, D, dt_bias = (t if t is None else t.contiguous() for t in (A, D, dt_bias))  # head i at offset i
     y = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
-    # fixed rows per program by n, ~512 state elements per tile (mamba's table, kernels.md §1.8); never
+    # fixed rows per program by n, ~512 state elements per tile (mamba_ssm's selective_state_update); never
     # autotuned: an autotune trial would update the state in place more than once
     BLOCK_P = 32 if n <= 16 else 16 if n <= 32 else 8 if n <= 64 else 4
     _ssm_step_kernel[(triton.cdiv(p, BLOCK_P), b, h)](
@@ -723,9 +717,9 @@ def ssm_step(state, x, dt, A, B, C, D=None, dt_bias=None, backend="auto"):
 
 
 def random_inputs(b, T, h, p, n, groups=(1, 1, 1), dtype=torch.float32, device="cpu", seed=0):
-    """Random ssd() keyword inputs with Mamba2's initial values (paper.md §5.3): A = −U(1, 16), dt_bias =
-    softplus⁻¹ of a log-uniform Δ in [1e-3, 0.1]; groups = (g_x, g_B, g_C); x, B, C, raw dt, D and the
-    initial state are Gaussian."""
+    """Random ssd() keyword inputs with Mamba2's initial values (mamba_ssm's, kept by Zebra-Llama):
+    A = −U(1, 16), dt_bias = softplus⁻¹ of a log-uniform Δ in [1e-3, 0.1]; groups = (g_x, g_B, g_C); x, B, C,
+    raw dt, D and the initial state are Gaussian."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -746,7 +740,7 @@ def random_inputs(b, T, h, p, n, groups=(1, 1, 1), dtype=torch.float32, device="
 
 
 def rel_rms(a, ref):
-    """‖a − ref‖₂ / ‖ref‖₂ in fp64: the error metric of every check (kernels.md §7.1)."""
+    """‖a − ref‖₂ / ‖ref‖₂ in fp64: the error metric of every check (as fla's tests)."""
     a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
     return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 

@@ -16,6 +16,7 @@ import torch
 
 import bench
 import convert
+import generate
 import model as M
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
@@ -160,11 +161,12 @@ def test_adapter_without_lm_eval_says_how_to_install_it(monkeypatch):
 
 # ----------------------------------------------------------------------------- the adapter inside lm-eval
 @pytest.fixture(scope="module")
-def zebra_mc():
-    """Teacher and untrained hybrid through the first LIMIT questions of the local zebra_mc task."""
+def zebra_mc(tmp_path_factory):
+    """Teacher and untrained hybrid through the first LIMIT questions of the local zebra_mc task, run from a
+    working directory outside the repository."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_OFFLINE", "1")  # the json builder must not reach the hub
-        mp.chdir(REPO)  # the task's data_files path is relative to the repository root
+        mp.chdir(tmp_path_factory.mktemp("elsewhere"))
         teacher, tok = tiny_teacher()
         hybrid = tiny_hybrid(teacher)
         manager = bench.task_manager(["zebra_mc"], os.path.join(REPO, "tests", "evaltask"))
@@ -233,6 +235,31 @@ def test_adapter_answers_generate_requests_in_order_across_stop_strings():
         [types.SimpleNamespace(args=(c, {"until": [u], "max_gen_toks": 6})) for c, u in reqs]
     )
     assert got == [bench.generate_until(teacher, tok, [c], [u], 6)[0] for c, u in reqs]
+
+
+@needs_lm_eval
+def test_tasks_score_against_the_teacher_the_checkpoint_records(zebra_mc, tmp_path, monkeypatch, capsys):
+    # --tasks on a tiny hybrid without --size (default 135m), run outside the repository: the teacher is the
+    # one the checkpoint records (tiny), so both accuracies are those of full forwards of tiny's models
+    teacher, hybrid, tok, _ = zebra_mc
+    M.save_checkpoint(str(tmp_path / "dpo.pt"), hybrid, "dpo", tokenizer=tok, teacher="tiny")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--tasks", "zebra_mc", "--ckpt", "dpo.pt", "--limit", str(LIMIT), "--device", "cpu"])
+    acc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]
+    assert acc == {
+        "teacher": {"zebra_mc": oracle_accuracy(teacher, tok)},
+        "hybrid": {"zebra_mc": oracle_accuracy(hybrid, tok)},
+    }
+
+
+def test_a_teacher_of_other_dims_is_refused_before_it_loads(monkeypatch):
+    # a tiny hybrid scored against the 135m teacher (a checkpoint that records none, default --size): one
+    # error naming the size that fits, and no teacher is loaded or downloaded
+    teacher, _ = tiny_teacher()
+    monkeypatch.setattr(generate, "load_teacher", lambda *a, **k: pytest.fail("a teacher was loaded"))
+    with pytest.raises(ValueError, match="pass that one with --size tiny"):
+        bench.load_teacher_for(tiny_hybrid(teacher).cfg, "dpo.pt", "135m", "cpu", torch.float32)
 
 
 @needs_lm_eval

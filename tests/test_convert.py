@@ -13,8 +13,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import struct
 import subprocess
+import sys
 import tarfile
 import zipfile
 from collections import Counter
@@ -24,6 +26,7 @@ import pytest
 import regex
 import torch
 import torch.nn.functional as F
+from test_model import flip_weight_byte
 
 import convert as C
 import model as M
@@ -713,7 +716,7 @@ def test_smollm_logits_match_the_meta_layout_reference(smollm):
     assert (ours - ref).abs().max() <= 1e-3 and torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-# ----------------------------------------------------------------------------- teacher -> hybrid (§3-§6)
+# ----------------------------------------------------------------------------- teacher -> hybrid
 def tiny_teacher(**over):
     torch.manual_seed(0)
     cfg = M.size_config("tiny", **over)
@@ -878,13 +881,14 @@ def tiny_hybrid_checkpoint(path, tie):
         torch.nn.init.normal_(t.lm_head.weight, std=0.1)
     t.cfg = C.with_hybrid_fields(t.cfg, "tiny")
     h = C.compose_hybrid(t, C.make_student(t, "mla"), C.make_student(t, "m2"), [0], attn_layers=[2])
-    M.save_checkpoint(str(path), h, "dpo", 7, C.Tokenizer.byte_level())
+    M.save_checkpoint(str(path), h, "dpo", 7, C.Tokenizer.byte_level(), teacher="tiny")
     return h
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_export_round_trips_to_identical_logits_and_tokenizer(tmp_path, tie):
-    # the exported directory rebuilds the same model (bit-identical logits), stage, step and tokenizer
+    # the exported directory rebuilds the same model (bit-identical logits), stage, step, teacher and
+    # tokenizer; load_zebra reads the directory and the checkpoint file alike
     h = tiny_hybrid_checkpoint(tmp_path / "h.pt", tie)
     C.main(["--export", str(tmp_path / "h.pt"), str(tmp_path / "exp")])
     d = C.read_export(str(tmp_path / "exp"))
@@ -892,7 +896,10 @@ def test_export_round_trips_to_identical_logits_and_tokenizer(tmp_path, tie):
     idx = torch.randint(0, 259, (2, 24))
     with torch.no_grad():
         assert torch.equal(back(idx), h(idx))
-    assert (d["stage"], d["step"], d["tokenizer"]) == ("dpo", 7, C.Tokenizer.byte_level().spec())
+        for path in (tmp_path / "exp", tmp_path / "h.pt"):
+            assert torch.equal(C.load_zebra(str(path))[0](idx), h(idx))
+    want = ("dpo", 7, "tiny", C.Tokenizer.byte_level().spec())
+    assert (d["stage"], d["step"], d["teacher"], d["tokenizer"]) == want
 
 
 def test_export_stores_a_tied_head_once(tmp_path):
@@ -925,6 +932,74 @@ def test_damaged_export_directories_give_one_error_naming_the_file(tmp_path, nam
     damage(tmp_path / "exp" / name)
     with pytest.raises(error, match=name):
         C.read_export(str(tmp_path / "exp"))
+
+
+def flip_safetensors_byte(path):
+    """Flip one byte in the middle of a .safetensors file's tensor data (after its u64 + JSON header)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + struct.unpack_from("<Q", data)[0]
+    data[(start + len(data)) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_export_with_one_flipped_weight_byte_is_refused_as_damaged(tmp_path):
+    # a changed byte of the exported weights is caught by the digest written beside them
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    C.export(str(tmp_path / "h.pt"), str(tmp_path / "exp"))
+    flip_safetensors_byte(tmp_path / "exp" / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors is damaged"):
+        C.load_zebra(str(tmp_path / "exp"))
+
+
+def test_export_without_a_digest_is_refused(tmp_path):
+    # weights with no digest (an older or foreign export) are not accepted unchecked
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    C.export(str(tmp_path / "h.pt"), str(tmp_path / "exp"))
+    weights = tmp_path / "exp" / "model.safetensors"
+    C.write_safetensors(weights, C.read_safetensors(weights, dtype=None), {"format": "zebra"})
+    with pytest.raises(ValueError, match="carries no weights digest"):
+        C.read_export(str(tmp_path / "exp"))
+
+
+def test_export_of_a_damaged_checkpoint_is_refused(tmp_path):
+    # convert.py --export checks the checkpoint's digest before writing anything
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    flip_weight_byte(tmp_path / "h.pt")
+    with pytest.raises(ValueError, match="h.pt is damaged"):
+        C.main(["--export", str(tmp_path / "h.pt"), str(tmp_path / "exp")])
+    assert not (tmp_path / "exp").exists()
+
+
+def test_export_into_a_folder_of_other_files_is_refused_unless_forced(tmp_path):
+    # the user's own config.json is neither overwritten nor mixed with an export: exit status 1 and one
+    # error line; with --force the export is written
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text('{"mine": 1}')
+    cmd = [sys.executable, "convert.py", "--export", str(tmp_path / "h.pt"), str(tmp_path / "mine")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(C.__file__))
+    assert res.returncode == 1 and "not a zebra export" in res.stderr and "Traceback" not in res.stderr
+    assert (tmp_path / "mine" / "config.json").read_text() == '{"mine": 1}'
+    C.main(["--export", str(tmp_path / "h.pt"), str(tmp_path / "mine"), "--force"])
+    assert C.read_export(str(tmp_path / "mine"))["stage"] == "dpo"
+
+
+def test_export_replaces_an_earlier_export(tmp_path):
+    # a folder holding only a previous export (its weights marked format zebra) is rewritten without --force
+    tiny_hybrid_checkpoint(tmp_path / "h.pt", True)
+    C.export(str(tmp_path / "h.pt"), str(tmp_path / "exp"))
+    h2 = tiny_hybrid_checkpoint(tmp_path / "h2.pt", False)
+    C.export(str(tmp_path / "h2.pt"), str(tmp_path / "exp"))
+    idx = torch.randint(0, 259, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(C.load_zebra(str(tmp_path / "exp"))[0](idx), h2(idx))
+
+
+def test_teacher_record_keeps_size_keys_and_makes_paths_absolute(tmp_path, monkeypatch):
+    # a recorded teacher path stays valid from any working directory
+    monkeypatch.chdir(tmp_path)
+    assert C.teacher_record("135m") == "135m"
+    assert C.teacher_record("models/llama") == str(tmp_path / "models" / "llama")
 
 
 def test_export_refuses_a_missing_directory(tmp_path):

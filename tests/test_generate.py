@@ -1,10 +1,18 @@
-"""generate.py: cached greedy = recomputed greedy, batch = one by one, compiled = eager, sampling uses its
-arguments, ids past the tokenizer are never sampled, the chat keeps the newest turns, arguments are checked.
+"""generate.py: cached greedy = recomputed greedy, batch = one by one, compiled = eager, the decode step with
+its Triton kernels is one graph, sampling uses its arguments, ids past the tokenizer are never sampled, the
+chat keeps the newest turns, arguments are checked.
 Run: python -m pytest tests/test_generate.py"""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from test_model import flip_weight_byte
 
+import convert
 import generate as G
 import model as M
 from convert import Tokenizer
@@ -52,6 +60,96 @@ def test_compiled_decode_gives_the_eager_greedy_tokens():
     compiled = torch.stack(list(G.generate(m, prompts, max_new_tokens=8, step=step)))
     assert len(set(eager.flatten().tolist())) > 4  # the tokens vary: a real comparison
     assert torch.equal(compiled, eager)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DECODE_CACHES = (((7, 4), 16), ((5, 9, 2), 24))  # (prompt lengths, cache length) of the traced decode steps
+DECODE_KERNELS = {  # the Triton kernels one decode step of each layer kind launches, in launch order
+    "attn": [],
+    "mla": ["_mla_decode_split_kernel", "_mla_decode_reduce_kernel"],
+    "m2": ["_ssm_step_kernel"],
+}
+
+
+def test_decode_step_with_its_triton_kernels_is_one_graph():
+    # Dynamo traces the whole decode step of the 3-kind hybrid, with the dispatchers on their Triton path as
+    # on a GPU, into one graph (fullgraph=True: a graph break raises) that holds each layer's kernels in layer
+    # order and reads no value back from a tensor: on 2 ragged prefilled rows at fixed sizes, then on 3 rows
+    # of a longer cache, which Dynamo retraces with symbolic sizes. A graph break would split generate.py
+    # --compile's CUDA graphs; a read-back (.item(), int(t), bool(t): Dynamo keeps those in the graph as
+    # unbacked symbols, no break) is a host sync, which a CUDA graph cannot capture.
+    # In a child process: conftest's TRITON_INTERPRET=1 makes every kernel an interpreted function, which
+    # Dynamo cannot trace, only a @triton.jit one.
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    lines = res.stdout.strip().splitlines()
+    assert res.returncode == 0 and lines, res.stdout[-4000:] + res.stderr[-4000:]
+    want = {"kernels": [k for kind in hybrid().cfg.kinds for k in DECODE_KERNELS[kind]], "reads": []}
+    assert json.loads(lines[-1]) == [dict(want, symbolic=False), dict(want, symbolic=True)]
+
+
+def traced_decode_kernels():
+    """Child of the test above: the decode step of `hybrid()` traced on each cache of DECODE_CACHES -> per
+    trace {"kernels": the Triton kernels of its one graph, "reads": its nodes that read a value back from a
+    tensor, "symbolic": whether its input sizes are symbols}."""
+    import torch.utils._triton
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols
+
+    import mla
+    import ssm_scan
+
+    m = hybrid()
+    prefilled = [
+        G.prefill(m, [torch.randint(0, 272, (n,)).tolist() for n in ns], S) for ns, S in DECODE_CACHES
+    ]
+    # no device here for Triton to compile for, so torch reports none and Dynamo would not take @triton.jit
+    # functions for kernels; the trace only records their launches and never runs one
+    torch.utils._triton.has_triton = lambda: True
+    # the dispatch a GPU makes: decode runs without gradients, so "auto" takes Triton for CUDA tensors
+    for mod in (ssm_scan, mla):
+        mod.use_triton = lambda backend, tensors, state_dtype=None: backend == "auto"
+
+    class Traced(Exception):  # raised in place of running the graph
+        pass
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Traced
+
+        return run
+
+    # the second cache fails the first graph's shape guards: Dynamo retraces with the changed sizes as
+    # symbols (automatic dynamic shapes), as generate.py --compile does for a new batch or max_len
+    step = torch.compile(G.decode_one, backend=record, fullgraph=True)
+    out = []
+    for cache, logits in prefilled:
+        with pytest.raises(Traced):
+            step(m, logits.argmax(-1), cache)
+        nodes = list(graphs[-1].graph.nodes)
+        kernels = [n for n in nodes if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+        out.append(
+            {
+                "kernels": [
+                    kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in kernels
+                ],
+                "reads": [
+                    n.format_node() for n in nodes if free_unbacked_symbols(n.meta.get("example_value"))
+                ],
+                "symbolic": any(
+                    free_symbols(n.meta["example_value"]) for n in nodes if n.op == "placeholder"
+                ),
+            }
+        )
+    assert len(graphs) == len(prefilled)
+    return out
 
 
 def test_stops_at_the_stop_token():
@@ -146,6 +244,32 @@ def test_interactive_chat_outgrowing_the_context_keeps_going(monkeypatch, capsys
     assert out.count("oldest turns are dropped") == 1 and "error" not in out and list(questions) == []
 
 
+def saved_hybrid(tmp_path):
+    m = hybrid()
+    path = str(tmp_path / "kd.pt")
+    M.save_checkpoint(path, m, "kd", 3, Tokenizer.byte_level())
+    return m, path
+
+
+def test_checkpoint_file_and_its_export_load_as_the_same_model(tmp_path):
+    # --ckpt takes a checkpoint file or its convert.py --export folder: both give the saved model's logits
+    m, path = saved_hybrid(tmp_path)
+    convert.export(path, str(tmp_path / "exp"))
+    idx = torch.randint(0, 259, (1, 12))
+    with torch.no_grad():
+        for ckpt in (path, str(tmp_path / "exp")):
+            loaded, tok = G.load_model(ckpt=ckpt)
+            assert torch.equal(loaded(idx), m(idx)) and tok.spec() == Tokenizer.byte_level().spec()
+
+
+def test_damaged_checkpoint_is_refused_before_generating(tmp_path):
+    # one flipped weight byte stops the loader with an error naming the file, instead of a garbled model
+    _, path = saved_hybrid(tmp_path)
+    flip_weight_byte(path)
+    with pytest.raises(ValueError, match="kd.pt is damaged"):
+        G.load_model(ckpt=path)
+
+
 def test_several_prompts_print_every_reply(capsys):
     # the tiny teacher (272 ids, 259 in its tokenizer) answers two prompts in one batch, with a progress bar
     G.main("--teacher tiny --prompt hi --prompt hello --max-new-tokens 5 --device cpu".split())
@@ -180,3 +304,7 @@ def test_boolean_options_are_flags():
     # --no-chat and --compile take no value
     a = G.parse_args(["--no-chat", "--compile"])
     assert a.chat is False and a.compile is True
+
+
+if __name__ == "__main__":
+    print(json.dumps(traced_decode_kernels()))

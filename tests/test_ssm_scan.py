@@ -1,7 +1,6 @@
 """Tests for ssm_scan.py: Triton (interpreter on CPU, fp32) = chunked torch = the fp64 sequential loop,
-on odd lengths, groups, initial/final states, chaining, prefill + decode, each kernel against its torch step
-on every grid axis, gradients, autocast, long sequences, host-sync-free decode and bad input
-(kernels.md §7.1).
+on odd lengths, groups, initial/final states, chaining, prefill + decode, each kernel against the loop run
+chunk by chunk on every grid axis, gradients, autocast, long sequences, host-sync-free decode and bad input.
 Run: python -m pytest tests/test_ssm_scan.py -q
      (on a GPU, TRITON_INTERPRET=0 runs the same cases on the compiled kernels)
 """
@@ -13,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ssm_scan as S
 from ssm_scan import random_inputs, rel_rms, ssd, ssd_chunked, ssm_scan_ref, ssm_step, ssm_step_ref
@@ -134,46 +134,65 @@ def test_step_kernel(n, p, g):
 KERNEL_SHAPES = [(4, 8, 16), (2, 72, 16), (2, 32, 48)]
 
 
+def loop_per_chunk(inp, Q, prev=None):
+    """The fp64 loop run on each chunk of Q tokens alone, from prev[:, k] (b, c, h, p, n) or from zero: what
+    the prefill kernels compute per chunk -> outputs (b, T, h, p), each chunk's last state (b, c, h, p, n)."""
+    d = {k: v.double() for k, v in inp.items()}
+    ys, states = [], []
+    for k, t0 in enumerate(range(0, d["x"].shape[1], Q)):
+        init = None if prev is None else prev[:, k].double()
+        y, s = ssm_scan_ref(**dict(tokens(d, t0, t0 + Q), initial_state=init), return_final_state=True)
+        ys.append(y)
+        states.append(s)
+    return torch.cat(ys, dim=1), torch.stack(states, dim=1)
+
+
 @pytest.mark.parametrize("h,p,n", KERNEL_SHAPES)
 def test_chunk_state_kernel(h, p, n):
-    # Δ, cs and the chunk states (step 2) of _chunk_state_kernel = process_dt, chunk_cumsum, chunk_states;
-    # raw dt > 20 (softplus's identity branch, at a chunk's end so fp32 cs keeps its precision) and ≈ −12
+    # Δ and cs (b, h, c, Q) of _chunk_state_kernel = softplus and the in-chunk cumsum of A·Δ, Δ = 0 past T;
+    # its chunk states (step 2) = the loop's final state over each chunk alone from zero; raw dt > 20
+    # (softplus's identity branch, at a chunk's end so fp32 cs keeps its precision) and ≈ −12
     inp = f32(case(T=45, h=h, p=p, n=n, groups=(2, 2, h)))
     inp["dt"][:, 12:16], inp["dt"][:, 4:8] = 25.0, -12.0 - inp["dt_bias"]
     x, dt, A, B = (inp[k] for k in ("x", "dt", "A", "B"))
     dts, cs, states = S.chunk_state_fwd(x, dt, A, B, 16, inp["dt_bias"])
-    dts_ref, cs_ref = S.chunk_cumsum(S.process_dt(dt.double(), inp["dt_bias"]), A.double(), 16)
+    delta = S.process_dt(dt.double(), inp["dt_bias"].double())  # (b, T, h)
+    dts_ref = F.pad(delta, (0, 0, 0, 3)).view(2, 3, 16, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
     torch.testing.assert_close(dts.double(), dts_ref, rtol=1e-6, atol=0)
+    cs_ref = (dts_ref * A.double()[:, None, None]).cumsum(-1)
     torch.testing.assert_close(cs.double(), cs_ref, rtol=1e-5, atol=1e-5)
-    xc, Bc = (S.chunked(t, h, dts.shape[2], 16, torch.float32) for t in (x, B))
-    torch.testing.assert_close(states, S.chunk_states(xc, Bc, dts, cs), rtol=1e-5, atol=1e-5)
+    _, states_ref = loop_per_chunk(inp, 16)
+    torch.testing.assert_close(states.double(), states_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("h,p,n", KERNEL_SHAPES)
 def test_state_passing_kernel(h, p, n):
-    # the states entering each chunk and the final state (step 3) = state_passing, every element of p·n
+    # the states entering each chunk and the final state (step 3) = S ← exp(cs_last)·S + the chunk's state
+    # in fp64, every element of p·n
     gen = torch.Generator().manual_seed(p)
     states = torch.randn(2, 3, h, p, n, generator=gen).to(DEV)
     cs = -torch.rand(2, h, 3, 16, generator=gen).cumsum(-1).to(DEV)
     init = torch.randn(2, h, p, n, generator=gen).to(DEV)
     prev, final = S.state_passing_fwd(states, cs, init)
-    prev_ref, final_ref = S.state_passing(states, cs, init)
-    torch.testing.assert_close(prev, prev_ref)
-    torch.testing.assert_close(final, final_ref)
+    s, prev_ref = init.double(), []
+    for k in range(3):
+        prev_ref.append(s)
+        s = torch.exp(cs[:, :, k, -1].double())[..., None, None] * s + states[:, k].double()  # (b, h, p, n)
+    torch.testing.assert_close(prev.double(), torch.stack(prev_ref, dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.double(), s, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("h,p,n", KERNEL_SHAPES)
 def test_chunk_scan_kernel(h, p, n):
-    # y of _chunk_scan_kernel = diagonal blocks (step 1) + off-diagonal blocks (step 4) + D·x, every P block
+    # y of _chunk_scan_kernel (steps 1 and 4 + D·x, every P block) given the state entering each chunk = the
+    # loop over each chunk alone from that state
     inp = f32(case(T=45, h=h, p=p, n=n, groups=(2, 2, h)))
     x, dt, A, B, C, D = (inp[k] for k in ("x", "dt", "A", "B", "C", "D"))
-    dts, cs = (t.contiguous() for t in S.chunk_cumsum(S.process_dt(dt, inp["dt_bias"]), A, 16))  # as made
+    dts, cs, _ = S.chunk_state_fwd(x, dt, A, B, 16, inp["dt_bias"])  # as the prefill makes them
     prev = torch.randn(2, dts.shape[2], h, p, n, generator=torch.Generator().manual_seed(1)).to(DEV)
     y = S.chunk_scan_fwd(x, B, C, dts, cs, prev, D)
-    xc, Bc, Cc = (S.chunked(t, h, dts.shape[2], 16, torch.float32) for t in (x, B, C))
-    y_ref = S.diagonal_outputs(xc, Bc, Cc, dts, cs) + S.offdiagonal_outputs(Cc, cs, prev)
-    y_ref = S.unchunked(y_ref + D[:, None, None, None] * xc, 45)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    y_ref, _ = loop_per_chunk(inp, 16, prev)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-4)
 
 
 def test_strong_decay():
