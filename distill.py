@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -784,7 +785,7 @@ SCALARS = (".A_log", ".dt_bias", ".D", ".mamba.norm.weight")  # Mamba2's per-hea
 def optimizer(r, stage, model, params, steps, lr):
     """AdamW on params, linear warmup then cosine to 0 -> (optimizer, scheduler, first step, loss history).
     An unfinished checkpoint of this stage (a killed run) restores the model, both states and the RNG."""
-    cfg, path = r.cfg, r.path(f"{stage}.pt")
+    cfg = r.cfg
     # AdamW moves a weight by about lr per step: --scalar-lr speeds up the per-head scalars
     scalar = {id(p) for n, p in model.named_parameters() if n.endswith(SCALARS)}
     groups = [[p for p in params if (id(p) in scalar) == s] for s in (False, True)]
@@ -799,16 +800,10 @@ def optimizer(r, stage, model, params, steps, lr):
         return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    if not os.path.isfile(path):
-        return opt, sched, 0, []
-    ck = read_checkpoint(path, cfg.device)
-    unwrap(model).load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"])
-    if r.rank == 0:
-        tqdm.write(f"[{stage}] resuming from step {ck['step']}/{steps}")
-    return opt, sched, ck["step"], ck["history"]
+    step, history = r.resume(stage, model, opt, sched)
+    if step and r.rank == 0:
+        tqdm.write(f"[{stage}] resuming from step {step}/{steps}")
+    return opt, sched, step, history
 
 
 def train(r, stage, model, step_loss, steps, lr):
@@ -860,18 +855,11 @@ def train(r, stage, model, step_loss, steps, lr):
                 + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                 + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s"
             )
-        # FSDP2 runs keep only finished stages: resuming sharded optimizer state is not implemented
-        if not cfg.fsdp and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            r.save(
-                f"{stage}.pt",
-                model,
-                step + 1,
-                optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(),
-                history=history,
-                rng=torch.get_rng_state(),
-            )
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            r.save_progress(stage, model, opt, sched, step + 1, history)
     r.save(f"{stage}.pt", model.eval(), steps, done=True, history=history)
+    if r.rank == 0:
+        remove(r.path(f"{stage}.dcp"))  # FSDP2 progress, now finished
     r.sync()
     return unwrap(model)
 
@@ -1046,6 +1034,51 @@ class Run:
             extra["teacher"] = convert.teacher_record(self.cfg.teacher or self.cfg.size)
         if self.rank == 0:
             save_checkpoint(self.path(name), unwrap(model), name[:-3], step, self.tok, state_dict=sd, **extra)
+
+    def save_progress(self, stage, model, opt, sched, step, history):
+        """A resumable checkpoint of an unfinished training stage: <stage>.pt with the optimizer's state;
+        under FSDP2 each rank writes its own shards through torch.distributed.checkpoint into <stage>.dcp/
+        (no rank gathers the whole), published by one rename."""
+        extra = dict(scheduler=sched.state_dict(), history=history, rng=torch.get_rng_state())
+        if not (self.cfg.fsdp and self.world > 1):
+            self.save(f"{stage}.pt", model, step, optimizer=opt.state_dict(), **extra)
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        tmp, final = self.path(f"{stage}.dcp.tmp"), self.path(f"{stage}.dcp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.sync()
+        dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, opt))), checkpoint_id=tmp)
+        if self.rank == 0:
+            torch.save(dict(step=step, **extra), os.path.join(tmp, "progress.pt"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.sync()
+
+    def resume(self, stage, model, opt, sched):
+        """(step, history) of the unfinished checkpoint save_progress wrote, loaded into model, opt and
+        sched; (0, []) when there is none."""
+        if self.cfg.fsdp and self.world > 1:
+            if not os.path.isdir(self.path(f"{stage}.dcp")):
+                return 0, []
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            state = dict(zip(("model", "optimizer"), get_state_dict(model, opt)))
+            dcp.load(state, checkpoint_id=self.path(f"{stage}.dcp"))
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            ck = torch.load(self.path(f"{stage}.dcp/progress.pt"), weights_only=True)
+        elif os.path.isfile(self.path(f"{stage}.pt")):
+            ck = read_checkpoint(self.path(f"{stage}.pt"), self.cfg.device)
+            unwrap(model).load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        else:
+            return 0, []
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        return ck["step"], ck["history"]
 
     def write_json(self, name, obj):
         write_json(self.path(name), obj)
@@ -1273,7 +1306,7 @@ class Stage:
     run: object  # run(Run) writes the stage's files; returns why it was skipped, if it was
     files: tuple  # what it writes under out/<size>/
     all_ranks: bool = False  # training runs on every rank; the other stages on rank 0 while the rest wait
-    scratch: tuple = ()  # files it may also write, removed with it but not needed to call it finished
+    scratch: tuple = ()  # files it may also write (DPO pairs, FSDP2 progress), removed when it reruns
 
     @property
     def doc(self):
@@ -1282,12 +1315,12 @@ class Stage:
 
 STAGES = (
     Stage("init", run_init, ("init_mla.pt", "init_m2.pt")),
-    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), all_ranks=True),
-    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), all_ranks=True),
+    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), True, ("ild_mla.dcp",)),
+    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), True, ("ild_m2.dcp",)),
     Stage("smart", run_smart, ("smart.json",)),
     Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",)),
-    Stage("kd", run_kd, ("kd.pt",), all_ranks=True),
-    Stage("dpo", run_dpo, ("dpo.pt",), all_ranks=True, scratch=("dpo_pairs.jsonl",)),
+    Stage("kd", run_kd, ("kd.pt",), True, ("kd.dcp",)),
+    Stage("dpo", run_dpo, ("dpo.pt",), True, ("dpo_pairs.jsonl", "dpo.dcp")),
     Stage("eval", run_eval, ("eval.json",)),
 )
 
@@ -1383,6 +1416,12 @@ class SimRun(Run):
 
     def save(self, name, model, step, **extra):
         pass
+
+    def save_progress(self, stage, model, opt, sched, step, history):
+        pass
+
+    def resume(self, stage, model, opt, sched):
+        return 0, []
 
     def write_json(self, name, obj):
         self.written_json[name] = obj
@@ -1535,7 +1574,7 @@ def print_plan(cfg, plan, world):
     print(f"{'stage':<13}{'peak GiB':>9}{'of budget':>10}{'at start':>9}  rows per forward x micro-batches")
     for name, p in plan.items():
         split = f"{p['micro']} x {p['n_micro']}" if "micro" in p else "-"
-        ranks = " (rank 0)" if name in ("smart", "eval") else f" x {world} ranks" if "micro" in p else ""
+        ranks = " (rank 0)" if name in ("smart", "eval") else f" x {world} rank(s)" if "micro" in p else ""
         over = "  EXCEEDS 90 % OF THE BUDGET" if p["peak"] > 0.9 * budget else ""
         print(
             f"{name:<13}{p['peak'] / GiB:>9.2f}{100 * p['peak'] / budget:>9.1f}%{p['start'] / GiB:>9.2f}"
@@ -1667,6 +1706,14 @@ def why_run(stage, r, records):
     return f"{damaged[0]} is missing or was changed since it was written" if damaged else None
 
 
+def remove(path):
+    """Remove a file or a folder, if there is one."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.isfile(path):
+        os.remove(path)
+
+
 def run_stage(stage, r):
     """Run a stage unless it is current, noting what it reads; record that and the digests of its files.
     A stage that reruns from scratch first loses its files and record, so nothing reads them meanwhile."""
@@ -1681,8 +1728,10 @@ def run_stage(stage, r):
         if why not in ("not run yet", RESUME):
             print(f"[{stage.name}] {'restarts' if why.startswith('unfinished') else 'reruns'}: {why}")
         if why != RESUME:
-            for f in filter(r.has, stage.files + stage.scratch):
-                os.remove(r.path(f))
+            for f in stage.files + stage.scratch:
+                shutil.rmtree(r.path(f)) if os.path.isdir(r.path(f)) else os.path.isfile(
+                    r.path(f)
+                ) and os.remove(r.path(f))
             records[stage.name] = dict(start=r.fingerprint(stage), done=False)
             write_json(r.path("stages.json"), records)
     r.sync()
@@ -1777,8 +1826,8 @@ def lock(out):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    for tmp in glob.glob(os.path.join(out, "*.tmp*")):  # atomic_write's, of a killed run
-        os.remove(tmp)
+    for tmp in glob.glob(os.path.join(out, "*.tmp*")):  # atomic_write's and save_progress's, of a killed run
+        remove(tmp)
     return f
 
 
