@@ -226,7 +226,8 @@ class DistillConfig:
     )
     micro_batch: int = option(
         0,
-        "sequences (DPO: pairs) per forward and rank (0 = chosen by the memory plan)",
+        "sequences (DPO: pairs) per forward and rank (0 = the memory plan's on CUDA or with --memory-gb, "
+        "else the whole batch)",
         "at least 0",
         neutral=True,
     )
@@ -238,7 +239,8 @@ class DistillConfig:
     )
     memory_gb: float = option(
         0.0,
-        "GiB per device the plan may use (0 = the CUDA device's memory, or the free RAM)",
+        "GiB per device the plan may use; given, the plan also runs on the CPU (0 = the CUDA device's "
+        "memory, or the free RAM)",
         "at least 0",
         neutral=True,
     )
