@@ -134,11 +134,12 @@ def ssd_chunked(
     """Chunked SSD in plain torch (mamba_ssm's ssd_minimal.py), differentiable, any length: the training
     path. Inputs and outputs as `ssd`'s.
 
-    Unrolled, y = M·x + D·x with M_ij = (C_i·B_j)·exp(cs_i − cs_j)·Δ_j for j ≤ i, cs = cumsum(A·Δ): one T×T
-    lower-triangular matrix per head. Cut into Q×Q blocks, the diagonal blocks are small dense matmuls
-    (step 1). Every block below them has rank ≤ n: C-side · decay between the chunks · B-side, i.e. it
-    factors through the p×n state the recurrence carries (steps 2, 3, 4: ssd_minimal's B-, A- and C-terms),
-    so they cost c sequential steps instead of T. cs restarts in each chunk: every exp spans one chunk.
+    Unrolled, y = M·x + D·x with M_ij = (C_i·B_j)·exp(cs_i − cs_j)·Δ_j for j ≤ i and
+    cs = cumsum(A·Δ): one T×T lower-triangular matrix per head. Cut into Q×Q blocks, the diagonal blocks
+    are small dense matmuls (step 1). Every block below them has rank ≤ n: C-side · decay between the
+    chunks · B-side, i.e. it factors through the p×n state the recurrence carries (steps 2, 3, 4:
+    ssd_minimal's B-, A- and C-terms), so they cost c sequential steps instead of T. cs restarts in each
+    chunk: every exp spans one chunk.
     The math runs in fp32 (fp64 for fp64 inputs) even under autocast: bf16 matmuls here would cost ~1e-3
     relative error in the state, which every later token inherits."""
     (b, T, _, _), h, Q, acc = x.shape, dt.shape[2], chunk_size, _acc_dtype(x)
@@ -149,9 +150,10 @@ def ssd_chunked(
         cs = torch.cumsum(dt * A.to(acc)[:, None, None], dim=-1)  # (b, h, c, Q): log-decay since chunk start
         xc, Bc, Cc = (_chunked(t, h, c, Q, acc) for t in (x, B, C))  # (b, h, c, Q, p | n)
 
-        # 1. diagonal blocks (outputs from the chunk's own tokens): y_i = Σ_{j ≤ i} M_ij·x_j inside a chunk
+        # 1. diagonal blocks (outputs from the chunk's own tokens): y_i = Σ_{j≤i} M_ij·x_j in a chunk
         causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-        # mask BEFORE exp: above the diagonal cs_i − cs_j > 0 may overflow to inf, and inf·0 is a NaN gradient
+        # mask BEFORE exp: above the diagonal cs_i − cs_j > 0 may overflow to inf, and inf·0 is a NaN
+        # gradient
         log_decay = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)  # (b, h, c, Q, Q)
         y = ((Cc @ Bc.transpose(-1, -2)) * torch.exp(log_decay) * dt[..., None, :]) @ xc  # (b, h, c, Q, p)
 
@@ -718,8 +720,8 @@ def ssm_step(state, x, dt, A, B, C, D=None, dt_bias=None, backend="auto"):
 
 def random_inputs(b, T, h, p, n, groups=(1, 1, 1), dtype=torch.float32, device="cpu", seed=0):
     """Random ssd() keyword inputs with Mamba2's initial values (mamba_ssm's, kept by Zebra-Llama):
-    A = −U(1, 16), dt_bias = softplus⁻¹ of a log-uniform Δ in [1e-3, 0.1]; groups = (g_x, g_B, g_C); x, B, C,
-    raw dt, D and the initial state are Gaussian."""
+    A = −U(1, 16), dt_bias = softplus⁻¹ of a log-uniform Δ in [1e-3, 0.1]; groups = (g_x, g_B, g_C);
+    x, B, C, raw dt, D and the initial state are Gaussian."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape):

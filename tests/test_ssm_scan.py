@@ -149,8 +149,8 @@ def loop_per_chunk(inp, Q, prev=None):
 
 @pytest.mark.parametrize("h,p,n", KERNEL_SHAPES)
 def test_chunk_state_kernel(h, p, n):
-    # Δ and cs (b, h, c, Q) of _chunk_state_kernel = softplus and the in-chunk cumsum of A·Δ, Δ = 0 past T;
-    # its chunk states (step 2) = the loop's final state over each chunk alone from zero; raw dt > 20
+    # Δ and cs (b, h, c, Q) of _chunk_state_kernel = softplus and the in-chunk cumsum of A·Δ, Δ = 0 past
+    # T; its chunk states (step 2) = the loop's final state over each chunk alone from zero; raw dt > 20
     # (softplus's identity branch, at a chunk's end so fp32 cs keeps its precision) and ≈ −12
     inp = f32(case(T=45, h=h, p=p, n=n, groups=(2, 2, h)))
     inp["dt"][:, 12:16], inp["dt"][:, 4:8] = 25.0, -12.0 - inp["dt_bias"]
