@@ -140,7 +140,8 @@ def init_mamba2_from_attention(cfg, wq, wk, wv, wo, fresh):
     out_proj <- W_O; the z and dt rows, dt_bias, A_log, D and the norm keep the fresh module's random init
     (as mamba_ssm's). Unlike the official code, the conv starts as the identity (each channel passes its
     current token), so that x, B and C start as silu(W_V h), silu(W_K h), silu(W_Q h) [project; measured in
-    the README]."""
+    EXPERIMENTS.md]. Why it works: with the identity conv and A -> 0 (no decay) the SSD recurrence is
+    y_t = sum_{s<=t} (C_t . B_s) x_s, causal linear attention on the teacher's own queries, keys, values."""
     sd, a, b = {k: v.clone() for k, v in fresh.items()}, cfg.d_inner, cfg.d_xb
     sd["in_proj.weight"][a : a + 2 * b + a] = torch.cat([wv, wk, wq]).float()  # rows of x, B, C
     sd["conv1d.weight"].zero_()[:, 0, -1] = 1.0  # (C_conv, 1, d_conv): the last tap is the current token

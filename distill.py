@@ -1,21 +1,20 @@
-"""The Zebra-Llama post-training pipeline (arXiv 2505.17272 §3): teacher -> two students -> ILD -> SMART ->
-hybrid -> KD -> DPO -> eval, in the official code's order. Stages (STAGES below; files under out/<size>/):
-  init_mla.pt, init_m2.pt   all-MLA (SVD init) and all-Mamba2 (attention-seeded) students
-  ild_mla.pt, ild_m2.pt     intermediate layer distillation, teacher-forced per layer
-  smart.json                which layers stay MLA (sensitivity scores, near-uniform windows)
-  hybrid_init.pt            the hybrid composed from the two ILD students and the teacher
-  kd.pt                     end-to-end KL(p_teacher || p_student) distillation
-  dpo_pairs.jsonl, dpo.pt   DPO against the frozen KD model
-  eval.json                 held-out perplexity, KL and top-1 agreement to the teacher, KV cache
-stages.json records what each stage read (settings, teachers, data, files) and the digests of the files it
-wrote: a rerun skips a stage while all that is the same, resumes an unfinished one, and reruns any other.
-One run per out-dir at a time. --plan simulates every stage's memory at the real shapes, without a GPU.
+"""Zebra-Llama post-training (arXiv 2505.17272 §3): a pre-trained Llama becomes a hybrid of Mamba2 layers and
+a few MLA layers, seeded from its own weights and distilled from it. The stages, in the paper's order (files
+under out/<size>/):
+  init         init_mla.pt, init_m2.pt  the all-MLA (SVD) and all-Mamba2 (Q/K/V/O) students (convert.py)
+  ild_mla/m2   ild_mla.pt, ild_m2.pt    intermediate layer distillation, each layer teacher-forced (§3)
+  smart        smart.json               which layers stay MLA: sensitivity scores, near-uniform gaps (§3)
+  hybrid_init  hybrid_init.pt           the hybrid composed from the two students
+  kd, dpo      kd.pt, dpo.pt            end-to-end KL distillation, then DPO (§3)
+  eval         eval.json                perplexity, KL and top-1 agreement with the teacher, KV cache
+Read top-down: the settings, the three losses, SMART, the training loop, the stages, main; then the
+machinery (data, files and ranks, which stages rerun, the memory plan).
 
-  python distill.py                      # 135m: SmolLM2-135M-Instruct + chitchat corpus, CPU
-  python distill.py --size tiny          # random tiny teacher, every stage in seconds
+  python distill.py                      # 135m: SmolLM2-135M-Instruct + the chitchat corpus, on a CPU
+  python distill.py --size tiny          # a random tiny teacher, every stage in seconds
   python distill.py --size 1b --teacher /path/to/Llama-3.2-1B-Instruct
-  python distill.py --size 1b --plan --memory-gb 80 --precision bf16   # memory per stage on one 80 GB GPU
-  torchrun --nproc_per_node 8 distill.py --size 8b --teacher PATH   # FSDP2 for 8b
+  python distill.py --size 1b --plan --memory-gb 80 --precision bf16   # memory per stage on an 80 GB GPU
+  torchrun --nproc_per_node 8 distill.py --size 8b --teacher PATH       # FSDP2
 """
 
 import argparse
@@ -24,6 +23,7 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -38,6 +38,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from tqdm import tqdm
 import convert
 from generate import reply, reply_ids
 from model import (
+    SIZES,
     Model,
     atomic_write,
     load_checkpoint,
@@ -63,26 +65,97 @@ from model import (
 )
 
 
-# ----------------------------------------------------------------------------- configuration
-def option(default, help, valid=None, neutral=False):
-    """A DistillConfig field with its --help line and the values it takes (a range of RANGES, or a list of
-    choices), checked at parse time; neutral: it changes no stage's result (where files go, how often to
-    log or save, how to split a batch), so a stage does not rerun for it."""
-    return field(default=default, metadata=dict(help=help, valid=valid, neutral=neutral))
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every knob, one line each: the comment is its --help. A size's PRESETS row gives its defaults."""
+
+    size: Literal[tuple(SIZES)] = "135m"  # tiny (random teacher), 135m (SmolLM2), 1b/3b/8b (--teacher)
+    teacher: str = ""  # the Llama to convert: a size, an HF or Meta folder or a .gguf ('' = --size)
+    kd_teacher: str = ""  # teacher of KD, DPO pairs, teacher replies and eval, as --teacher ('' = it)
+    data: str = ""  # chat JSONL, one {"messages": [{"role", "content"}, ...]} a line ('' = chitchat)
+    dpo_data: str = ""  # DPO JSONL, one {"prompt", "chosen", "rejected"} a line ('' = teacher vs KD replies)
+    max_chats: int = 0  # use the first N conversations only (0 = all)
+    teacher_replies: int = 0  # chats of the teacher's own replies, read by 1 in 3 ILD/KD steps (MIX)
+    teacher_text: int = 0  # texts the teacher writes after prose openings, read by 3 in 5 steps (MIX)
+    seq_len: int = 2048  # tokens per training sequence, at most the teacher's context
+    batch_size: int = 8  # ILD (and SMART, eval) sequences per optimizer step, summed over ranks
+    kd_batch_size: int = 8  # KD sequences per optimizer step, summed over ranks
+    dpo_batch_size: int = 32  # DPO preference pairs per optimizer step
+    ild_steps: int = 1000  # optimizer steps of each ILD run
+    ild_mla_steps: int = 0  # steps of the all-MLA student's ILD, if fewer suffice (0 = ild_steps)
+    kd_steps: int = 4000  # optimizer steps of KD
+    dpo_steps: int = 100  # optimizer steps of DPO
+    ild_lr: float = 2e-4  # peak learning rate of ILD
+    kd_lr: float = 8e-5  # peak learning rate of KD
+    dpo_lr: float = 5e-7  # peak learning rate of DPO
+    warmup: float = 0.01  # fraction of ILD's and KD's steps warming up the learning rate
+    dpo_warmup: float = 0.1  # fraction of DPO's steps warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    scalar_lr: float = 1.0  # lr multiplier of Mamba2's A_log, dt_bias, D, norm (1 = the official code)
+    grad_clip: float = 1.0  # clip the gradient norm to this
+    ce_weight: float = 0.0  # KD loss = KL + CE_WEIGHT * cross-entropy (the paper: pure KL)
+    dpo_beta: float = 0.01  # DPO's beta (the official configs/dpo.yaml)
+    dpo_pairs: int = 64  # default DPO pairs built from corpus prompts (0 = no DPO)
+    dpo_max_new: int = 64  # reply tokens at most in a built DPO pair
+    smart_batches: int = 4  # batches of the ILD split SMART scores the layers on
+    eval_batches: int = 8  # held-out batches of the evaluation
+    mla_layers: str = ""  # comma-separated MLA layers, e.g. 0,6,12,18,24,28 ('' = chosen by SMART)
+    rope_rule: Literal["2norm", "high"] = "2norm"  # MLA rope pairs: calibrated on tokens, or the fastest
+    ild_target: Literal["block", "mixer"] = "block"  # ILD matches block+mixer outputs, or mixers alone
+    kd_train: Literal["all", "mixers"] = "all"  # what KD trains: all (the official code) or the mixers
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and bf16 CPUs
+    seed: int = 42  # seed of the data order and initialisation
+    dry_run: bool = False  # every stage once at the size's real shapes: short sequences, 1-2 steps
+    # settings that change no result (NEUTRAL): where files go, what to print, how to split the work
+    out_dir: str = "out"  # data and checkpoints go to OUT_DIR/SIZE
+    cache_dir: str = ""  # downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)
+    stage: str = ""  # rerun this stage (and what is missing or stale before it), then stop
+    force: bool = False  # rerun every stage
+    ckpt_every: int = 100  # steps between resumable checkpoints
+    log_every: int = 10  # steps between log lines
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda or cuda:N
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP (8b)
+    micro_batch: int = 0  # rows (DPO: pairs) per forward and rank (0 = the memory plan's)
+    plan: bool = False  # print every stage's simulated memory at the real shapes and exit
+    memory_gb: float = 0.0  # GiB per device the plan may use; runs the plan on a CPU (0 = the device's)
+    world: int = 0  # processes the plan assumes, e.g. 8 to plan 8 GPUs from one machine (0 = this run's)
+
+    def __post_init__(self):  # every value checked before any download or data preparation
+        for f in fields(self):
+            v, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if get_origin(f.type) is Literal and v not in get_args(f.type):
+                raise ValueError(f"{flag} must be one of {', '.join(get_args(f.type))}, got {v!r}")
+            rule = "in [0, 1]" if "warmup" in f.name else "at least 0" if f.name in AT_LEAST_0 else "positive"
+            if f.type in (int, float) and not (math.isfinite(v) and RULES[rule](v)):
+                raise ValueError(f"{flag} must be {rule}, got {v}")
+        if self.stage and self.stage not in [s.name for s in STAGES]:
+            raise ValueError(
+                f"unknown --stage {self.stage!r}: choose one of {', '.join(s.name for s in STAGES)}"
+            )
+        if not re.fullmatch(r"(\d+(,\d+)*)?", self.mla_layers):
+            raise ValueError(f"--mla-layers must be layer indices like 0,6,12, got {self.mla_layers!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device {self.device!r} is not a device: use cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {self.device}: this torch ({torch.__version__}) sees no GPU; use --device cpu"
+            )
 
 
-RANGES = {"positive": lambda v: v > 0, "at least 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
+RULES = {"positive": lambda v: v > 0, "at least 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
+AT_LEAST_0 = {"max_chats", "teacher_replies", "teacher_text", "ild_mla_steps", "weight_decay", "ce_weight"}
+AT_LEAST_0 |= {"dpo_pairs", "seed", "micro_batch", "memory_gb", "world"}
+NEUTRAL = {"out_dir", "cache_dir", "stage", "force", "ckpt_every", "log_every", "device", "fsdp"}
+NEUTRAL |= {"micro_batch", "plan", "memory_gb", "world"}
 
 
 # Per-size defaults. 1b/3b/8b are the official configs (configs/*/zebra_*.yaml and configs/dpo.yaml of
-# https://github.com/AMD-AGI/AMD-Hybrid-Models): global batches per optimizer step
-# (ILD batch_size, KD kd_batch_size sequences of 2048 tokens; DPO dpo_batch_size pairs), peak learning rates,
-# warmup 0.01 (DPO 0.1) and token budgets: ILD 20 % of 6.8B tokens = 1.36B per student, KD 1 epoch of the 80 %
-# (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). The paper distils KD and DPO from
-# Llama-3.1-8B-Instruct for every size (a separate KD teacher; --plan counts its memory).
-# tiny and 135m are CPU presets: short sequences and few steps, so that tiny runs every stage in about a
-# minute and 135m in about 30 minutes on 2 idle cores.
-OFFICIAL = ("batch_size", "ild_steps", "ild_lr", "kd_batch_size", "kd_steps", "kd_lr")  # the 1b-8b rows
+# https://github.com/AMD-AGI/AMD-Hybrid-Models): global batches of 2048-token sequences (DPO: pairs), peak
+# learning rates and token budgets: ILD 20 % of 6.8B tokens = 1.36B per student, KD one epoch of the other
+# 80 % (1b: 5.44B tokens) or the official max_steps (3b 37,842, 8b 72,021). tiny and 135m are CPU presets:
+# tiny runs every stage in about a minute, 135m in about 30 minutes on 2 idle cores.
+OFFICIAL = ("batch_size", "ild_steps", "ild_lr", "kd_batch_size", "kd_steps", "kd_lr")
 PRESETS = {
     "tiny": (
         dict(seq_len=64, max_chats=400, teacher_replies=16, teacher_text=8)
@@ -103,163 +176,12 @@ PRESETS = {
     "3b": dict(zip(OFFICIAL, (96, 6_917, 2e-4, 96, 37_842, 4e-5))),
     "8b": dict(zip(OFFICIAL, (48, 13_835, 1e-4, 64, 72_021, 4e-5)), fsdp=True),
 }
-
-
-@dataclass
-class DistillConfig:
-    size: str = option(
-        "135m",
-        "model size: tiny (random teacher, a minute), 135m (SmolLM2, CPU), 1b, 3b, 8b (local --teacher)",
-        list(PRESETS),
-    )
-    teacher: str = option(
-        "", "teacher to convert: a size, an HF or Meta Llama directory or a .gguf file ('' = --size)"
-    )
-    kd_teacher: str = option(
-        "", "teacher of KD, DPO pairs, teacher replies and evaluation, any --teacher source ('' = --teacher)"
-    )
-    out_dir: str = option(
-        "out", "folder for data and checkpoints (a size writes under OUT_DIR/SIZE)", neutral=True
-    )
-    data: str = option(
-        "", "chat JSONL, one {'messages': [{'role', 'content'}, ...]} per line ('' = the chitchat corpus)"
-    )
-    dpo_data: str = option(
-        "", "DPO JSONL, one {'prompt', 'chosen', 'rejected'} per line ('' = teacher vs KD replies)"
-    )
-    cache_dir: str = option(
-        "", "downloads: teacher, corpus ('' = $ZEBRA_CACHE or ~/.cache/zebra)", neutral=True
-    )
-    max_chats: int = option(0, "use only the first N conversations (0 = all)", "at least 0")
-    teacher_replies: int = option(
-        0,
-        "chats of the teacher's own greedy replies (to topic questions and corpus first turns), made once, "
-        "read by one in three ILD and KD steps, one in five with --teacher-text (0 = none)",
-        "at least 0",
-    )
-    teacher_text: int = option(
-        0,
-        "texts the teacher writes on its own after openings of English prose (temperature 1, top-p 0.95), "
-        "made once, read by three in five ILD and KD steps (0 = none)",
-        "at least 0",
-    )
-    seq_len: int = option(
-        2048, "tokens per packed training sequence, at most the teacher's context", "positive"
-    )
-    batch_size: int = option(
-        8,
-        "ILD (and SMART, eval): global batch per optimizer step in sequences, summed over ranks",
-        "positive",
-    )
-    ild_steps: int = option(1000, "optimizer steps of each ILD run", "positive")
-    ild_mla_steps: int = option(
-        0,
-        "optimizer steps of the all-MLA student's ILD, whose few SMART layers learn fast (0 = --ild-steps)",
-        "at least 0",
-    )
-    kd_steps: int = option(4000, "optimizer steps of end-to-end KD", "positive")
-    dpo_steps: int = option(100, "optimizer steps of DPO", "positive")
-    ild_lr: float = option(2e-4, "peak learning rate of ILD", "positive")
-    kd_lr: float = option(8e-5, "peak learning rate of KD", "positive")
-    dpo_lr: float = option(5e-7, "peak learning rate of DPO", "positive")
-    warmup: float = option(
-        0.01, "fraction of each stage's steps spent warming up the learning rate, in [0, 1]", "in [0, 1]"
-    )
-    weight_decay: float = option(0.0, "AdamW weight decay", "at least 0")
-    scalar_lr: float = option(
-        1.0,
-        "learning-rate multiplier of Mamba2's per-head A_log, dt_bias, D and gated-norm weights (1 = the "
-        "official code; the CPU presets' few hundred steps would leave them near their random init)",
-        "positive",
-    )
-    grad_clip: float = option(1.0, "clip the gradient norm to this", "positive")
-    ce_weight: float = option(
-        0.0, "KD loss = KL + CE_WEIGHT * cross-entropy (the paper: pure KL)", "at least 0"
-    )
-    dpo_beta: float = option(0.01, "DPO beta (the official configs/dpo.yaml: 0.01)", "positive")
-    dpo_pairs: int = option(64, "default DPO pairs to build from corpus prompts (0 = skip DPO)", "at least 0")
-    dpo_max_new: int = option(64, "reply tokens at most when building DPO pairs", "positive")
-    smart_batches: int = option(
-        4, "batches of the ILD (training) split that SMART scores layers on", "positive"
-    )
-    eval_batches: int = option(8, "held-out batches of the final evaluation", "positive")
-    mla_layers: str = option("", "comma-separated MLA layers, e.g. 0,6,12,18,24,28 ('' = chosen by SMART)")
-    rope_rule: str = option(
-        "2norm",
-        "MLA rope pairs: 2norm (calibrated on training tokens) or high (highest frequencies)",
-        ["2norm", "high"],
-    )
-    ild_target: str = option(
-        "block",
-        "ILD loss: block (the official code: block and mixer outputs, MLPs train) or mixer (mixers alone, "
-        "MLPs frozen: no MLP forward or backward)",
-        ["block", "mixer"],
-    )
-    kd_train: str = option(
-        "all",
-        "what KD trains: all (the official code) or mixers (MLPs, norms, embeddings and head stay as "
-        "composed: no MLP weight gradients or optimizer state)",
-        ["all", "mixers"],
-    )
-    stage: str = option(
-        "",
-        "rerun this stage (and any missing or stale one before it) and stop; a later run reruns the stages "
-        "after it that read what changed",
-        neutral=True,
-    )
-    force: bool = option(False, "rerun every stage", neutral=True)
-    ckpt_every: int = option(100, "steps between resumable checkpoints", "positive", neutral=True)
-    log_every: int = option(10, "steps between log lines", "positive", neutral=True)
-    seed: int = option(42, "seed of the data order and initialisation", "at least 0")
-    fsdp: bool = option(
-        False,
-        "under torchrun: FSDP2 instead of DDP (8b: a student and the teacher exceed one GPU)",
-        neutral=True,
-    )
-    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N", neutral=True)
-    kd_batch_size: int = option(
-        8, "KD: global batch per optimizer step in sequences, summed over ranks and micro-batches", "positive"
-    )
-    dpo_batch_size: int = option(32, "DPO: global batch per optimizer step in preference pairs", "positive")
-    dpo_warmup: float = option(
-        0.1, "fraction of DPO's steps spent warming up (paper: 0.1); --warmup is ILD's and KD's", "in [0, 1]"
-    )
-    micro_batch: int = option(
-        0,
-        "sequences (DPO: pairs) per forward and rank (0 = the memory plan's on CUDA or with --memory-gb, "
-        "else the whole batch)",
-        "at least 0",
-        neutral=True,
-    )
-    plan: bool = option(
-        False,
-        "simulate every stage's memory at the real shapes (SIZES, nothing loaded; minutes at 1b), print the "
-        "plan and exit; plan a GPU from any machine with --memory-gb 80 --precision bf16",
-        neutral=True,
-    )
-    memory_gb: float = option(
-        0.0,
-        "GiB per device the plan may use; given, the plan also runs on the CPU (0 = the CUDA device's "
-        "memory, or the free RAM)",
-        "at least 0",
-        neutral=True,
-    )
-    world: int = option(
-        0,
-        "processes the plan assumes, e.g. 8 to plan 8 GPUs from one machine (0 = this run's)",
-        "at least 0",
-        neutral=True,
-    )
-    precision: str = option(
-        "auto",
-        "auto (bf16 autocast on CUDA and on CPUs with native bf16), fp32 or bf16",
-        ["auto", "fp32", "bf16"],
-    )
-    dry_run: bool = option(
-        False,
-        "every stage once at the size's real shapes: random bf16 teacher without --teacher, short "
-        "sequences, 1-2 steps",
-    )
+# --dry-run: the size's real shapes, everything else as small as a CPU allows, under OUT_DIR/dry-run
+DRY_RUN = (
+    dict(seq_len=64, batch_size=2, kd_batch_size=2, dpo_batch_size=1, max_chats=300)
+    | dict(ild_steps=2, ild_mla_steps=0, kd_steps=2, dpo_steps=1, dpo_pairs=2, dpo_max_new=4)
+    | dict(smart_batches=1, eval_batches=1, log_every=1)
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -267,98 +189,673 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see --help)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass  # --help shows each default and keeps the stage table's lines
+
+
 def parse_args(argv=None):
-    """DistillConfig from the command line: the chosen size's presets are the defaults (and --help shows
-    them); every value is checked here, before any download or data preparation."""
+    """DistillConfig from the command line, one flag per field: the chosen size's PRESETS are the defaults
+    (--help shows them), the field's comment is its help. --dry-run applies DRY_RUN on top."""
     pre = ArgumentParser(add_help=False)
-    pre.add_argument("--size", default=DistillConfig.size, choices=list(PRESETS))
+    pre.add_argument("--size", default=DistillConfig.size, choices=list(SIZES))
     size = pre.parse_known_args(argv)[0].size
-    defaults = {**asdict(DistillConfig()), **PRESETS[size], "size": size}
-
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
-
+    defaults = asdict(DistillConfig()) | PRESETS[size] | dict(size=size)
+    helps = dict(re.findall(r"^    (\w+): .+?  # (.+)$", inspect.getsource(DistillConfig), re.M))
     stages = "\n".join(f"  {s.name:<12} {', '.join(s.files):<24} {s.doc}" for s in STAGES)
     p = ArgumentParser(
         description=__doc__.split("\n")[0],
-        formatter_class=Formatter,
+        formatter_class=HelpFormatter,
         epilog=f"stages, in order (files under OUT_DIR/SIZE):\n{stages}",
     )
     for f in fields(DistillConfig):
-        flag, valid = "--" + f.name.replace("_", "-"), f.metadata["valid"]
-        kw = dict(default=defaults[f.name], help=f.metadata["help"])
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=f.type, choices=valid if isinstance(valid, list) else None, **kw)
-    cfg = DistillConfig(**vars(p.parse_args(argv)))
-    for f in fields(cfg):
-        v, rule = getattr(cfg, f.name), f.metadata["valid"]
-        if isinstance(rule, str) and not (math.isfinite(v) and RANGES[rule](v)):
-            raise ValueError(f"--{f.name.replace('_', '-')} must be {rule}, got {v}")
-    if cfg.stage and cfg.stage not in [s.name for s in STAGES]:
-        raise ValueError(f"unknown --stage {cfg.stage!r}: choose one of {', '.join(s.name for s in STAGES)}")
-    if cfg.mla_layers and not re.fullmatch(r"\d+(,\d+)*", cfg.mla_layers):
-        raise ValueError(
-            f"--mla-layers must be comma-separated layer indices like 0,6,12, got {cfg.mla_layers!r}"
+        choices = get_args(f.type) if get_origin(f.type) is Literal else None
+        kw = dict(type=str, choices=choices) if choices else dict(type=f.type)
+        kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else kw
+        p.add_argument("--" + f.name.replace("_", "-"), default=defaults[f.name], help=helps[f.name], **kw)
+    args = vars(p.parse_args(argv))
+    if args["dry_run"]:
+        args |= DRY_RUN | dict(out_dir=os.path.join(args["out_dir"], "dry-run"))
+    return DistillConfig(**args)
+
+
+# ----------------------------------------------------------------------------- the losses
+def ild_layer_losses(student, teacher, idx, target="block"):
+    """Intermediate layer distillation (ILD, §3), one loss per layer: student block i is fed the teacher's
+    input to block i (teacher forcing), so every layer learns at once and none waits for the ones below.
+    target "block", the official code (trainer/kd_trainer.py): L_i = d(block outputs) + d(mixer outputs),
+    d the per-token L2 distance (not squared) averaged over tokens (the last block's output after the final
+    norm); the code, not the paper's MSE, produced the published models. target "mixer" (MOHAWK's stage 2,
+    arXiv 2408.10189, [project]) scores the mixer alone on the teacher's normed input: the MLPs are the
+    teacher's own and stay frozen, so a step runs no MLP at all."""
+    with torch.no_grad():
+        _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
+    if target == "mixer":
+        s_mix = student(idx, layer_inputs=t_in, mixers_only=True)
+        return torch.stack([l2(sm, tm) for sm, tm in zip(s_mix, t_mix)])
+    _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
+    return torch.stack([l2(so, to) + l2(sm, tm) for so, to, sm, tm in zip(s_out, t_out, s_mix, t_mix)])
+
+
+def l2(a, b):
+    """Per-token L2 distance (not squared) over the hidden dimension, averaged over tokens, in fp32."""
+    return (a.float() - b.float()).norm(dim=-1).mean()
+
+
+def kd_loss(s_logits, t_logits, chunk=1024):
+    """End-to-end distillation (§3): KL(p_T || p_S) per token at temperature 1, averaged over all positions
+    (the official code sums per sequence: the same up to scale). In fp32, over chunks of positions, so that
+    only a chunk's (chunk, V) probabilities are alive at once."""
+    s, t = s_logits.flatten(0, -2), t_logits.flatten(0, -2)  # (B*T, V)
+    total = 0.0
+    for i in range(0, s.shape[0], chunk):
+        ls, lt = F.log_softmax(s[i : i + chunk].float(), -1), F.log_softmax(t[i : i + chunk].float(), -1)
+        total = total + (lt.exp() * (lt - ls)).sum()
+    return total / s.shape[0]
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO (Rafailov et al. 2023, as the official train_hybrid/train_dpo.py), on sequence log-probs:
+    -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))); log 2 while the policy is the reference."""
+    return -F.logsigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))).mean()
+
+
+def seq_logprobs(model, idx, mask):
+    """Sum of log p(token) over the positions where mask is 1 (the response), per sequence."""
+    return (token_logprobs(model(idx[:, :-1]), idx[:, 1:]) * mask[:, 1:]).sum(-1)
+
+
+def token_logprobs(logits, targets):
+    """log p(target) per position in fp32: logits (B, T, V), targets (B, T) -> (B, T)."""
+    return F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+
+
+# ----------------------------------------------------------------------------- SMART
+@torch.no_grad()
+def smart_scores(teacher, m2, mla, batches, micro):
+    """SMART's sensitivity (§3): s_i = KL(all-Mamba2) - KL(all-Mamba2 with layer i from the all-MLA
+    student), how much one MLA layer at i helps, with KL to the teacher per token. Each batch runs in
+    micro-batches of `micro` rows; the KLs are per-token means over all rows. -> (scores, KL(all-Mamba2))."""
+    kls, rows = np.zeros(teacher.cfg.n_layer + 1), 0
+    for idx in tqdm(batches, desc="SMART batches", leave=False):
+        for part in idx.split(micro):
+            t, w = teacher(part), len(part)
+            kls[-1] += kd_loss(m2(part), t).item() * w
+            for i in range(teacher.cfg.n_layer):
+                keep, m2.layers[i] = m2.layers[i], mla.layers[i]
+                kls[i] += kd_loss(m2(part), t).item() * w
+                m2.layers[i] = keep
+            rows += w
+    return (kls[-1] - kls[:-1]) / rows, kls[-1] / rows
+
+
+def smart_select(scores, n_mla):
+    """Choose n_mla layers (SMART; its code is not published): layers 0 and L-2 forced (the published
+    lists' terminal MLA layers), every gap within one of the uniform gap (L-2)/(n_mla-1) (all published lists
+    obey this), and the largest total score among such sets, by dynamic programming over (k-th chosen layer,
+    its index). E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
+    L = len(scores)
+    if not 2 <= n_mla <= L - 1:
+        raise ValueError(f"SMART needs 2 <= N_MLA <= L-1 = {L - 1}, got {n_mla}")
+    t = (L - 2) / (n_mla - 1)
+    lo, hi = max(1, math.ceil(t) - 1), math.floor(t) + 1
+    best = {(0, 0): (scores[0], [0])}  # (k, i) -> (total, layers) with the k-th MLA layer at i
+    for k in range(1, n_mla):
+        for i in range(1, L - 1):
+            prev = [best[k - 1, j] for j in range(i - hi, i - lo + 1) if (k - 1, j) in best]
+            if prev:
+                total, layers = max(prev, key=lambda p: p[0])
+                best[k, i] = (total + scores[i], layers + [i])
+    return best[n_mla - 1, L - 2][1]
+
+
+# ----------------------------------------------------------------------------- the training loop
+def cpu_has_bf16():
+    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    if not os.path.isfile("/proc/cpuinfo"):
+        return False
+    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype(cfg):
+    """The autocast dtype of training, None for plain fp32: --precision bf16, or auto on CUDA (as the official
+    runs) and on CPUs with native bf16. Under --dry-run the weights themselves are bf16: no autocast."""
+    if cfg.dry_run or cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16" or cfg.device.startswith("cuda") or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(cfg):
+    """The autocast of every student forward that trains or serves as DPO's reference (the two must agree)."""
+    return torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=amp_dtype(cfg) is not None)
+
+
+def weights_dtype(cfg):
+    """The dtype of the weights a stage trains: fp32, or bf16 under --dry-run (a 1b student's fp32 weights
+    and AdamW state alone take ~17 GB)."""
+    return torch.bfloat16 if cfg.dry_run else torch.float32
+
+
+def teacher_dtype(cfg):
+    """The dtype of models that take no gradient (the teachers; the students SMART and eval score): bf16
+    where training autocasts to bf16 (as the official runs), else the trained weights' dtype."""
+    return amp_dtype(cfg) or weights_dtype(cfg)
+
+
+def trainable(student, target):
+    """What a stage trains: everything ("all", KD), the blocks and the final norm ("block", ILD), or the
+    mixers alone ("mixer", "mixers"); ILD never trains the embeddings and head."""
+    student.requires_grad_(target in ("all", "block"))
+    if target == "all":
+        return student
+    student.embed_tokens.requires_grad_(False)
+    student.lm_head.requires_grad_(False)
+    for block in student.layers:
+        block.mixer.requires_grad_(True)
+    return student
+
+
+SCALARS = (".A_log", ".dt_bias", ".D", ".mamba.norm.weight")  # Mamba2's per-head scalars, --scalar-lr
+
+
+def optimizer(cfg, model, steps, lr, warmup):
+    """AdamW over the weights that train, the learning rate warming up linearly over a `warmup` fraction of
+    the steps, then falling to 0 on a cosine. -> (optimizer, scheduler)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # AdamW moves a weight by about lr per step: --scalar-lr speeds up the per-head scalars
+    scalar = {id(p) for n, p in model.named_parameters() if n.endswith(SCALARS)}
+    groups = [[p for p in params if (id(p) in scalar) == s] for s in (False, True)]
+    opt = torch.optim.AdamW(
+        [dict(params=g, lr=lr * (cfg.scalar_lr if s else 1.0)) for s, g in enumerate(groups) if g],
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+    )
+    warm = max(1, int(warmup * steps))
+
+    def schedule(s):
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def train(r, name, model, step_loss, steps, lr, warmup, batch):
+    """Train `model` as stage `name` of the Run r into <name>.pt: AdamW, linear warmup then cosine to 0,
+    gradient clipping, `batch` rows (DPO: pairs) per optimizer step split over the ranks and into
+    micro-batches of r.micro[name] rows, bf16 autocast (--precision), tqdm and a log line, a resumable
+    checkpoint every ckpt_every steps; rerun after a kill, it resumes there. DDP or FSDP2 under torchrun.
+    step_loss(model, step, micro, n_micro) -> (loss, terms) of micro-batch `micro` of `n_micro` of this
+    rank's share of step `step` (its rows from batch_rows)."""
+    cfg, rank, world, path = r.cfg, r.rank, r.world, r.path(f"{name}.pt")
+    model = r.wrap(model.train())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = optimizer(cfg, model, steps, lr, warmup)
+    start, history = r.resume(name, model, opt, sched)
+    amp, per_rank = autocast(cfg), batch // world
+    micro = min(per_rank, r.micro[name])
+
+    def say(msg):
+        if rank == 0:
+            tqdm.write(f"[{name}] {msg}")
+
+    if start:
+        say(f"resuming from step {start}/{steps}")
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=rank != 0)
+    t0, tokens = time.time(), 0
+    stop = f"stopped; the last good checkpoint {path} is kept (lower --{name.split('_')[0]}-lr and rerun)"
+    for step in bar:
+        r.progress["step"] = step
+        try:
+            loss, terms, micro = accumulate(model, step_loss, step, per_rank, micro, amp, say, world == 1)
+        except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
+            raise FloatingPointError(f"[{name}] step {step}: {e}; training diverged, {stop}") from None
+        if dist.is_initialized():  # log the loss of the global batch: the mean over ranks
+            dist.all_reduce(loss := loss.detach().clone())
+            loss /= world
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"[{name}] loss is {loss.item()} at step {step}: {stop}")
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append(round(loss.item(), 6))
+        tokens += batch * cfg.seq_len
+        rate, lr_now = tokens / (time.time() - t0), sched.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_now:.2e}", tok_s=f"{rate:.0f}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            eta = (time.time() - t0) / (step + 1 - start) * (steps - step - 1)
+            terms = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+            tail = f"lr {lr_now:.2e} tok/s {rate:.0f} eta {eta:.0f}s"
+            say(f"step {step + 1}/{steps} loss {loss.item():.4f} {terms} {tail}")
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            r.save_progress(name, model, opt, sched, step + 1, history)
+    r.save(f"{name}.pt", model.eval(), steps, done=True, history=history)
+    if r.rank == 0:
+        remove(r.path(f"{name}.dcp"))  # FSDP2's progress, now finished
+    r.sync()
+    return unwrap(model)
+
+
+def accumulate(model, step_loss, step, per_rank, micro, amp, say, retry=True):
+    """Forward and backward of one step: this rank's per_rank rows in micro-batches of at most `micro` rows,
+    each micro loss weighted by its share of the rows, so the gradient is the whole share's whatever the
+    split. On torch.OutOfMemoryError the gradients are cleared, the micro-batch halved (the global batch
+    stays) and the step redone; not under torchrun (retry=False), where the other ranks would wait for this
+    one at the gradient sync: there it is one clear error. -> (loss, terms, micro)."""
+    while True:
+        try:
+            return *one_try(model, step_loss, step, per_rank, micro, amp), micro
+        except torch.OutOfMemoryError:
+            pass  # leave the handler first: its traceback holds the failed try's frames, graph and all
+        model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the failed try's blocks back before the smaller one
+        fix = "(python distill.py --plan shows the need)"
+        if not retry:
+            raise MemoryError(
+                f"out of memory at step {step} with {micro} sequences per forward on one of several "
+                f"processes, which cannot halve their micro-batch in step: rerun with --micro-batch "
+                f"{max(1, micro // 2)} {fix}"
+            )
+        if micro == 1:
+            raise MemoryError(
+                f"out of memory at step {step} with one sequence per forward: use more GPUs (torchrun, "
+                f"--fsdp) or a shorter --seq-len {fix}"
+            )
+        micro //= 2
+        say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
+
+
+def one_try(model, step_loss, step, per_rank, micro, amp):
+    """accumulate's body -> (loss, terms). Its locals hold the graph: when it raises, they go with it."""
+    n_micro = math.ceil(per_rank / micro)
+    total, terms = 0.0, {}
+    for m in range(n_micro):
+        w = len(batch_rows(step, per_rank, per_rank, 0, 1, m, n_micro)) / per_rank  # as step_loss slices
+        with sync_gradients(model, m == n_micro - 1):
+            with amp:
+                loss, t = step_loss(model, step, m, n_micro)
+            (loss * w).backward()
+        total = total + loss.detach() * w
+        terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
+    return total, terms
+
+
+def sync_gradients(model, last):
+    """Gradient accumulation without a collective per micro-batch: DDP and FSDP2 reduce only on the last."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    if hasattr(model, "no_sync") and not last:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the stages
+def run_init(r):
+    """All-MLA (SVD) and all-Mamba2 (attention-seeded) students from the teacher's weights."""
+    # training tokens choose the MLA rope pairs and set the Mamba2 output norms; 4 rows are enough
+    calib = r.first_batches("ild", 1)[0][:4]  # the global batch's, whatever the ranks
+    for kind in ("mla", "m2"):
+        student = convert.make_student(r.teacher, kind, r.cfg.rope_rule, calib)
+        r.save(f"init_{kind}.pt", student.to(weights_dtype(r.cfg)), 0, done=True)
+
+
+def run_ild(r, kind):
+    """ILD of one student, every layer teacher-forced, on the ILD split (ild_layer_losses)."""
+    cfg = r.cfg
+    student = trainable(r.load(f"init_{kind}.pt").train(), cfg.ild_target)
+
+    def step_loss(m, step, micro, n_micro):
+        per_layer = ild_layer_losses(m, r.teacher, r.batch("ild", step, micro, n_micro), cfg.ild_target)
+        return per_layer.sum(), dict(first=per_layer[0].item(), last=per_layer[-1].item())
+
+    steps = cfg.ild_mla_steps if kind == "mla" and cfg.ild_mla_steps else cfg.ild_steps
+    train(r, f"ild_{kind}", student, step_loss, steps, cfg.ild_lr, cfg.warmup, cfg.batch_size)
+
+
+def run_smart(r):
+    """Which layers stay MLA (SMART), scored on the first ILD (training) batches: the held-out split stays
+    unseen until the evaluation. --mla-layers overrides the choice."""
+    if r.cfg.mla_layers:
+        res = dict(rule="given by --mla-layers", chosen=r.teacher.cfg.mla_layers)
+    else:
+        dtype = teacher_dtype(r.cfg)  # no gradients: the students score in the teacher's dtype
+        m2, mla = r.load("ild_m2.pt", dtype), r.load("ild_mla.pt", dtype)
+        batches = r.first_batches("ild", r.cfg.smart_batches)
+        scores, base_kl = smart_scores(r.teacher, m2, mla, batches, r.micro["smart"])
+        res = dict(
+            rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
+            kl_all_m2=base_kl,
+            scores=scores.tolist(),
+            chosen=smart_select(scores, len(r.teacher.cfg.mla_layers)),
         )
-    check_device(cfg.device)
-    return cfg
+    r.write_json("smart.json", res)
+    print(f"SMART: MLA layers {res['chosen']}")
 
 
-def check_device(device):
+def run_hybrid(r):
+    """The hybrid: SMART's layers from the MLA student, the others from the Mamba2 student, embeddings, final
+    norm and head from the teacher (convert.compose_hybrid)."""
+    hybrid = convert.compose_hybrid(r.teacher, r.load("ild_mla.pt"), r.load("ild_m2.pt"), r.mla_layers())
+    r.save("hybrid_init.pt", hybrid, 0, done=True)
+
+
+def run_kd(r):
+    """End-to-end KL distillation from the KD teacher on the KD split (kd_loss)."""
+    cfg = r.cfg
+
+    def step_loss(m, step, micro, n_micro):
+        idx = r.batch("kd", step, micro, n_micro)
+        with torch.no_grad():
+            t = r.kd_teacher(idx)
+        logits = m(idx)
+        kl = kd_loss(logits, t)
+        if not cfg.ce_weight:
+            return kl, dict(kl=kl.item())
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+        return kl + cfg.ce_weight * ce, dict(kl=kl.item(), ce=ce.item())
+
+    hybrid = trainable(r.load("hybrid_init.pt"), cfg.kd_train)
+    train(r, "kd", hybrid, step_loss, cfg.kd_steps, cfg.kd_lr, cfg.warmup, cfg.kd_batch_size)
+
+
+def run_dpo(r):
+    """DPO against the frozen KD model (dpo_loss). -> why it was skipped (no pairs), if it was."""
+    cfg = r.cfg
+    pairs, why = r.dpo_pairs()
+    if not pairs:
+        print(f"DPO skipped: {why}")
+        return why
+    idx, mask = pair_batch(r.tok, pairs, cfg.device, cfg.seq_len)  # (2 * pairs, T): chosen, then rejected
+    ref, rows = r.load("kd.pt"), 2 * r.micro["dpo"]
+    with torch.no_grad(), autocast(cfg):  # the policy's autocast: at step 0 the two log-probs are equal
+        ref_lp = torch.cat([seq_logprobs(ref, i, m) for i, m in zip(idx.split(rows), mask.split(rows))])
+    del ref
+    n = len(pairs)
+
+    def step_loss(m, step, micro, n_micro):
+        sel = batch_rows(step, cfg.dpo_batch_size, n, r.rank, r.world, micro, n_micro)
+        rows = torch.tensor(sel + [n + i for i in sel], device=idx.device)
+        lp, ref, k = seq_logprobs(m, idx[rows], mask[rows]), ref_lp[rows], len(sel)
+        margin = (lp[:k] - ref[:k]) - (lp[k:] - ref[k:])
+        return dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], cfg.dpo_beta), dict(margin=margin.mean().item())
+
+    train(r, "dpo", r.load("kd.pt"), step_loss, cfg.dpo_steps, cfg.dpo_lr, cfg.dpo_warmup, cfg.dpo_batch_size)
+    return ""
+
+
+def build_dpo_pairs(teacher, student, tok, prompts, max_new, batch=8):
+    """Default preference pairs [project]: chosen = the teacher's greedy reply, rejected = the student's own
+    before DPO, to prompts (message lists) of the KD split. Kept as token ids, so that replies that differ as
+    tokens stay different; the text beside them is for people. -> (pairs, dropped): a pair whose two replies
+    are the same ids teaches nothing, and a prompt too long for a reply has none."""
+
+    def text(ids):  # ids beyond the tokenizer (a padded vocabulary) have no text
+        return tok.decode([t for t in ids if t < tok.n_vocab])
+
+    pairs = []
+    fits = [p for p in prompts if len(tok.chat(p)) + max_new <= teacher.cfg.max_seq_len]
+    for i in tqdm(range(0, len(fits), batch), desc="DPO pairs", leave=False):
+        ids = [tok.chat(p) for p in fits[i : i + batch]]
+        chosen = reply_ids(teacher, tok, ids, max_new_tokens=max_new)
+        rejected = reply_ids(student, tok, ids, max_new_tokens=max_new)
+        for msgs, p, c, rj in zip(fits[i : i + batch], ids, chosen, rejected):
+            if c != rj:
+                prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+                pairs.append(dict(prompt=prompt, chosen=text(c), rejected=text(rj)))
+                pairs[-1] |= dict(prompt_ids=p, chosen_ids=c, rejected_ids=rj)
+    return pairs, len(prompts) - len(pairs)
+
+
+def pair_batch(tok, pairs, device, max_len):
+    """Prompt + response, right-padded -> (idx, response mask), chosen rows then rejected rows, each at most
+    max_len tokens (--seq-len): a longer one loses the start of its prompt, so the response the loss reads
+    stays whole. Pairs with ids are used as they are; text-only pairs (--dpo-data) get the chat template and
+    an end-of-turn token."""
+    seqs, masks = [], []
+    for key in ("chosen", "rejected"):
+        for d in pairs:
+            if "prompt_ids" in d:
+                p, r = d["prompt_ids"], d[key + "_ids"]
+            else:
+                p, r = tok.chat([{"role": "user", "content": d["prompt"]}]), tok.encode(d[key]) + [tok.eos_id]
+            r = r[:max_len]
+            p = p[max(0, len(p) + len(r) - max_len) :]
+            seqs.append(p + r)
+            masks.append([0] * len(p) + [1] * len(r))
+    T = max(map(len, seqs))
+    idx = torch.tensor([s + [tok.eos_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.float32)
+    return idx, mask
+
+
+def run_eval(r):
+    """Every stage's model, one at a time, on the held-out split and the unseen text against the KD teacher
+    (evaluate); the final model's and the KD teacher's answers to QUESTIONS."""
+    dtype = teacher_dtype(r.cfg)  # no gradients: the students are scored in the teacher's dtype
+    models = {"teacher": lambda: r.teacher}
+    if r.kd_teacher is not r.teacher:
+        models["KD teacher"] = lambda: r.kd_teacher
+    models["hybrid (no training)"] = lambda: convert.compose_hybrid(
+        r.teacher, r.load("init_mla.pt", dtype), r.load("init_m2.pt", dtype), r.mla_layers()
+    )
+    models["hybrid after ILD"] = lambda: r.load("hybrid_init.pt", dtype)
+    models["after KD"] = lambda: r.load("kd.pt", dtype)
+    skipped = {}
+    if r.has("dpo.pt"):
+        models["after DPO"] = lambda: r.load("dpo.pt", dtype)
+    else:
+        skipped["after DPO"] = r.records()["dpo"]["skipped"]
+    splits = {split: r.first_batches(split, r.cfg.eval_batches) for split in ("heldout", "unseen")}
+    rows, qa, final = {}, {"teacher": answers(r.kd_teacher, r.tok)}, list(models)[-1]
+    for name, load in models.items():
+        m = load()
+        kv = m.cfg.kv_bytes_per_token()
+        rows[name] = dict(
+            kv_bytes_per_token_bf16=kv,
+            kv_pct=100 * kv / r.teacher.cfg.kv_bytes_per_token(),
+            params=m.num_params(),
+            **evaluate(m, r.kd_teacher, splits, r.micro["eval"]),
+        )
+        if name == final:
+            qa["distilled"] = answers(m, r.tok)
+        del m
+    config = {
+        f.name: getattr(r.cfg, f.name) for f in fields(DistillConfig)
+    }  # all of them: eval.json keeps them
+    r.write_json(
+        "eval.json",
+        dict(
+            size=r.cfg.size,
+            mla_layers=r.mla_layers(),
+            config=config,
+            results=rows,
+            skipped=skipped,
+            answers=qa,
+        ),
+    )
+
+
+@torch.no_grad()
+def evaluate(model, teacher, splits, micro):
+    """Perplexity, KL(p_T || p_S) per token and top-1 agreement with `teacher` on each split ({name:
+    batches}), in micro-batches of `micro` rows: per-token means over all rows."""
+    res = {}
+    for split, batches in splits.items():
+        acc, rows = np.zeros(3), 0
+        for idx in tqdm(batches, desc=f"evaluate {split}", leave=False):
+            for part in idx.split(micro):
+                t = teacher(part)
+                s = t if model is teacher else model(part)
+                ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), part[:, 1:].flatten())
+                agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
+                acc += np.array([ce.item(), kd_loss(s, t).item(), agree.item()]) * len(part)
+                rows += len(part)
+        ce, kl, top1 = acc / rows
+        res[split] = dict(ppl=math.exp(ce), kl=kl, top1=top1)
+    return res
+
+
+# simple factual questions: the teacher answers them; a distilled model should still
+QUESTIONS = (
+    "What is the capital of France?",
+    "How many days are there in a week?",
+    "What color is the sky on a clear day?",
+    "Who wrote Romeo and Juliet?",
+    "What is 2 + 3?",
+)
+
+
+def answers(model, tok, max_new=32):
+    """Greedy replies of model to QUESTIONS, as text."""
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    return [text.strip() for text in reply(model, tok, prompts, max_new_tokens=max_new)]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: object  # run(Run) writes the stage's files; returns why it was skipped, if it was
+    files: tuple  # what it writes under out/<size>/
+    all_ranks: bool = False  # training runs on every rank; the other stages on rank 0 while the rest wait
+    scratch: tuple = ()  # files it may also write (DPO pairs, FSDP2 progress), removed when it reruns
+
+    @property
+    def doc(self):
+        return getattr(self.run, "func", self.run).__doc__.split("\n")[0]
+
+
+STAGES = (
+    Stage("init", run_init, ("init_mla.pt", "init_m2.pt")),
+    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), True, ("ild_mla.dcp",)),
+    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), True, ("ild_m2.dcp",)),
+    Stage("smart", run_smart, ("smart.json",)),
+    Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",)),
+    Stage("kd", run_kd, ("kd.pt",), True, ("kd.dcp",)),
+    Stage("dpo", run_dpo, ("dpo.pt",), True, ("dpo_pairs.jsonl", "dpo.dcp")),
+    Stage("eval", run_eval, ("eval.json",)),
+)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.plan:  # from SIZES, nothing loaded
+        tcfg = convert.with_hybrid_fields(size_config(cfg.size), cfg.size, mla_layer_list(cfg))
+        world, kd = cfg.world or int(os.environ.get("WORLD_SIZE", 1)), cfg.kd_teacher
+        print_plan(cfg, memory_plan(cfg, tcfg, world, size_config(kd) if kd in SIZES else None), world)
+        if kd and kd not in SIZES:
+            print(f"the KD teacher {kd} is not counted: give its size (e.g. --kd-teacher 8b) to --plan")
+        return
+    cfg, rank, world = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    out, progress = os.path.join(cfg.out_dir, cfg.size), {}
+    os.makedirs(out, exist_ok=True)
+    held = lock(out) if rank == 0 else None  # noqa: F841 (held open for the run: closing it unlocks)
     try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device {device}: this torch build ({torch.__version__}) sees no CUDA GPU; use --device cpu"
+        run_all(cfg, rank, world, out, progress)
+    except KeyboardInterrupt:
+        step = f" step {progress['step']}" if progress.get("step") is not None else ""
+        print(
+            f"\ninterrupted at {progress.get('stage', 'the start')}{step}; rerun the same command to resume"
         )
+        sys.exit(130)
+    if world > 1:
+        dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- distributed
-def setup_distributed(cfg):
-    """cfg with this process's device, rank, world. Under torchrun: one process per device, gloo on CPU,
-    nccl on GPU."""
-    if "RANK" not in os.environ:
-        return cfg, 0, 1
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    if cfg.device.startswith("cuda"):
-        cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ['LOCAL_RANK'])}")
-        torch.cuda.set_device(cfg.device)
-    return cfg, dist.get_rank(), dist.get_world_size()
+def run_all(cfg, rank, world, out, progress):
+    """Teachers, memory plan, data, then every stage in order (up to --stage), then the evaluation's table."""
+    if cfg.dpo_data and not read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM):  # now, not after hours of KD
+        raise ValueError(f"{cfg.dpo_data} holds no DPO pairs: give one {PAIR_FORM} per line")
+    teacher, kd_teacher, tok = load_teachers(cfg)
+    micro = plan_micro_batches(
+        cfg, teacher.cfg, world, rank, kd_teacher.cfg if kd_teacher is not teacher else None
+    )
+    meta = [prepare_data(cfg, tok, out, kd_teacher) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(meta)
+    digests = dict(teacher=weights_digest(teacher.state_dict()), data=data_digest(meta[0]))
+    digests["kd_teacher"] = (
+        digests["teacher"] if kd_teacher is teacher else weights_digest(kd_teacher.state_dict())
+    )
+    r = Run(cfg, rank, world, out, tok, (teacher, kd_teacher), meta[0], micro, digests, progress=progress)
+    last = [s.name for s in STAGES].index(cfg.stage) if cfg.stage else len(STAGES) - 1
+    for stage in STAGES[: last + 1]:
+        run_stage(stage, r)
+    if rank == 0 and cfg.stage and last + 1 < len(STAGES):
+        print(f"stopped after --stage {cfg.stage}; the next run reruns what came after it if that read it")
+    if rank == 0 and os.path.isfile(r.path("eval.json")):
+        res = r.read_json("eval.json", dict)
+        if not {"results", "skipped", "answers"} <= res.keys():
+            raise ValueError(f"{r.path('eval.json')} is damaged (no results): rerun with --stage eval")
+        print_table(res["results"], res["skipped"])
+        print_answers(res["answers"])
+        newest = r.path("dpo.pt") if os.path.isfile(r.path("dpo.pt")) else r.path("kd.pt")
+        print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {newest}")
 
 
-def wrap_model(model, cfg, world):
-    """DDP for sizes that fit one device; FSDP2 (fully_shard per block, then the root) with --fsdp (8b),
-    gathering the parameters in bf16 under bf16 training (half the traffic of fp32) and reducing the
-    gradients in fp32."""
-    if world == 1:
-        return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=amp_dtype(cfg), reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
-    return torch.nn.parallel.DistributedDataParallel(model)
+def mla_layer_list(cfg):
+    return [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
 
 
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
+def load_teachers(cfg):
+    """(teacher, KD teacher, tokenizer): the model to convert, and the teacher of KD, DPO pairs and
+    evaluation (the same model unless --kd-teacher). Both must share one vocabulary and hold --seq-len."""
+    cache = cfg.cache_dir or None
+    if cfg.dry_run and not cfg.teacher:  # random weights at the real shapes
+        teacher, tok = random_teacher(cfg)
+    else:
+        teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
+    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layer_list(cfg))
+    kd_teacher, kd_tok = (teacher, tok) if not cfg.kd_teacher else convert.load_teacher(cfg.kd_teacher, cache)
+    same_ids = (kd_tok.ranks, kd_tok.special) == (tok.ranks, tok.special)
+    if not same_ids or kd_teacher.cfg.vocab_size != teacher.cfg.vocab_size:
+        raise ValueError(
+            f"--kd-teacher {cfg.kd_teacher} has another vocabulary ({kd_tok.name}, "
+            f"{kd_teacher.cfg.vocab_size} ids) than the teacher ({tok.name}, {teacher.cfg.vocab_size} ids): "
+            "KD compares their next-token distributions id by id; pick a KD teacher of the same family"
+        )
+    for name, m in (("teacher", teacher), ("KD teacher", kd_teacher)):
+        if cfg.seq_len > m.cfg.max_seq_len:
+            raise ValueError(
+                f"--seq-len {cfg.seq_len} exceeds the {name}'s context of {m.cfg.max_seq_len} tokens: pass "
+                f"--seq-len {m.cfg.max_seq_len} or less"
+            )
+    teacher = teacher.to(cfg.device, teacher_dtype(cfg)).eval().requires_grad_(False)
+    kd_teacher = kd_teacher.to(cfg.device, teacher_dtype(cfg)).eval().requires_grad_(False)
+    return teacher, kd_teacher, tok
 
 
-def full_state_dict(model):
-    """The unwrapped model's full state dict; under FSDP2 every rank joins the gather, rank 0 receives it."""
-    if not hasattr(model, "reshard"):  # plain or DDP
-        return unwrap(model).state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def random_teacher(cfg):
+    """--dry-run without --teacher: a random Llama of the size, the byte-level tokenizer."""
+    torch.manual_seed(cfg.seed)
+    model = Model(size_config(cfg.size))
+    torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)  # small (tied) embeddings keep logits sane
+    return model.eval(), convert.Tokenizer.byte_level()
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def print_table(rows, skipped):
+    """One row per model: held-out chats (in-domain) and the unseen-domain text, then the KV cache."""
+    print(f"{'':<22}{'held-out chats':^27}  {'unseen domain (The Tempest)':^27}")
+    cols = f"{'ppl':>9}{'KL to T':>10}{'top-1':>8}"
+    print(f"{'model':<22}{cols}  {cols}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
+    for name, r in rows.items():
+        quality = "  ".join(
+            f"{r[k]['ppl']:>9.2f}{r[k]['kl']:>10.4f}{r[k]['top1']:>8.3f}" for k in ("heldout", "unseen")
+        )
+        print(f"{name:<22}{quality}{r['kv_bytes_per_token_bf16']:>10}{r['kv_pct']:>7.2f}%{r['params']:>13,}")
+    for name, why in skipped.items():
+        print(f"{name:<22}skipped: {why}")
+
+
+def print_answers(qa):
+    """The fixed questions with each model's greedy answer beneath, side by side in reading order."""
+    for i, q in enumerate(QUESTIONS):
+        print(f"\nQ: {q}")
+        for name, replies in qa.items():
+            print(f"  {name + ':':<10} {replies[i]!r}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -562,6 +1059,12 @@ def batch_rows(step, batch_size, n_rows, rank=0, world=1, micro=0, n_micro=1):
 MIX_TEXT, MIX = ("own", "text", "gen", "text", "text"), ("own", "own", "gen")
 
 
+def stage_batch(cfg, stage):
+    """Global batch of a stage (or split) per optimizer step: sequences (ILD, KD; SMART's and the evaluation's
+    batches are ILD-sized) or preference pairs (DPO)."""
+    return cfg.kd_batch_size if stage == "kd" else cfg.dpo_batch_size if stage == "dpo" else cfg.batch_size
+
+
 def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
     """The rows batch_rows picks from a split, through a fixed shuffle of the split (seeded, so resuming
     at a step gives the same data), as a (rows, seq_len) int64 tensor on cfg.device. ILD and KD steps read
@@ -580,407 +1083,49 @@ def get_batch(out, meta, split, step, cfg, rank=0, world=1, micro=0, n_micro=1):
     return torch.from_numpy(arr[np.sort(order[rows])].astype(np.int64)).to(cfg.device)
 
 
-# ----------------------------------------------------------------------------- losses
-def ild_layer_losses(student, teacher, idx, target="block"):
-    """Intermediate layer distillation (ILD), one loss per layer: student block i gets the teacher's input
-    to block i (teacher forcing). target "block" is the official code (trainer/kd_trainer.py): per-token L2
-    distance (not squared) of the block outputs (the last one after the final norm) plus that of the mixer
-    outputs, averaged over tokens; we follow the code rather than the paper's MSE, the code produced the
-    published models. target "mixer" (MOHAWK's stage 2, arXiv 2408.10189, [project]) scores the mixer alone
-    on the teacher's normed input: the MLPs, identical to the teacher's, stay frozen, so a step runs no MLP
-    forward or backward."""
-    with torch.no_grad():
-        _, t_in, t_out, t_mix = teacher(idx, return_layers=True, logits=False)
-    if target == "mixer":
-        s_mix = student(idx, layer_inputs=t_in, mixers_only=True)
-        return torch.stack([l2(sm, tm) for sm, tm in zip(s_mix, t_mix)])
-    _, _, s_out, s_mix = student(idx, return_layers=True, layer_inputs=t_in, logits=False)
-    return torch.stack([l2(so, to) + l2(sm, tm) for so, to, sm, tm in zip(s_out, t_out, s_mix, t_mix)])
+# ----------------------------------------------------------------------------- distributed
+def setup_distributed(cfg):
+    """cfg with this process's device, rank, world. Under torchrun: one process per device, gloo on CPU,
+    nccl on GPU."""
+    if "RANK" not in os.environ:
+        return cfg, 0, 1
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device.startswith("cuda"):
+        cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        torch.cuda.set_device(cfg.device)
+    return cfg, dist.get_rank(), dist.get_world_size()
 
 
-def l2(a, b):
-    """Per-token L2 distance (not squared) over the hidden dimension, averaged over tokens, in fp32."""
-    return (a.float() - b.float()).norm(dim=-1).mean()
+def wrap_model(model, cfg, world):
+    """DDP for sizes that fit one device; FSDP2 (fully_shard per block, then the root) with --fsdp (8b),
+    gathering the parameters in bf16 under bf16 training (half the traffic of fp32) and reducing the
+    gradients in fp32."""
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=amp_dtype(cfg), reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    return torch.nn.parallel.DistributedDataParallel(model)
 
 
-def trainable(student, target):
-    """What a stage trains: everything ("all", KD), the blocks and the final norm ("block", ILD), or the
-    mixers alone ("mixer"/"mixers"); ILD never trains the embeddings and head."""
-    student.requires_grad_(target in ("all", "block"))
-    if target == "all":
-        return student
-    student.embed_tokens.requires_grad_(False)
-    student.lm_head.requires_grad_(False)
-    for block in student.layers:
-        block.mixer.requires_grad_(True)
-    return student
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
 
 
-def ild_loss(student, teacher, idx, target="block"):
-    per_layer = ild_layer_losses(student, teacher, idx, target)
-    return per_layer.sum(), dict(first=per_layer[0].item(), last=per_layer[-1].item())
+def full_state_dict(model):
+    """The unwrapped model's full state dict; under FSDP2 every rank joins the gather, rank 0 receives it."""
+    if not hasattr(model, "reshard"):  # plain or DDP
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def kd_loss(s_logits, t_logits, chunk=1024):
-    """KL(p_T || p_S) per token at temperature 1, averaged over all positions (the official code sums per
-    sequence (trainer/kd_trainer.py): the same up to scale). Computed over chunks of positions in fp32."""
-    s, t = s_logits.flatten(0, -2), t_logits.flatten(0, -2)  # (B*T, V)
-    total = 0.0
-    for i in range(0, s.shape[0], chunk):
-        ls, lt = F.log_softmax(s[i : i + chunk].float(), -1), F.log_softmax(t[i : i + chunk].float(), -1)
-        total = total + (lt.exp() * (lt - ls)).sum()
-    return total / s.shape[0]
-
-
-def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
-    """Sigmoid DPO (Rafailov et al. 2023, as the official train_hybrid/train_dpo.py):
-    -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))) over sequence log-probs."""
-    return -F.logsigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))).mean()
-
-
-def seq_logprobs(model, idx, mask):
-    """Sum of log p(token) over the positions where mask is 1 (the response), per sequence."""
-    return (token_logprobs(model(idx[:, :-1]), idx[:, 1:]) * mask[:, 1:]).sum(-1)
-
-
-def token_logprobs(logits, targets):
-    """log p(target) per position in fp32: logits (B, T, V), targets (B, T) -> (B, T)."""
-    return F.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-
-
-# ----------------------------------------------------------------------------- SMART
-def smart_select(scores, n_mla):
-    """Choose n_mla layers (the paper's SMART; its code is not published): layers 0 and L-2 forced (the
-    published lists' terminal MLA layers), every gap within one of the uniform gap (L-2)/(n_mla-1) (all
-    published lists obey this), and the largest total score among such sets, found by dynamic programming
-    over (k-th chosen layer, its index). E.g. L 16, n 4: gaps 4..5, as [0, 5, 10, 14]."""
-    L = len(scores)
-    if not 2 <= n_mla <= L - 1:
-        raise ValueError(f"SMART needs 2 <= N_MLA <= L-1 = {L - 1}, got {n_mla}")
-    t = (L - 2) / (n_mla - 1)
-    lo, hi = max(1, math.ceil(t) - 1), math.floor(t) + 1
-    best = {(0, 0): (scores[0], [0])}  # (k, i) -> (total, layers) with the k-th MLA layer at i
-    for k in range(1, n_mla):
-        for i in range(1, L - 1):
-            prev = [best[k - 1, j] for j in range(i - hi, i - lo + 1) if (k - 1, j) in best]
-            if prev:
-                total, layers = max(prev, key=lambda p: p[0])
-                best[k, i] = (total + scores[i], layers + [i])
-    return best[n_mla - 1, L - 2][1]
-
-
-@torch.no_grad()
-def smart_scores(teacher, m2, mla, batches, micro):
-    """s_i = KL(all-M2) - KL(all-M2 with layer i from the all-MLA student): how much one MLA layer helps.
-    Each batch runs in micro-batches of `micro` rows; the KLs are per-token means over all rows."""
-    kls, rows = np.zeros(teacher.cfg.n_layer + 1), 0
-    for idx in tqdm(batches, desc="SMART batches", leave=False):
-        for part in idx.split(micro):
-            t, w = teacher(part), len(part)
-            kls[-1] += kd_loss(m2(part), t).item() * w
-            for i in range(teacher.cfg.n_layer):
-                keep, m2.layers[i] = m2.layers[i], mla.layers[i]
-                kls[i] += kd_loss(m2(part), t).item() * w
-                m2.layers[i] = keep
-            rows += w
-    return (kls[-1] - kls[:-1]) / rows, kls[-1] / rows
-
-
-# ----------------------------------------------------------------------------- precision
-def cpu_has_bf16():
-    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    if not os.path.isfile("/proc/cpuinfo"):
-        return False
-    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(cfg):
-    """The autocast dtype of training, None for plain fp32: --precision bf16, or auto on CUDA (as the official
-    runs) and on CPUs with native bf16. Under --dry-run the weights themselves are bf16: no autocast."""
-    if cfg.dry_run or cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16" or cfg.device.startswith("cuda") or cpu_has_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast(cfg):
-    """The autocast of every student forward that trains or serves as DPO's reference (the two must agree)."""
-    return torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=amp_dtype(cfg) is not None)
-
-
-def teacher_dtype(cfg):
-    """The dtype teachers are kept in: bf16 where training autocasts to bf16 (as the official runs: the
-    teacher then computes in bf16 anyway, and the students' SVD init barely notices the rounding), else the
-    default dtype (fp32; bf16 under --dry-run)."""
-    return amp_dtype(cfg) or torch.get_default_dtype()
-
-
-# ----------------------------------------------------------------------------- training loop
-def stage_batch(cfg, stage):
-    """Global batch of a stage (or data split) per optimizer step: sequences (ILD, KD; SMART and evaluation
-    batches are ILD-sized) or preference pairs (DPO). Reads only the setting of that stage."""
-    if stage == "kd":
-        return cfg.kd_batch_size
-    return cfg.dpo_batch_size if stage == "dpo" else cfg.batch_size
-
-
-def accumulate(model, step_loss, step, per_rank, micro, amp, say, retry=True):
-    """Forward and backward of one global step, this rank's share of per_rank rows in micro-batches of at
-    most `micro` rows; the micro losses are weighted by their share of rows, so the gradient is that of the
-    whole share whatever the split. On torch.OutOfMemoryError the gradients are cleared, the micro-batch is
-    halved (the global batch stays) and the step is redone; not under torchrun (retry=False), where the other
-    ranks would wait for this one at the gradient sync: there it is one clear error. Returns (loss, terms,
-    micro)."""
-    while True:
-        try:
-            return *one_try(model, step_loss, step, per_rank, micro, amp), micro
-        except torch.OutOfMemoryError:
-            pass  # leave the handler first: its traceback holds the failed try's frames, graph and all
-        model.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the failed try's blocks back before the smaller one
-        if not retry:
-            raise MemoryError(
-                f"out of memory at step {step} with {micro} sequences per forward on one of several "
-                f"processes, which cannot halve their micro-batch in step: rerun with --micro-batch "
-                f"{max(1, micro // 2)} (python distill.py --plan shows the need)"
-            )
-        if micro == 1:
-            raise MemoryError(
-                f"out of memory at step {step} with one sequence per forward: use more GPUs "
-                "(torchrun, --fsdp) or a shorter --seq-len (python distill.py --plan shows the need)"
-            )
-        micro //= 2
-        say(f"out of memory at step {step}: micro-batch halved to {micro}, the step is redone")
-
-
-def one_try(model, step_loss, step, per_rank, micro, amp):
-    """accumulate's body -> (loss, terms). Its locals hold the graph: when it raises, they go with it."""
-    n_micro = math.ceil(per_rank / micro)
-    total, terms = 0.0, {}
-    for m in range(n_micro):
-        # this micro-batch's share of the rank's rows, by the rule step_loss slices with
-        w = len(batch_rows(step, per_rank, per_rank, 0, 1, m, n_micro)) / per_rank
-        with sync_gradients(model, m == n_micro - 1):
-            with amp:
-                loss, t = step_loss(model, step, m, n_micro)
-            (loss * w).backward()
-        total = total + loss.detach() * w
-        terms = {k: terms.get(k, 0.0) + v * w for k, v in t.items()}
-    return total, terms
-
-
-def sync_gradients(model, last):
-    """Gradient accumulation without a collective per micro-batch: DDP and FSDP2 reduce only on the last."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(last)
-    if hasattr(model, "no_sync") and not last:  # DDP
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-SCALARS = (".A_log", ".dt_bias", ".D", ".mamba.norm.weight")  # Mamba2's per-head scalars, --scalar-lr
-
-
-def optimizer(r, stage, model, params, steps, lr):
-    """AdamW on params, linear warmup then cosine to 0 -> (optimizer, scheduler, first step, loss history).
-    An unfinished checkpoint of this stage (a killed run) restores the model, both states and the RNG."""
-    cfg = r.cfg
-    # AdamW moves a weight by about lr per step: --scalar-lr speeds up the per-head scalars
-    scalar = {id(p) for n, p in model.named_parameters() if n.endswith(SCALARS)}
-    groups = [[p for p in params if (id(p) in scalar) == s] for s in (False, True)]
-    opt = torch.optim.AdamW(
-        [dict(params=g, lr=lr * (cfg.scalar_lr if s else 1.0)) for s, g in enumerate(groups) if g],
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-    )
-    warm = max(1, int((cfg.dpo_warmup if stage == "dpo" else cfg.warmup) * steps))
-
-    def schedule(s):
-        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    step, history = r.resume(stage, model, opt, sched)
-    if step and r.rank == 0:
-        tqdm.write(f"[{stage}] resuming from step {step}/{steps}")
-    return opt, sched, step, history
-
-
-def train(r, stage, model, step_loss, steps, lr):
-    """Train `model` as `stage` of the Run r into <stage>.pt, wrapped for DDP/FSDP2 under torchrun: AdamW +
-    warmup/cosine + clipping + micro-batches (+ bf16 autocast, --precision), tqdm, a log line, an atomic
-    checkpoint every ckpt_every steps; rerunning after a kill resumes at the last checkpoint.
-    step_loss(model, step, micro, n_micro) -> (loss, terms): micro-batch `micro` of `n_micro` of this
-    rank's share of global step `step` (rows from batch_rows)."""
-    cfg, rank, world, path = r.cfg, r.rank, r.world, r.path(f"{stage}.pt")
-    model = r.wrap(model.train())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched, start, history = optimizer(r, stage, model, params, steps, lr)
-    amp, per_rank = autocast(cfg), stage_batch(cfg, stage) // world
-    micro = min(per_rank, r.micro[stage])
-
-    def say(msg):
-        if rank == 0:
-            tqdm.write(f"[{stage}] {msg}")
-
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=rank != 0)
-    t0, tokens = time.time(), 0
-    stop = f"stopped; the last good checkpoint {path} is kept (lower --{stage.split('_')[0]}-lr and rerun)"
-    for step in bar:
-        r.progress["step"] = step
-        try:
-            loss, terms, micro = accumulate(model, step_loss, step, per_rank, micro, amp, say, world == 1)
-        except ValueError as e:  # diverged weights fail the kernels' input checks (e.g. A_log overflowing)
-            raise FloatingPointError(f"[{stage}] step {step}: {e}; training diverged, {stop}") from None
-        if dist.is_initialized():  # log the loss of the global batch: the mean over ranks
-            dist.all_reduce(loss := loss.detach().clone())
-            loss /= world
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}: {stop}")
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(round(loss.item(), 6))
-        tokens += stage_batch(cfg, stage) * cfg.seq_len
-        bar.set_postfix(
-            loss=f"{loss.item():.4f}",
-            lr=f"{sched.get_last_lr()[0]:.2e}",
-            tok_s=f"{tokens / (time.time() - t0):.0f}",
-        )
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            eta = (time.time() - t0) / (step + 1 - start) * (steps - step - 1)
-            say(
-                f"step {step + 1}/{steps} loss {loss.item():.4f} "
-                + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                + f" lr {sched.get_last_lr()[0]:.2e} tok/s {tokens / (time.time() - t0):.0f} eta {eta:.0f}s"
-            )
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
-            r.save_progress(stage, model, opt, sched, step + 1, history)
-    r.save(f"{stage}.pt", model.eval(), steps, done=True, history=history)
-    if r.rank == 0:
-        remove(r.path(f"{stage}.dcp"))  # FSDP2 progress, now finished
-    r.sync()
-    return unwrap(model)
-
-
-# ----------------------------------------------------------------------------- DPO pairs and evaluation
-def build_dpo_pairs(teacher, student, tok, prompts, max_new, batch=8):
-    """Default preference pairs [project]: chosen = the teacher's greedy reply, rejected = the
-    student's own reply before DPO, for prompts (message lists) from the training split. Kept as token ids,
-    so that replies that differ as tokens stay different; the text beside them is for people. Returns
-    (pairs, dropped): pairs whose two replies are the same ids teach nothing and are dropped."""
-
-    def text(ids):  # ids beyond the tokenizer (a padded vocabulary) have no text
-        return tok.decode([t for t in ids if t < tok.n_vocab])
-
-    pairs, dropped = [], 0
-    fits = [p for p in prompts if len(tok.chat(p)) + max_new <= teacher.cfg.max_seq_len]
-    for i in tqdm(range(0, len(fits), batch), desc="DPO pairs", leave=False):
-        ids = [tok.chat(p) for p in fits[i : i + batch]]
-        chosen = reply_ids(teacher, tok, ids, max_new_tokens=max_new)
-        rejected = reply_ids(student, tok, ids, max_new_tokens=max_new)
-        for msgs, p, c, r in zip(fits[i : i + batch], ids, chosen, rejected):
-            if c == r:
-                dropped += 1
-                continue
-            prompt = "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
-            pairs.append(
-                dict(
-                    prompt=prompt,
-                    chosen=text(c),
-                    rejected=text(r),
-                    prompt_ids=p,
-                    chosen_ids=c,
-                    rejected_ids=r,
-                )
-            )
-    return pairs, dropped + len(prompts) - len(fits)
-
-
-def pair_batch(tok, pairs, device, max_len):
-    """Prompt + response, right-padded -> (idx, response mask), chosen rows then rejected rows, each at most
-    max_len tokens (--seq-len): a longer one loses the start of its prompt, so the response the loss reads
-    stays whole. Pairs with ids are used as they are; text-only pairs (--dpo-data) get the chat template
-    and an end-of-turn token."""
-    seqs, masks = [], []
-    for key in ("chosen", "rejected"):
-        for d in pairs:
-            if "prompt_ids" in d:
-                p, r = d["prompt_ids"], d[key + "_ids"]
-            else:
-                p, r = tok.chat([{"role": "user", "content": d["prompt"]}]), tok.encode(d[key]) + [tok.eos_id]
-            r = r[:max_len]
-            p = p[len(p) + len(r) - max_len :] if len(p) + len(r) > max_len else p
-            seqs.append(p + r)
-            masks.append([0] * len(p) + [1] * len(r))
-    T = max(map(len, seqs))
-    idx = torch.tensor([s + [tok.eos_id] * (T - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([m + [0] * (T - len(m)) for m in masks], device=device, dtype=torch.float32)
-    return idx, mask
-
-
-@torch.no_grad()
-def evaluate(model, teacher, splits, micro):
-    """Perplexity, KL(p_T || p_S) per token and top-1 agreement with `teacher` on each split ({name:
-    batches}), in micro-batches of `micro` rows: per-token means over all rows."""
-    res = {}
-    for split, batches in splits.items():
-        acc, rows = np.zeros(3), 0
-        for idx in tqdm(batches, desc=f"evaluate {split}", leave=False):
-            for part in idx.split(micro):
-                t = teacher(part)
-                s = t if model is teacher else model(part)
-                ce = F.cross_entropy(s[:, :-1].flatten(0, 1).float(), part[:, 1:].flatten())
-                agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
-                acc += np.array([ce.item(), kd_loss(s, t).item(), agree.item()]) * len(part)
-                rows += len(part)
-        ce, kl, top1 = acc / rows
-        res[split] = dict(ppl=math.exp(ce), kl=kl, top1=top1)
-    return res
-
-
-# simple factual questions: the teacher answers them; a distilled model should still
-QUESTIONS = (
-    "What is the capital of France?",
-    "How many days are there in a week?",
-    "What color is the sky on a clear day?",
-    "Who wrote Romeo and Juliet?",
-    "What is 2 + 3?",
-)
-
-
-def answers(model, tok, max_new=32):
-    """Greedy replies of model to QUESTIONS, as text."""
-    prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    return [text.strip() for text in reply(model, tok, prompts, max_new_tokens=max_new)]
-
-
-def print_answers(qa):
-    """The fixed questions with each model's greedy answer beneath, side by side in reading order."""
-    for i, q in enumerate(QUESTIONS):
-        print(f"\nQ: {q}")
-        for name, replies in qa.items():
-            print(f"  {name + ':':<10} {replies[i]!r}")
-
-
-def print_table(rows, skipped):
-    """One row per model: held-out chats (in-domain) and the unseen-domain text, then the KV cache."""
-    print(f"{'':<22}{'held-out chats':^27}  {'unseen domain (The Tempest)':^27}")
-    cols = f"{'ppl':>9}{'KL to T':>10}{'top-1':>8}"
-    print(f"{'model':<22}{cols}  {cols}{'KV B/tok':>10}{'KV %':>8}{'params':>13}")
-    for name, r in rows.items():
-        quality = "  ".join(
-            f"{r[k]['ppl']:>9.2f}{r[k]['kl']:>10.4f}{r[k]['top1']:>8.3f}" for k in ("heldout", "unseen")
-        )
-        print(f"{name:<22}{quality}{r['kv_bytes_per_token_bf16']:>10}{r['kv_pct']:>7.2f}%{r['params']:>13,}")
-    for name, why in skipped.items():
-        print(f"{name:<22}skipped: {why}")
-
-
-# ----------------------------------------------------------------------------- the stages
+# ----------------------------------------------------------------------------- a run: files, ranks, progress
 @dataclass
 class Run:
     """What every stage reads and writes: the settings, this process's place under torchrun, the teachers,
@@ -1169,162 +1314,139 @@ class Run:
             dist.barrier()
 
 
-def run_init(r):
-    """All-MLA (SVD) and all-Mamba2 students from the teacher's weights (convert.make_student)."""
-    # training tokens choose the MLA rope pairs (§3.4) and set the Mamba2 output norms; 4 rows are enough
-    calib = r.first_batches("ild", 1)[0][:4]  # the global batch's, whatever the ranks
-    for kind in ("mla", "m2"):
-        student = convert.make_student(r.teacher, kind, r.cfg.rope_rule, calib)
-        r.save(f"init_{kind}.pt", student, 0, done=True)
+# ----------------------------------------------------------------------------- bookkeeping: which stages run
+# One rule, by content. A stage's record in stages.json holds what it read (each setting that can change a
+# result, with its value; the digests of the teachers, of the data and of each file it loaded) and the
+# digest of each file it wrote. It is current while all it read reads the same today and its files still
+# match their digests; otherwise it reruns (or resumes, when unfinished from the same start). So a stage
+# after a rerun one reruns only if what it reads of it changed.
+RESUME = "unfinished: resume"
 
 
-def run_ild(r, kind):
-    """ILD of one student, every layer teacher-forced, on the ILD split (ild_loss)."""
-    student = trainable(r.load(f"init_{kind}.pt").train(), r.cfg.ild_target)
+class Reading:
+    """The settings as a stage sees them: each one read that can change a result is noted in `reads`, as
+    its flag with its value."""
 
-    def step_loss(m, step, micro, n_micro):
-        return ild_loss(m, r.teacher, r.batch("ild", step, micro, n_micro), r.cfg.ild_target)
+    def __init__(self, cfg, reads):
+        self.__dict__.update(_cfg=cfg, _reads=reads)
 
-    steps = r.cfg.ild_mla_steps if kind == "mla" and r.cfg.ild_mla_steps else r.cfg.ild_steps
-    train(r, f"ild_{kind}", student, step_loss, steps, r.cfg.ild_lr)
-
-
-def run_smart(r):
-    """Which layers stay MLA (SMART), scored on the first ILD (training) batches.
-    The held-out split stays unseen until the final evaluation. --mla-layers overrides the choice."""
-    if r.cfg.mla_layers:
-        res = dict(rule="given by --mla-layers", chosen=r.teacher.cfg.mla_layers)
-    else:
-        dtype = teacher_dtype(r.cfg)  # no gradients: the students score in the teacher's dtype
-        m2, mla = r.load("ild_m2.pt", dtype), r.load("ild_mla.pt", dtype)
-        batches = r.first_batches("ild", r.cfg.smart_batches)
-        scores, base_kl = smart_scores(r.teacher, m2, mla, batches, r.micro["smart"])
-        res = dict(
-            rule="layers 0 and L-2 forced, every gap within 1 of uniform, maximal total score",
-            kl_all_m2=base_kl,
-            scores=scores.tolist(),
-            chosen=smart_select(scores, len(r.teacher.cfg.mla_layers)),
-        )
-    r.write_json("smart.json", res)
-    print(f"SMART: MLA layers {res['chosen']}")
+    def __getattr__(self, name):
+        value = getattr(self._cfg, name)
+        if name not in NEUTRAL:
+            self._reads["--" + name.replace("_", "-")] = as_stored(value)
+        return value
 
 
-def run_hybrid(r):
-    """The hybrid composed from the two ILD students and the teacher (convert.compose_hybrid)."""
-    hybrid = convert.compose_hybrid(r.teacher, r.load("ild_mla.pt"), r.load("ild_m2.pt"), r.mla_layers())
-    r.save("hybrid_init.pt", hybrid, 0, done=True)
+def sha256(path):
+    """The sha256 (hex) of a file's bytes, None for no file."""
+    if not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
 
 
-def run_kd(r):
-    """End-to-end KL distillation from the KD teacher on the KD split (kd_loss)."""
-    cfg = r.cfg
-
-    def kd_step(m, step, micro, n_micro):
-        idx = r.batch("kd", step, micro, n_micro)
-        with torch.no_grad():
-            t = r.kd_teacher(idx)
-        logits = m(idx)
-        kl = kd_loss(logits, t)
-        if not cfg.ce_weight:
-            return kl, dict(kl=kl.item())
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
-        return kl + cfg.ce_weight * ce, dict(kl=kl.item(), ce=ce.item())
-
-    hybrid = trainable(r.load("hybrid_init.pt"), cfg.kd_train)
-    train(r, "kd", hybrid, kd_step, cfg.kd_steps, cfg.kd_lr)  # resumes an unfinished kd.pt
+def today(r, key):
+    """What the read noted as `key` (Run.note) reads today."""
+    if key.startswith("--"):
+        return as_stored(getattr(r.cfg, key[2:].replace("-", "_")))
+    if key.startswith("file "):
+        return r.written(key[5:])
+    if key == "mla_layers":
+        return r.mla_layers() if r.has("smart.json") else None
+    if key == "dpo_data content":
+        return sha256(r.cfg.dpo_data)
+    return r.digests[key]  # teacher, kd_teacher, data
 
 
-def run_dpo(r):
-    """DPO against the frozen KD model (dpo_loss).
-    Returns why it was skipped, if it was (no pairs)."""
-    cfg = r.cfg
-    pairs, why = r.dpo_pairs()
-    if not pairs:
-        print(f"DPO skipped: {why}")
-        return why
-    idx, mask = pair_batch(r.tok, pairs, cfg.device, cfg.seq_len)  # (2 * pairs, T): chosen, then rejected
-    ref, rows = r.load("kd.pt"), 2 * r.micro["dpo"]
-    with torch.no_grad(), autocast(cfg):  # the policy's autocast: at step 0 the two log-probs are equal
-        ref_lp = torch.cat([seq_logprobs(ref, i, m) for i, m in zip(idx.split(rows), mask.split(rows))])
-    del ref
-    n = len(pairs)
-
-    def dpo_step(m, step, micro, n_micro):
-        sel = batch_rows(step, stage_batch(cfg, "dpo"), n, r.rank, r.world, micro, n_micro)
-        rows = torch.tensor(sel + [n + i for i in sel], device=idx.device)
-        lp, ref, k = seq_logprobs(m, idx[rows], mask[rows]), ref_lp[rows], len(sel)
-        margin = (lp[:k] - ref[:k]) - (lp[k:] - ref[k:])
-        return dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], cfg.dpo_beta), dict(margin=margin.mean().item())
-
-    train(r, "dpo", r.load("kd.pt"), dpo_step, cfg.dpo_steps, cfg.dpo_lr)
-    return ""
+def why_run(stage, r, records):
+    """None when the stage is current; else why it runs. Only RESUME keeps its files."""
+    rec, cfg = records.get(stage.name), r.cfg
+    if cfg.force or cfg.stage == stage.name:
+        return "--force" if cfg.force else f"--stage {stage.name}"
+    if rec is None:
+        found = any(r.has(f) for f in stage.files)
+        return "its files carry no record of what they were made from" if found else "not run yet"
+    if not rec["done"]:
+        if rec["start"] != r.fingerprint(stage):
+            return "unfinished, and what it reads has changed since it started"
+        try:  # the last periodic checkpoint, which it resumes from
+            [read_checkpoint(r.path(f)) for f in stage.files if f.endswith(".pt") and r.has(f)]
+        except ValueError:
+            return "unfinished, and its last checkpoint is damaged"
+        return RESUME
+    changed = [k for k, v in rec["reads"].items() if today(r, k) != v]
+    if changed:
+        return f"made from another {', '.join(changed)}"
+    damaged = [f for f, digest in rec["files"].items() if sha256(r.path(f)) != digest]
+    return f"{damaged[0]} is missing or was changed since it was written" if damaged else None
 
 
-def run_eval(r):
-    """Every stage's model, one at a time, on the held-out split and the unseen text against the KD teacher
-    (perplexity, KL, top-1 agreement); the final model's and the KD teacher's answers to QUESTIONS."""
-    dtype = teacher_dtype(r.cfg)  # no gradients: the students are scored in the teacher's dtype
-    models = {"teacher": lambda: r.teacher}
-    if r.kd_teacher is not r.teacher:
-        models["KD teacher"] = lambda: r.kd_teacher
-    models["hybrid (no training)"] = lambda: convert.compose_hybrid(
-        r.teacher, r.load("init_mla.pt", dtype), r.load("init_m2.pt", dtype), r.mla_layers()
-    )
-    models["hybrid after ILD"] = lambda: r.load("hybrid_init.pt", dtype)
-    models["after KD"] = lambda: r.load("kd.pt", dtype)
-    skipped = {}
-    if r.has("dpo.pt"):
-        models["after DPO"] = lambda: r.load("dpo.pt", dtype)
-    else:
-        skipped["after DPO"] = r.records()["dpo"]["skipped"]
-    splits = {split: r.first_batches(split, r.cfg.eval_batches) for split in ("heldout", "unseen")}
-    rows, qa, final = {}, {"teacher": answers(r.kd_teacher, r.tok)}, list(models)[-1]
-    for name, load in models.items():
-        m = load()
-        kv = m.cfg.kv_bytes_per_token()
-        rows[name] = dict(
-            kv_bytes_per_token_bf16=kv,
-            kv_pct=100 * kv / r.teacher.cfg.kv_bytes_per_token(),
-            params=m.num_params(),
-            **evaluate(m, r.kd_teacher, splits, r.micro["eval"]),
-        )
-        if name == final:
-            qa["distilled"] = answers(m, r.tok)
-        del m
-    res = dict(
-        size=r.cfg.size,
-        mla_layers=r.mla_layers(),
-        config={f.name: getattr(r.cfg, f.name) for f in fields(DistillConfig)},  # all: eval.json keeps them
-        results=rows,
-        skipped=skipped,
-        answers=qa,
-    )
-    r.write_json("eval.json", res)
+def remove(path):
+    """Remove a file or a folder, if there is one."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.isfile(path):
+        os.remove(path)
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: object  # run(Run) writes the stage's files; returns why it was skipped, if it was
-    files: tuple  # what it writes under out/<size>/
-    all_ranks: bool = False  # training runs on every rank; the other stages on rank 0 while the rest wait
-    scratch: tuple = ()  # files it may also write (DPO pairs, FSDP2 progress), removed when it reruns
+def run_stage(stage, r):
+    """Run a stage unless it is current, noting what it reads; record that and the digests of its files.
+    A stage that reruns from scratch first loses its files and record, so nothing reads them meanwhile."""
+    t0, records = time.time(), r.records()
+    why = why_run(stage, r, records)
+    if r.rank == 0 and time.time() - t0 > 1:
+        print(f"[{stage.name}] checked against its record in {time.time() - t0:.1f} s")
+    r.sync()  # every rank has asked before rank 0 changes any file
+    if why is None:
+        return
+    if r.rank == 0:
+        if why not in ("not run yet", RESUME):
+            print(f"[{stage.name}] {'restarts' if why.startswith('unfinished') else 'reruns'}: {why}")
+        if why != RESUME:
+            for f in stage.files + stage.scratch:
+                shutil.rmtree(r.path(f)) if os.path.isdir(r.path(f)) else os.path.isfile(
+                    r.path(f)
+                ) and os.remove(r.path(f))
+            records[stage.name] = dict(start=r.fingerprint(stage), done=False)
+            write_json(r.path("stages.json"), records)
+    r.sync()
+    r.progress.update(stage=stage.name, step=None)
+    reads = {}
+    seen = dataclasses.replace(r, cfg=Reading(r.cfg, reads), reads=reads)
+    skipped = stage.run(seen) if stage.all_ranks or r.rank == 0 else None
+    r.sync()
+    if r.rank == 0:
+        t0, files = time.time(), {f: sha256(r.path(f)) for f in stage.files if r.has(f)}
+        if time.time() - t0 > 1:
+            print(f"[{stage.name}] digests of its files: {time.time() - t0:.1f} s")
+        records = r.records()
+        records[stage.name].update(reads=reads, files=files, done=True, skipped=skipped or "")
+        write_json(r.path("stages.json"), records)
+    r.sync()
 
-    @property
-    def doc(self):
-        return getattr(self.run, "func", self.run).__doc__.split("\n")[0]
 
-
-STAGES = (
-    Stage("init", run_init, ("init_mla.pt", "init_m2.pt")),
-    Stage("ild_mla", partial(run_ild, kind="mla"), ("ild_mla.pt",), True, ("ild_mla.dcp",)),
-    Stage("ild_m2", partial(run_ild, kind="m2"), ("ild_m2.pt",), True, ("ild_m2.dcp",)),
-    Stage("smart", run_smart, ("smart.json",)),
-    Stage("hybrid_init", run_hybrid, ("hybrid_init.pt",)),
-    Stage("kd", run_kd, ("kd.pt",), True, ("kd.dcp",)),
-    Stage("dpo", run_dpo, ("dpo.pt",), True, ("dpo_pairs.jsonl", "dpo.dcp")),
-    Stage("eval", run_eval, ("eval.json",)),
-)
+def lock(out):
+    """One run per folder: hold an exclusive lock on out/.lock while this process lives (the OS drops it when
+    the process ends, however it ends), and remove the temporary files a killed run left."""
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise ValueError(
+            f"{out} is in use by another distill.py (pid {f.read().strip() or '?'}): wait for it to finish "
+            "or give another --out-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    for tmp in glob.glob(os.path.join(out, "*.tmp*")):  # atomic_write's and save_progress's, of a killed run
+        remove(tmp)
+    return f
 
 
 # ----------------------------------------------------------------------------- memory: each stage simulated
@@ -1414,7 +1536,7 @@ class SimRun(Run):
     def load(self, name, dtype=None):  # init_mla.pt, ild_m2.pt, ...: one kind; hybrid_init.pt, kd.pt: both
         kind, L = name[:-3].split("_")[-1], self.teacher.cfg.n_layer
         kinds = [kind] * L if kind in ("mla", "m2") else convert.hybrid_kinds(L, self.teacher.cfg.mla_layers)
-        return build(dataclasses.replace(self.teacher.cfg, kinds=kinds), dtype or torch.get_default_dtype())
+        return build(dataclasses.replace(self.teacher.cfg, kinds=kinds), dtype or weights_dtype(self.cfg))
 
     def save(self, name, model, step, **extra):
         pass
@@ -1453,7 +1575,7 @@ class SimRun(Run):
 
     def wrap(self, model):
         if self.cfg.fsdp and self.world > 1:
-            fsdp_shares(model, self.lb, self.world, amp_dtype(self.cfg) or torch.get_default_dtype())
+            fsdp_shares(model, self.lb, self.world, amp_dtype(self.cfg) or weights_dtype(self.cfg))
         return model
 
     def sync(self):
@@ -1585,31 +1707,8 @@ def print_plan(cfg, plan, world):
     print("GiB per process: the tensors alive, simulated at the real shapes on tensors that hold no memory")
 
 
-# the --dry-run settings: the size's real shapes, everything else as small as a CPU allows
-DRY_RUN = (
-    dict(seq_len=64, batch_size=2, kd_batch_size=2, dpo_batch_size=1, max_chats=300)
-    | dict(ild_steps=2, ild_mla_steps=0, kd_steps=2, dpo_steps=1, dpo_pairs=2, dpo_max_new=4)
-    | dict(smart_batches=1, eval_batches=1, log_every=1)
-)
-
-
-def dry_run(cfg):
-    """--dry-run: DRY_RUN's settings, every weight in bf16 (a 1b student's fp32 weights and AdamW state
-    alone take ~17 GB) and the files under <out-dir>/dry-run."""
-    torch.set_default_dtype(torch.bfloat16)
-    return dataclasses.replace(cfg, **DRY_RUN, out_dir=os.path.join(cfg.out_dir, "dry-run"))
-
-
-def random_teacher(cfg):
-    """--dry-run without --teacher: a random Llama of the size (default dtype), the byte-level tokenizer."""
-    torch.manual_seed(cfg.seed)
-    model = Model(size_config(cfg.size))
-    torch.nn.init.normal_(model.embed_tokens.weight, std=0.1)  # small (tied) embeddings keep logits sane
-    return model.eval(), convert.Tokenizer.byte_level()
-
-
 def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):
-    """main's second hook, once the teacher is loaded: each stage's rows per forward. On CUDA (or with
+    """Once the teacher is loaded: each stage's rows per forward. On CUDA (or with
     --memory-gb) from the memory plan, printed by rank 0, and a stage that does not fit with one row stops
     the run before any work (unless --micro-batch); on the CPU the whole batch (the CPU presets fit a
     laptop's RAM; --plan simulates them too). A global batch that does not split evenly over the ranks is
@@ -1635,233 +1734,6 @@ def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):
     if rank == 0:
         print_plan(cfg, plan, world)
     return {s: p.get("micro", 1) for s, p in plan.items()}
-
-
-# ----------------------------------------------------------------------------- bookkeeping: which stages run
-# One rule, by content. A stage's record in stages.json holds what it read (each setting that can change a
-# result, with its value; the digests of the teachers, of the data and of each file it loaded) and the
-# digest of each file it wrote. It is current while all it read reads the same today and its files still
-# match their digests; otherwise it reruns (or resumes, when unfinished from the same start). So a stage
-# after a rerun one reruns only if what it reads of it changed.
-NEUTRAL = {f.name for f in fields(DistillConfig) if f.metadata["neutral"]}
-RESUME = "unfinished: resume"
-
-
-class Reading:
-    """The settings as a stage sees them: each one read that can change a result is noted in `reads`, as
-    its flag with its value."""
-
-    def __init__(self, cfg, reads):
-        self.__dict__.update(_cfg=cfg, _reads=reads)
-
-    def __getattr__(self, name):
-        value = getattr(self._cfg, name)
-        if name not in NEUTRAL:
-            self._reads["--" + name.replace("_", "-")] = as_stored(value)
-        return value
-
-
-def sha256(path):
-    """The sha256 (hex) of a file's bytes, None for no file."""
-    if not os.path.isfile(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def today(r, key):
-    """What the read noted as `key` (Run.note) reads today."""
-    if key.startswith("--"):
-        return as_stored(getattr(r.cfg, key[2:].replace("-", "_")))
-    if key.startswith("file "):
-        return r.written(key[5:])
-    if key == "mla_layers":
-        return r.mla_layers() if r.has("smart.json") else None
-    if key == "dpo_data content":
-        return sha256(r.cfg.dpo_data)
-    return r.digests[key]  # teacher, kd_teacher, data
-
-
-def why_run(stage, r, records):
-    """None when the stage is current; else why it runs. Only RESUME keeps its files."""
-    rec, cfg = records.get(stage.name), r.cfg
-    if cfg.force or cfg.stage == stage.name:
-        return "--force" if cfg.force else f"--stage {stage.name}"
-    if rec is None:
-        found = any(r.has(f) for f in stage.files)
-        return "its files carry no record of what they were made from" if found else "not run yet"
-    if not rec["done"]:
-        if rec["start"] != r.fingerprint(stage):
-            return "unfinished, and what it reads has changed since it started"
-        try:  # the last periodic checkpoint, which it resumes from
-            [read_checkpoint(r.path(f)) for f in stage.files if f.endswith(".pt") and r.has(f)]
-        except ValueError:
-            return "unfinished, and its last checkpoint is damaged"
-        return RESUME
-    changed = [k for k, v in rec["reads"].items() if today(r, k) != v]
-    if changed:
-        return f"made from another {', '.join(changed)}"
-    damaged = [f for f, digest in rec["files"].items() if sha256(r.path(f)) != digest]
-    return f"{damaged[0]} is missing or was changed since it was written" if damaged else None
-
-
-def remove(path):
-    """Remove a file or a folder, if there is one."""
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.isfile(path):
-        os.remove(path)
-
-
-def run_stage(stage, r):
-    """Run a stage unless it is current, noting what it reads; record that and the digests of its files.
-    A stage that reruns from scratch first loses its files and record, so nothing reads them meanwhile."""
-    t0, records = time.time(), r.records()
-    why = why_run(stage, r, records)
-    if r.rank == 0 and time.time() - t0 > 1:
-        print(f"[{stage.name}] checked against its record in {time.time() - t0:.1f} s")
-    r.sync()  # every rank has asked before rank 0 changes any file
-    if why is None:
-        return
-    if r.rank == 0:
-        if why not in ("not run yet", RESUME):
-            print(f"[{stage.name}] {'restarts' if why.startswith('unfinished') else 'reruns'}: {why}")
-        if why != RESUME:
-            for f in stage.files + stage.scratch:
-                shutil.rmtree(r.path(f)) if os.path.isdir(r.path(f)) else os.path.isfile(
-                    r.path(f)
-                ) and os.remove(r.path(f))
-            records[stage.name] = dict(start=r.fingerprint(stage), done=False)
-            write_json(r.path("stages.json"), records)
-    r.sync()
-    r.progress.update(stage=stage.name, step=None)
-    reads = {}
-    seen = dataclasses.replace(r, cfg=Reading(r.cfg, reads), reads=reads)
-    skipped = stage.run(seen) if stage.all_ranks or r.rank == 0 else None
-    r.sync()
-    if r.rank == 0:
-        t0, files = time.time(), {f: sha256(r.path(f)) for f in stage.files if r.has(f)}
-        if time.time() - t0 > 1:
-            print(f"[{stage.name}] digests of its files: {time.time() - t0:.1f} s")
-        records = r.records()
-        records[stage.name].update(reads=reads, files=files, done=True, skipped=skipped or "")
-        write_json(r.path("stages.json"), records)
-    r.sync()
-
-
-def mla_layer_list(cfg):
-    return [int(i) for i in cfg.mla_layers.split(",")] if cfg.mla_layers else None
-
-
-def load_teachers(cfg):
-    """(teacher, KD teacher, tokenizer): the model to convert, and the teacher of KD, DPO pairs and
-    evaluation (the same model unless --kd-teacher). Both must share one vocabulary and hold --seq-len."""
-    cache = cfg.cache_dir or None
-    if cfg.dry_run and not cfg.teacher:  # random weights at the real shapes
-        teacher, tok = random_teacher(cfg)
-    else:
-        teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
-    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layer_list(cfg))
-    kd_teacher, kd_tok = (teacher, tok) if not cfg.kd_teacher else convert.load_teacher(cfg.kd_teacher, cache)
-    same_ids = (kd_tok.ranks, kd_tok.special) == (tok.ranks, tok.special)
-    if not same_ids or kd_teacher.cfg.vocab_size != teacher.cfg.vocab_size:
-        raise ValueError(
-            f"--kd-teacher {cfg.kd_teacher} has another vocabulary ({kd_tok.name}, "
-            f"{kd_teacher.cfg.vocab_size} ids) than the teacher ({tok.name}, {teacher.cfg.vocab_size} ids): "
-            "KD compares their next-token distributions id by id; pick a KD teacher of the same family"
-        )
-    for name, m in (("teacher", teacher), ("KD teacher", kd_teacher)):
-        if cfg.seq_len > m.cfg.max_seq_len:
-            raise ValueError(
-                f"--seq-len {cfg.seq_len} exceeds the {name}'s context of {m.cfg.max_seq_len} tokens: pass "
-                f"--seq-len {m.cfg.max_seq_len} or less"
-            )
-    teacher = teacher.to(cfg.device, teacher_dtype(cfg)).eval().requires_grad_(False)
-    kd_teacher = kd_teacher.to(cfg.device, teacher_dtype(cfg)).eval().requires_grad_(False)
-    return teacher, kd_teacher, tok
-
-
-# ----------------------------------------------------------------------------- the stage runner
-def main(argv=None):
-    cfg = parse_args(argv)
-    cfg = dry_run(cfg) if cfg.dry_run else cfg
-    if cfg.plan:  # from SIZES, nothing loaded
-        tcfg = convert.with_hybrid_fields(size_config(cfg.size), cfg.size, mla_layer_list(cfg))
-        world, kd = cfg.world or int(os.environ.get("WORLD_SIZE", 1)), cfg.kd_teacher
-        print_plan(cfg, memory_plan(cfg, tcfg, world, size_config(kd) if kd in PRESETS else None), world)
-        if kd and kd not in PRESETS:
-            print(f"the KD teacher {kd} is not counted: give its size (e.g. --kd-teacher 8b) to --plan")
-        return
-    cfg, rank, world = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)
-    out, progress = os.path.join(cfg.out_dir, cfg.size), {}
-    os.makedirs(out, exist_ok=True)
-    held = lock(out) if rank == 0 else None  # noqa: F841 (held open for the run: closing it unlocks)
-    try:
-        run_all(cfg, rank, world, out, progress)
-    except KeyboardInterrupt:
-        step = f" step {progress['step']}" if progress.get("step") is not None else ""
-        print(
-            f"\ninterrupted at {progress.get('stage', 'the start')}{step}; rerun the same command to resume"
-        )
-        sys.exit(130)
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def lock(out):
-    """One run per folder: hold an exclusive lock on out/.lock while this process lives (the OS drops it when
-    the process ends, however it ends), and remove the temporary files a killed run left."""
-    f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise ValueError(
-            f"{out} is in use by another distill.py (pid {f.read().strip() or '?'}): wait for it to finish "
-            "or give another --out-dir"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    for tmp in glob.glob(os.path.join(out, "*.tmp*")):  # atomic_write's and save_progress's, of a killed run
-        remove(tmp)
-    return f
-
-
-def run_all(cfg, rank, world, out, progress):
-    """Teachers, plan, data, then every stage in order (up to --stage)."""
-    if cfg.dpo_data and not read_jsonl(cfg.dpo_data, pair_record, PAIR_FORM):  # now, not after hours of KD
-        raise ValueError(f"{cfg.dpo_data} holds no DPO pairs: give one {PAIR_FORM} per line")
-    teacher, kd_teacher, tok = load_teachers(cfg)
-    kd_tcfg = kd_teacher.cfg if kd_teacher is not teacher else None
-    micro = plan_micro_batches(cfg, teacher.cfg, world, rank, kd_tcfg)
-    meta = [prepare_data(cfg, tok, out, kd_teacher) if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(meta)
-    digests = dict(teacher=weights_digest(teacher.state_dict()), data=data_digest(meta[0]))
-    digests["kd_teacher"] = (
-        digests["teacher"] if kd_teacher is teacher else weights_digest(kd_teacher.state_dict())
-    )
-    r = Run(cfg, rank, world, out, tok, (teacher, kd_teacher), meta[0], micro, digests, progress=progress)
-    names = [s.name for s in STAGES]
-    last = names.index(cfg.stage) if cfg.stage else len(STAGES) - 1
-    for stage in STAGES[: last + 1]:
-        run_stage(stage, r)
-    if rank == 0 and cfg.stage and last + 1 < len(STAGES):
-        print(f"stopped after --stage {cfg.stage}; the next run reruns what came after it if that read it")
-    if rank == 0 and os.path.isfile(r.path("eval.json")):
-        res = r.read_json("eval.json", dict)
-        if not {"results", "skipped", "answers"} <= res.keys():
-            raise ValueError(f"{r.path('eval.json')} is damaged (no results): rerun with --stage eval")
-        print_table(res["results"], res["skipped"])
-        print_answers(res["answers"])
-        newest = r.path("dpo.pt") if os.path.isfile(r.path("dpo.pt")) else r.path("kd.pt")
-        print(f"checkpoints and eval.json in {out}; chat with: python generate.py --ckpt {newest}")
 
 
 if __name__ == "__main__":

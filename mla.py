@@ -47,10 +47,8 @@ def mla_decode_ref_naive(q_nope, q_pe, kv_cache, cache_seqlens, W_UK, W_UV, soft
         k_nope = torch.einsum("sr,gdr->gsd", c, W_UK)  # (G, n, d_N)
         k = torch.cat([k_nope, k_pe.expand(G, n, k_pe.shape[1])], -1)  # (G, n, d_N + d_R)
         v = torch.einsum("sr,gvr->gsv", c, W_UV)  # (G, n, d_V)
-        k, v = (
-            k.repeat_interleave(H // G, 0),
-            v.repeat_interleave(H // G, 0),
-        )  # (H, n, ·): head h -> h // (H/G)
+        # (H, n, ·): head h reads group h // (H/G)
+        k, v = k.repeat_interleave(H // G, 0), v.repeat_interleave(H // G, 0)
         q = torch.cat([q_nope[b], q_pe[b]], -1).to(dtype)  # (H, d_N + d_R)
         p = torch.softmax(torch.einsum("hd,hsd->hs", q, k) * softmax_scale, -1)  # (H, n)
         out[b] = torch.einsum("hs,hsv->hv", p, v)
@@ -66,7 +64,7 @@ def mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_r
     S, ragged = kv_cache.shape[1], True
     if not (kv_cache.is_cuda or torch.compiler.is_compiling()):
         # eager on the CPU, reading the lengths syncs with no device: attend only up to the longest row and
-        # copy the cache only for a ragged batch (that copy was half of zebra's CPU decode time at 16k x 8)
+        # copy the cache only for a ragged batch (a copy per step is a large share of CPU decode time)
         S = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
         ragged = not bool((cache_seqlens == S).all())
     valid = torch.arange(S, device=q.device)[None, :] < cache_seqlens[:, None]  # (B, S)
@@ -82,38 +80,30 @@ def mla_decode_ref_absorbed(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_r
 
 # ----------------------------------------------------------------------------- Triton kernels (forward only)
 if HAS_TRITON:
-    # _mla_decode_split_kernel + _mla_decode_reduce_kernel: `mla_decode_ref_absorbed` as split-KV flash
-    # decoding. Stage 1: one program per (row, block of BLOCK_H heads, split) runs an online softmax over its
-    # slice of the row's cache and writes a normalised fp32 partial and its lse; all BLOCK_H heads share every
-    # loaded cache row (the absorbed form is MQA). Stage 2 merges a row's partials weighted by exp(lse).
-    # Splits past a row's length read nothing, so the grid is sized from the cache capacity and no length goes
-    # back to the host. q and the cache are addressed through their strides (views are fine); the partials
-    # and outputs, made contiguous by the wrapper, are addressed from their sizes.
+    # `mla_decode_ref_absorbed` as split-KV flash decoding (FlashDecoding), in two launches: stage 1 cuts each
+    # row's cache into splits and runs an online softmax over each, stage 2 merges a row's partials weighted
+    # by exp(lse). Splits past a row's length read nothing, so the grid is sized from the cache capacity and
+    # no length goes back to the host. Batch-row and head program ids go int64 before any stride product;
+    # q and the cache are addressed through their strides (views are fine), the partials and outputs, made
+    # contiguous by the wrapper, from their sizes. Parameters come as in the Triton tutorials: pointers,
+    # sizes, strides, meta-parameters (tl.constexpr).
+
+    # _mla_decode_split_kernel, stage 1.
+    # Grid (B, cdiv(H, BLOCK_H), splits): one program runs BLOCK_H heads of one row over one split of its
+    # cache, rows [start, min(start + split_len, seqlen)). It loads the heads' q once, latent q̃ (H × R)
+    # and rope q^R (H × D_R), then per block of BLOCK_N cache rows the latent c (N × R) and the rope key
+    # k^R (N × D_R), which every head shares (the absorbed form is MQA):
+    # s = τ·(q̃·cᵀ + q^R·k^Rᵀ), an online softmax, acc += p·c.
+    # It stores per head the normalised fp32 partial (R) and its lse.
     @triton.jit
     def _mla_decode_split_kernel(
-        q_ptr,
-        kv_ptr,
-        seqlens_ptr,
-        o_part_ptr,
-        lse_part_ptr,
-        H,
-        R,
-        D_R,
-        split_len,
-        scale,
-        sq_b,
-        sq_h,
-        sq_d,
-        skv_b,
-        skv_s,
-        skv_d,
-        BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_DR: tl.constexpr,
+        q_ptr, kv_ptr, seqlens_ptr,  # inputs: q (B, H, width), cache (B, S_max, width), lengths (B,)
+        o_part_ptr, lse_part_ptr,  # outputs: partials (B, H, splits, R), their lse (B, H, splits)
+        H, R, D_R, split_len, scale,  # sizes and the softmax scale τ
+        sq_b, sq_h, sq_d, skv_b, skv_s, skv_d,  # strides of q and the cache
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
         PREC: tl.constexpr,
-    ):
-        """Stage 1, grid (B, cdiv(H, BLOCK_H), splits): BLOCK_H heads over one slice of one row's cache."""
+    ):  # fmt: skip
         pid_b, pid_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # before any stride math
         pid_s, n_splits = tl.program_id(2), tl.num_programs(2)
         seqlen = tl.load(seqlens_ptr + pid_b)
@@ -159,28 +149,23 @@ if HAS_TRITON:
         tl.store(o_tile, acc / l_safe[:, None], mask=mask_h[:, None] & mask_r[None, :])
         tl.store(lse_part_ptr + part, m_i + tl.log(l_safe), mask=mask_h)
 
+    # _mla_decode_reduce_kernel, stage 2.
+    # Grid (B, H): one program merges the partials of one (row, head). For each split that holds tokens it
+    # loads the partial (R) and its lse, and folds it in with the online softmax of stage 1, a partial
+    # weighing exp(lse); it stores out_latent (R) and the merged lse.
     @triton.jit
     def _mla_decode_reduce_kernel(
-        o_part_ptr,
-        lse_part_ptr,
-        seqlens_ptr,
-        out_ptr,
-        lse_ptr,
-        R,
-        split_len,
-        n_splits,
+        o_part_ptr, lse_part_ptr, seqlens_ptr,  # inputs: stage 1's partials and lse, lengths (B,)
+        out_ptr, lse_ptr,  # outputs: out_latent (B, H, R), lse (B, H)
+        R, split_len, n_splits,  # sizes
         BLOCK_R: tl.constexpr,
-    ):
-        """Stage 2, grid (B, H): LSE-weighted merge of the non-empty splits of one (row, head)."""
+    ):  # fmt: skip
         pid_b, pid_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         row = pid_b * tl.num_programs(1) + pid_h  # (B, H) index: out, lse and the first partial
         seqlen = tl.load(seqlens_ptr + pid_b)
         offs_r = tl.arange(0, BLOCK_R)
-        # the same online softmax, one split at a time: a partial is already normalised, weighted by exp(lse)
         m, l_sum, acc = float("-inf"), 0.0, tl.zeros([BLOCK_R], tl.float32)
-        for sp in range(
-            0, tl.cdiv(seqlen, split_len)
-        ):  # only splits that hold tokens; the rest are never read
+        for sp in range(0, tl.cdiv(seqlen, split_len)):  # only the splits that hold tokens are read
             lse_s = tl.load(lse_part_ptr + row * n_splits + sp)
             o_s = tl.load(o_part_ptr + (row * n_splits + sp) * R + offs_r, mask=offs_r < R, other=0.0)
             m_new = tl.maximum(m, lse_s)
@@ -226,40 +211,22 @@ def mla_decode_triton(q, kv_cache, cache_seqlens, softmax_scale, kv_lora_rank, n
     seqlens = cache_seqlens.to(torch.int32)
     o_part = torch.empty(B, H, num_splits, r, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
-    _mla_decode_split_kernel[(B, triton.cdiv(H, BLOCK_H), num_splits)](
-        q,
-        kv_cache,
-        seqlens,
-        o_part,
-        lse_part,
-        H,
-        r,
-        width - r,
-        split_len,
-        softmax_scale,
-        *q.stride(),
-        *kv_cache.stride(),
-        BLOCK_H=BLOCK_H,
-        BLOCK_N=BLOCK_N,
-        BLOCK_R=BLOCK_R,
-        BLOCK_DR=BLOCK_DR,
-        PREC=dot_prec(q),
-        num_warps=num_warps,
-        num_stages=2,
-    )
     out = torch.empty(B, H, r, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, dtype=torch.float32, device=q.device)
+    # fmt: off
+    _mla_decode_split_kernel[(B, triton.cdiv(H, BLOCK_H), num_splits)](
+        q, kv_cache, seqlens, o_part, lse_part,
+        H, r, width - r, split_len, softmax_scale,
+        *q.stride(), *kv_cache.stride(),
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_DR=BLOCK_DR, PREC=dot_prec(q),
+        num_warps=num_warps, num_stages=2,
+    )
     _mla_decode_reduce_kernel[(B, H)](
-        o_part,
-        lse_part,
-        seqlens,
-        out,
-        lse,
-        r,
-        split_len,
-        num_splits,
+        o_part, lse_part, seqlens, out, lse,
+        r, split_len, num_splits,
         BLOCK_R=BLOCK_R,
     )
+    # fmt: on
     return out, lse
 
 

@@ -187,11 +187,12 @@ def ssd_chunked(
 
 if HAS_TRITON:
     # Rules for every kernel: program ids that index a batch row, chunk or head go int64 before any stride
-    # product (int32 offsets overflow past ~61k tokens: state-spaces/mamba #1015; tests/test_compile.py checks
-    # the TTIR) and into a scalar base pointer, from which per-element offsets inside one chunk stay int32;
-    # loads are upcast to fp32 at once; every exp of a cumsum difference is exp(min(Δ, 0)); user tensors are
-    # addressed through their strides (views are fine), the buffers made here (fp32 states, outputs) are
-    # contiguous and addressed from their sizes.
+    # product (an int32 one passes 2^31 on long sequences: mamba_ssm's Triton SSD did past ~61k tokens;
+    # tests/test_compile.py checks the TTIR) and into a scalar base pointer, from which per-element offsets
+    # inside one chunk stay int32; loads are upcast to fp32 at once; every exp of a cumsum difference is
+    # exp(min(Δ, 0)); user tensors are addressed through their strides (views are fine), the buffers made
+    # here (fp32 Δ, cs, states, outputs) are contiguous and addressed from their sizes. Parameters come as in
+    # the Triton tutorials: pointers, sizes, strides, meta-parameters (tl.constexpr).
 
     @triton.jit
     def _softplus(v):
@@ -204,42 +205,20 @@ if HAS_TRITON:
         return tl.where(v > 20.0, v, tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0)))
 
     # _chunk_state_kernel: Δ, cs and step 2 of `ssd_chunked` (each chunk's own state) in one pass over x, B.
-    # One program per (chunk, batch row, head) walks its chunk in sub-blocks of BLOCK_K tokens, which keeps
-    # the tiles small for long chunks: the state so far decays by a sub-block's exp(ΣA·Δ) before it adds.
+    # Grid (c, b, h): one program per (chunk, batch row, head) writes the chunk's Δ and cs (Q values each)
+    # and the p×n state its tokens build from zero, one BLOCK_P × BLOCK_N fp32 tile held in registers.
+    # It walks the chunk in sub-blocks of BLOCK_K tokens, loading dt (K), x (K × P) and B (K × N) per
+    # sub-block: the state so far decays by the sub-block's exp(ΣA·Δ), then adds xᵀ·(B·w) with
+    # w = Δ·exp(cs_last − cs). Sub-blocks keep the x and B tiles small for long chunks.
     @triton.jit
     def _chunk_state_kernel(
-        x_ptr,
-        dt_ptr,
-        A_ptr,
-        B_ptr,
-        bias_ptr,
-        dt_out_ptr,
-        cs_ptr,
-        st_ptr,
-        T,
-        P,
-        N,
-        nchunks,
-        rep_x,
-        rep_B,
-        sx_b,
-        sx_t,
-        sx_g,
-        sx_p,
-        sdt_b,
-        sdt_t,
-        sdt_h,
-        sB_b,
-        sB_t,
-        sB_g,
-        sB_n,
-        Q: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr,  # inputs
+        dt_out_ptr, cs_ptr, st_ptr,  # outputs: Δ and cs (b, h, c, Q), states (b, c, h, p, n)
+        T, P, N, nchunks, rep_x, rep_B,  # sizes; rep_*: heads per group of x and B
+        sx_b, sx_t, sx_g, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n,  # strides of x, dt and B
+        Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
         PREC: tl.constexpr,
-    ):
-        """grid (nchunks, b, h): Δ and cs of one chunk, and the state it builds alone."""
+    ):  # fmt: skip
         c, b, hd = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         H = tl.num_programs(2)
         A = tl.load(A_ptr + hd).to(tl.float32)
@@ -282,13 +261,18 @@ if HAS_TRITON:
         mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
         tl.store(st + offs_p[:, None] * N + offs_n[None, :], acc, mask=mask)
 
-    # _state_passing_kernel: step 3 of `ssd_chunked`, the only sequential part. The p·n state is flattened
-    # and cut into BLOCK elements per program, so a 128×128 state runs on 16 programs per (batch row, head).
+    # _state_passing_kernel: step 3 of `ssd_chunked`, the only sequential part.
+    # Grid (cdiv(p·n, BLOCK), b, h): the p×n state is flattened and each program owns BLOCK of its elements
+    # (a 128×128 state runs on 16 programs per batch row and head). It walks the chunks in order, loading
+    # per chunk its cs_last (one scalar) and BLOCK elements of its state: it stores the state entering the
+    # chunk, then S ← exp(cs_last)·S + the chunk's state. The last S is the final state.
     @triton.jit
     def _state_passing_kernel(
-        st_ptr, cs_ptr, init_ptr, prev_ptr, final_ptr, nchunks, dim, Q: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        """grid (cdiv(p·n, BLOCK), b, h): S ← exp(cs_last[c])·S + states[c] over the chunks in order."""
+        st_ptr, cs_ptr, init_ptr,  # inputs: states (b, c, h, p·n), cs (b, h, c, Q), initial state or None
+        prev_ptr, final_ptr,  # outputs: the state entering each chunk (b, c, h, p·n), final (b, h, p·n)
+        nchunks, dim,  # sizes; dim = p·n
+        Q: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
         pid = tl.program_id(0).to(tl.int64)
         b, hd = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         H = tl.num_programs(2)
@@ -304,45 +288,22 @@ if HAS_TRITON:
             s = decay * s + tl.load(st_ptr + at, mask=mask, other=0.0)
         tl.store(final_ptr + (b * H + hd) * dim + offs, s, mask=mask)
 
-    # _chunk_scan_kernel: steps 1 and 4 of `ssd_chunked` + D·x, fused so y is written once. One program
-    # holds BLOCK_M rows × BLOCK_P columns of one chunk's y; the causal loop visits the column blocks up to
-    # the diagonal. C·Bᵀ is recomputed per head (simpler than mamba's group bmm).
+    # _chunk_scan_kernel: steps 1 and 4 of `ssd_chunked` + D·x, fused so y is written once.
+    # Grid (b·c, cdiv(Q, BLOCK_M)·cdiv(p, BLOCK_P), h): one program computes one chunk's y for one head
+    # on a tile of BLOCK_M tokens × BLOCK_P of the p columns. It loads C (M × N), cs (M) and the state
+    # entering the chunk (P × N) once: step 4 is (C·Sᵀ)·exp(cs). Step 1 then visits the blocks of
+    # BLOCK_M tokens up to the diagonal, loading B (K × N), x (K × P), cs and Δ (K) per block:
+    # y += ((C·Bᵀ) ∘ exp(cs_i − cs_j) ∘ causal ∘ Δ_j)·x. C·Bᵀ is recomputed per head
+    # (simpler than the per-group bmm of mamba_ssm's Triton SSD).
     @triton.jit
     def _chunk_scan_kernel(
-        x_ptr,
-        B_ptr,
-        C_ptr,
-        dt_ptr,
-        cs_ptr,
-        prev_ptr,
-        D_ptr,
-        y_ptr,
-        T,
-        P,
-        N,
-        nchunks,
-        rep_x,
-        rep_B,
-        rep_C,
-        sx_b,
-        sx_t,
-        sx_g,
-        sx_p,
-        sB_b,
-        sB_t,
-        sB_g,
-        sB_n,
-        sC_b,
-        sC_t,
-        sC_g,
-        sC_n,
-        Q: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, prev_ptr, D_ptr,  # inputs: dt, cs and prev made by the two above
+        y_ptr,  # output (b, T, h, p)
+        T, P, N, nchunks, rep_x, rep_B, rep_C,  # sizes; rep_*: heads per group of x, B and C
+        sx_b, sx_t, sx_g, sx_p, sB_b, sB_t, sB_g, sB_n, sC_b, sC_t, sC_g, sC_n,  # strides of x, B and C
+        Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
         PREC: tl.constexpr,
-    ):
-        """grid (b·nchunks, cdiv(Q, BLOCK_M)·cdiv(p, BLOCK_P), h): one (row, column) block tile of y."""
+    ):  # fmt: skip
         b, c = tl.program_id(0).to(tl.int64) // nchunks, tl.program_id(0).to(tl.int64) % nchunks
         pid_m, pid_p = tl.program_id(1) // tl.cdiv(P, BLOCK_P), tl.program_id(1) % tl.cdiv(P, BLOCK_P)
         hd, H = tl.program_id(2).to(tl.int64), tl.num_programs(2)
@@ -394,45 +355,20 @@ if HAS_TRITON:
         y_base = y_ptr + ((b * T + t0) * H + hd) * P  # y: (b, T, h, p)
         tl.store(y_base + offs_m[:, None] * (H * P) + offs_p[None, :], acc, mask=mask_y)
 
-    # _ssm_step_kernel: `ssm_step_ref`, one token. One program holds BLOCK_P rows of one head's fp32 state,
-    # loads them once, updates them in place and reduces against C for y. N need not be a power of 2: lanes
-    # past N are masked on every load and store.
+    # _ssm_step_kernel: `ssm_step_ref`, one token.
+    # Grid (cdiv(p, BLOCK_P), b, h): one program owns BLOCK_P rows of one head's p×n fp32 state. It loads
+    # that BLOCK_P × BLOCK_N tile, x (P), B and C (N) and the head's Δ once, updates the tile in place,
+    # S = exp(A·Δ)·S + Δ·x ⊗ B, and reduces it against C: y = S·C + D·x.
+    # N need not be a power of 2: lanes past N are masked on every load and store.
     @triton.jit
     def _ssm_step_kernel(
-        state_ptr,
-        x_ptr,
-        dt_ptr,
-        A_ptr,
-        B_ptr,
-        C_ptr,
-        D_ptr,
-        bias_ptr,
-        y_ptr,
-        P,
-        N,
-        rep_x,
-        rep_B,
-        rep_C,
-        ss_b,
-        ss_h,
-        ss_p,
-        ss_n,
-        sx_b,
-        sx_g,
-        sx_p,
-        sdt_b,
-        sdt_h,
-        sB_b,
-        sB_g,
-        sB_n,
-        sC_b,
-        sC_g,
-        sC_n,
-        BLOCK_P: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """grid (cdiv(p, BLOCK_P), b, h): S = S·exp(A·Δ) + Δ·x ⊗ B on a BLOCK_P × N tile,
-        y = S·C + D·x."""
+        state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,  # inputs (the state updated in place)
+        y_ptr,  # output (b, h, p)
+        P, N, rep_x, rep_B, rep_C,  # sizes; rep_*: heads per group of x, B and C
+        ss_b, ss_h, ss_p, ss_n, sx_b, sx_g, sx_p, sdt_b, sdt_h,  # strides of the state, x and dt
+        sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,  # strides of B and C
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
         pid_p, b, hd = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         offs_p, offs_n = pid_p * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
         mp, mn = offs_p < P, offs_n < N
@@ -442,15 +378,10 @@ if HAS_TRITON:
         dt = _softplus(dt)
         s_ptrs = state_ptr + b * ss_b + hd * ss_h + offs_p[:, None] * ss_p + offs_n[None, :] * ss_n
         S = tl.load(s_ptrs, mask=mp[:, None] & mn[None, :], other=0.0)
-        x = tl.load(x_ptr + b * sx_b + (hd // rep_x) * sx_g + offs_p * sx_p, mask=mp, other=0.0).to(
-            tl.float32
-        )
-        Bv = tl.load(B_ptr + b * sB_b + (hd // rep_B) * sB_g + offs_n * sB_n, mask=mn, other=0.0).to(
-            tl.float32
-        )
-        Cv = tl.load(C_ptr + b * sC_b + (hd // rep_C) * sC_g + offs_n * sC_n, mask=mn, other=0.0).to(
-            tl.float32
-        )
+        x = tl.load(x_ptr + b * sx_b + (hd // rep_x) * sx_g + offs_p * sx_p, mask=mp, other=0.0)
+        Bv = tl.load(B_ptr + b * sB_b + (hd // rep_B) * sB_g + offs_n * sB_n, mask=mn, other=0.0)
+        Cv = tl.load(C_ptr + b * sC_b + (hd // rep_C) * sC_g + offs_n * sC_n, mask=mn, other=0.0)
+        x, Bv, Cv = x.to(tl.float32), Bv.to(tl.float32), Cv.to(tl.float32)
         S = S * tl.exp(tl.load(A_ptr + hd).to(tl.float32) * dt) + (dt * x)[:, None] * Bv[None, :]
         tl.store(s_ptrs, S, mask=mp[:, None] & mn[None, :])
         y = tl.sum(S * Cv[None, :], axis=1)
@@ -480,31 +411,18 @@ def chunk_state_fwd(x, dt, A, B, chunk_size, dt_bias=None):
     f32 = dict(device=x.device, dtype=torch.float32)
     dts, cs = torch.empty(b, h, c, chunk_size, **f32), torch.empty(b, h, c, chunk_size, **f32)
     states = torch.empty(b, c, h, p, n, **f32)
+    # fmt: off
     _chunk_state_kernel[(c, b, h)](
-        x,
-        dt,
-        A,
-        B,
-        dt_bias,
-        dts,
-        cs,
-        states,
-        T,
-        p,
-        n,
-        c,
-        *(h // t.shape[2] for t in (x, B)),  # heads per group: head i reads group i // rep
-        *x.stride(),
-        *dt.stride(),
-        *B.stride(),
+        x, dt, A, B, dt_bias, dts, cs, states,
+        T, p, n, c, *(h // t.shape[2] for t in (x, B)),  # rep_x, rep_B: head i reads group i // rep
+        *x.stride(), *dt.stride(), *B.stride(),
         Q=chunk_size,
         # fp32 tiles take twice the registers of bf16 ones, and 3-pass TF32 splits each operand in two
         BLOCK_K=min(chunk_size, 64 if x.element_size() <= 2 else 16),
-        BLOCK_P=dot_block(p),
-        BLOCK_N=dot_block(n),
-        PREC=dot_prec(x),
+        BLOCK_P=dot_block(p), BLOCK_N=dot_block(n), PREC=dot_prec(x),
         num_warps=4 if dot_block(p) * dot_block(n) <= 4096 else 8,
     )
+    # fmt: on
     return dts, cs, states
 
 
@@ -512,7 +430,7 @@ def state_passing_fwd(states, cs, initial_state=None):
     """Launch _state_passing_kernel -> state entering each chunk (b, c, h, p, n), final state (b, h, p, n)."""
     b, c, h, p, n = states.shape
     prev, final = torch.empty_like(states), torch.empty(b, h, p, n, device=states.device, dtype=torch.float32)
-    # flat p·n indexing
+    # contiguous fp32, as the kernel indexes the state flat from its sizes
     init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     BLOCK = min(1024, triton.next_power_of_2(p * n))  # up to 1024 state elements per program
     grid = (triton.cdiv(p * n, BLOCK), b, h)
@@ -531,30 +449,15 @@ def chunk_scan_fwd(x, B, C, dts, cs, prev_states, D=None):
     BLOCK_M, BLOCK_P, BLOCK_N = min(Q, 16), min(dot_block(p), 64), dot_block(n)
     # b·nchunks on grid axis 0: axes 1 and 2 are limited to 65,535 on CUDA, and b·T/Q can pass that
     grid = (b * c, triton.cdiv(Q, BLOCK_M) * triton.cdiv(p, BLOCK_P), h)
+    # fmt: off
     _chunk_scan_kernel[grid](
-        x,
-        B,
-        C,
-        dts,
-        cs,
-        prev_states,
-        D,
-        y,
-        T,
-        p,
-        n,
-        c,
-        *(h // t.shape[2] for t in (x, B, C)),  # heads per group: head i reads group i // rep
-        *x.stride(),
-        *B.stride(),
-        *C.stride(),
-        Q=Q,
-        BLOCK_M=BLOCK_M,
-        BLOCK_P=BLOCK_P,
-        BLOCK_N=BLOCK_N,
-        PREC=dot_prec(x),
+        x, B, C, dts, cs, prev_states, D, y,
+        T, p, n, c, *(h // t.shape[2] for t in (x, B, C)),  # rep_x, rep_B, rep_C: head i reads group i // rep
+        *x.stride(), *B.stride(), *C.stride(),
+        Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, PREC=dot_prec(x),
         num_warps=4 if BLOCK_N <= 64 else 8,
     )
+    # fmt: on
     return y
 
 
@@ -574,28 +477,14 @@ def ssm_step_fwd(state, x, dt, A, B, C, D=None, dt_bias=None):
     # fixed rows per program by n, ~512 state elements per tile (mamba_ssm's selective_state_update); never
     # autotuned: an autotune trial would update the state in place more than once
     BLOCK_P = 32 if n <= 16 else 16 if n <= 32 else 8 if n <= 64 else 4
+    # fmt: off
     _ssm_step_kernel[(triton.cdiv(p, BLOCK_P), b, h)](
-        state,
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D,
-        dt_bias,
-        y,
-        p,
-        n,
-        *(h // t.shape[1] for t in (x, B, C)),  # heads per group: head i reads group i // rep
-        *state.stride(),
-        *x.stride(),
-        *dt.stride(),
-        *B.stride(),
-        *C.stride(),
-        BLOCK_P=BLOCK_P,
-        BLOCK_N=triton.next_power_of_2(n),
-        num_warps=4 if n <= 128 else 8,
+        state, x, dt, A, B, C, D, dt_bias, y,
+        p, n, *(h // t.shape[1] for t in (x, B, C)),  # rep_x, rep_B, rep_C: head i reads group i // rep
+        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
+        BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(n), num_warps=4 if n <= 128 else 8,
     )
+    # fmt: on
     return y
 
 
@@ -676,18 +565,9 @@ def use_triton(backend, tensors, state_dtype=torch.float32):
 
 
 def ssd(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    chunk_size=64,
-    D=None,
-    dt_bias=None,
-    initial_state=None,
-    return_final_state=False,
+    x, dt, A, B, C, chunk_size=64, D=None, dt_bias=None, initial_state=None, return_final_state=False,
     backend="auto",
-):
+):  # fmt: skip
     """The scan of the Mamba2 layer: x (b, T, g_x, p), dt (b, T, h), A (h,) < 0, B (b, T, g_B, n),
     C (b, T, g_C, n) -> y (b, T, h, p) in x's dtype, plus the final state (b, h, p, n) in fp32 when
     return_final_state.
@@ -695,7 +575,8 @@ def ssd(
     _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, step=False)
     check(
         chunk_size in (16, 32, 64, 128, 256),
-        f"chunk_size must be a power of 2 in [16, 256] (mamba #449: others give NaN), got {chunk_size}",
+        f"chunk_size must be a power of 2 in [16, 256] (mamba_ssm's Triton SSD gives NaN for others), "
+        f"got {chunk_size}",
     )
     _check_A(A)  # one host sync per prefill, none per decode step
     if use_triton(backend, (x, dt, A, B, C, D, dt_bias, initial_state)):

@@ -106,8 +106,7 @@ def test_scalar_lr_scales_the_step_of_the_mamba2_scalars_only(tmp_path, scalar_l
     student = distill.trainable(convert.make_student(distill.random_teacher(cfg)[0], "m2").train(), "mixer")
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in named}
-    r = distill.Run(cfg, 0, 1, str(tmp_path), None, (None, None), {}, {})  # no checkpoint to resume
-    opt = distill.optimizer(r, "ild_m2", student, [p for _, p in named], 10, 1e-3)[0]
+    opt = distill.optimizer(cfg, student, 10, 1e-3, cfg.warmup)[0]
     student(torch.randint(0, 256, (2, 16))).float().pow(2).mean().backward()
     opt.step()
     step = {n: (p.detach() - before[n]).abs().max().item() for n, p in named}

@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_mla.py -q   (on a GPU, TRITON_INTERPRET=0 runs 
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -139,25 +140,43 @@ def test_kernel_peaked_flat_and_noncontiguous_q(q_scale):
     assert rel_rms(out, ref_out) <= 1e-5 and (lse.double() - ref_lse).abs().max() <= 1e-5
 
 
-def test_kernel_bad_input(monkeypatch):
-    # each malformed input raises one ValueError naming the problem, on both backends
+def _changed(args, change):
+    """args with each keyword of change replacing its argument, or mapping it when it is a function."""
+    return {k: change[k](v) if callable(change.get(k)) else change.get(k, v) for k, v in args.items()}
+
+
+def decode_call(backend, **change):
+    """mla_decode on valid inputs (2 rows of 4 and 6 cached tokens, 2 heads, r 20), changed by `change`."""
     c = decode_case([4, 6], H=2, G=1)
-    q, kv, lens, sc = absorbed_q(c), c["kv_cache"], c["cache_seqlens"], c["softmax_scale"]
-    bad = [
-        ((q, kv, lens, None, 20), "softmax_scale"),
-        ((q[0], kv, lens, sc, 20), "must be"),
-        ((q[..., :-1], kv, lens, sc, 20), "disagree"),
-        ((q, kv.double(), lens, sc, 20), "dtype"),
-        ((q, kv, torch.tensor([4, 7], device=DEV), sc, 20), "outside the allocated cache"),
-        ((q, kv, torch.tensor([4.0, 6.0], device=DEV), sc, 20), "cache_seqlens"),
-    ]
-    # the length range is checked under ZEBRA_DEBUG only (a host sync); the backend name is
-    # ssm_scan.use_triton's check, tested in tests/test_ssm_scan.py
+    args = dict(q=absorbed_q(c), kv_lora_rank=20, num_splits=None, backend=backend)
+    args.update({k: c[k] for k in ("kv_cache", "cache_seqlens", "softmax_scale")})
+    mla_decode(**_changed(args, change))
+
+
+BAD_DECODE = [  # (case id, change to valid inputs, what the ValueError must say)
+    ("no_scale", dict(softmax_scale=None), "softmax_scale"),
+    ("q_2d", dict(q=lambda q: q[0]), "q must be"),
+    ("q_narrow", dict(q=lambda q: q[..., :-1]), "disagree"),
+    ("kv_fp64", dict(kv_cache=torch.Tensor.double), "dtype"),
+    # the length range is checked under ZEBRA_DEBUG only (a host sync)
+    ("len_past_cache", dict(cache_seqlens=lambda n: n + 1), "outside the allocated cache"),
+    ("float_lens", dict(cache_seqlens=torch.Tensor.float), "cache_seqlens"),
+    ("zero_splits", dict(num_splits=0), "num_splits must be >= 1"),
+]
+# both backends; the backend name is ssm_scan.use_triton's check, tested in tests/test_ssm_scan.py
+BAD_INPUT = [
+    (f"{name}_{backend}", partial(decode_call, backend, **change), words)
+    for backend in ("torch", "triton")
+    for name, change, words in BAD_DECODE
+]
+
+
+@pytest.mark.parametrize("call,words", [pytest.param(call, words, id=i) for i, call, words in BAD_INPUT])
+def test_bad_input(call, words, monkeypatch):
+    # each malformed input raises one ValueError naming the problem
     monkeypatch.setattr(mla, "DEBUG", True)
-    for backend in ("torch", "triton"):
-        for args, msg in bad:
-            with pytest.raises(ValueError, match=msg):
-                mla_decode(*args, backend=backend)
+    with pytest.raises(ValueError, match=words):
+        call()
 
 
 def test_import_and_decode_without_triton():

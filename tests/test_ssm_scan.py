@@ -9,6 +9,7 @@ import importlib.util
 import math
 import os
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -327,13 +328,6 @@ def test_auto_backend_on_cpu_is_chunked_torch():
     assert torch.equal(ssd(**inp, chunk_size=16), ssd_chunked(**inp, chunk_size=16))
 
 
-def test_triton_refuses_gradients():
-    # the kernels are forward-only: asking for them with a gradient is an error, not a silent detach
-    inp = f32(case(T=20))
-    with pytest.raises(ValueError, match="forward-only"):
-        ssd(**dict(inp, x=inp["x"].requires_grad_()), chunk_size=16, backend="triton")
-
-
 def test_imports_and_runs_without_triton(monkeypatch):
     # without triton the module imports, the torch path runs, and backend="triton" says what is missing
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
@@ -347,92 +341,65 @@ def test_imports_and_runs_without_triton(monkeypatch):
         mod.ssd(**inp, chunk_size=16, backend="triton")
 
 
-def _x_short(a):
-    return dict(a, x=a["x"][:1])
+def _changed(args, change):
+    """args with each keyword of change replacing its argument, or mapping it when it is a function."""
+    return {k: change[k](v) if callable(change.get(k)) else change.get(k, v) for k, v in args.items()}
 
 
-def _B_narrow(a):
-    return dict(a, B=a["B"][..., :7])
+def scan_call(**change):
+    """ssd on valid float32 inputs (T 20, 4 heads, Zebra's groups (2, 2, 4), chunk 16, backend="triton"),
+    changed by `change`."""
+    ssd(**_changed(dict(f32(case(T=20, h=4, groups=(2, 2, 4))), chunk_size=16, backend="triton"), change))
 
 
-def _x_3d(a):
-    return dict(a, x=a["x"][:, :, 0])
+def step_call(backend, **change):
+    """ssm_step on valid float32 decode inputs, changed by `change`; a rejected step leaves the state as it
+    was."""
+    inp = f32(case(T=1, h=4, groups=(2, 2, 4)))
+    args = dict(state=inp["initial_state"].clone(), backend=backend, A=inp["A"])
+    args.update({k: inp[k][:, 0] for k in ("x", "dt", "B", "C")})
+    try:
+        ssm_step(**_changed(args, change))
+    except ValueError:
+        assert torch.equal(args["state"], inp["initial_state"]), "a rejected step wrote the state"
+        raise
 
 
-def _B_3_groups(a):
-    return dict(a, B=a["B"].new_ones(2, 20, 3, 16))
-
-
-def _x_int(a):
-    return dict(a, x=a["x"].to(torch.int32))
-
-
-def _chunk_48(a):
-    return dict(a, chunk_size=48)
-
-
-def _A_positive(a):
-    return dict(a, A=-a["A"])
-
-
-def _A_one(a):
-    return dict(a, A=a["A"][:1])
-
-
-def _state_narrow(a):
-    return dict(a, initial_state=a["initial_state"][..., :5])
-
-
-def _backend_cuda(a):
-    return dict(a, backend="cuda")
-
-
-def _fp64_to_triton(a):
-    return dict({k: v.double() if torch.is_tensor(v) else v for k, v in a.items()}, backend="triton")
-
-
-BAD_SCAN = [  # (change to valid float32 inputs, words the message must contain)
-    (_x_short, "disagree"),
-    (_B_narrow, "disagree"),
-    (_x_3d, "expected x"),
-    (_B_3_groups, "not divisible by B's 3 groups"),
-    (_x_int, "x must be a floating-point"),
-    (_chunk_48, "chunk_size must be a power of 2"),
-    (_A_positive, "strictly negative"),
-    (_A_one, "A must have shape"),
-    (_state_narrow, "state must have shape"),
-    (_backend_cuda, "backend must be"),
-    (_fp64_to_triton, "float32/float16/bfloat16"),
+FP64 = dict.fromkeys(("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"), torch.Tensor.double)
+BAD_SCAN = [  # (case id, change to valid inputs, what the ValueError must say)
+    ("x_short", dict(x=lambda x: x[:1]), "disagree"),
+    ("B_narrow", dict(B=lambda B: B[..., :7]), "disagree"),
+    ("x_3d", dict(x=lambda x: x[:, :, 0]), "expected x"),
+    ("B_3_groups", dict(B=lambda B: B.new_ones(2, 20, 3, 16)), "not divisible by B's 3 groups"),
+    ("x_int", dict(x=lambda x: x.to(torch.int32)), "x must be a floating-point"),
+    ("chunk_48", dict(chunk_size=48), "chunk_size must be a power of 2"),
+    ("A_positive", dict(A=torch.neg), "strictly negative"),
+    ("A_one", dict(A=lambda A: A[:1]), "A must have shape"),
+    ("state_narrow", dict(initial_state=lambda s: s[..., :5]), "state must have shape"),
+    ("backend_cuda", dict(backend="cuda"), "backend must be"),
+    ("fp64_to_triton", FP64, "float32/float16/bfloat16"),
+    # the kernels are forward-only: asking for them with a gradient is an error, not a silent detach
+    ("grad_to_triton", dict(x=torch.Tensor.requires_grad_), "forward-only"),
+]
+BAD_STEP = [  # A's sign is checked per decode step under ZEBRA_DEBUG only (it reads A back to the host)
+    ("state_narrow", dict(state=lambda s: s[:, :2]), "state must have shape"),
+    ("x_with_time_axis", dict(x=lambda x: x[:, None]), "expected x"),
+    ("C_3_groups", dict(C=lambda C: C[:, :3]), "not divisible by C's 3"),
+    ("A_positive", dict(A=torch.abs), "strictly negative"),
+]
+BAD_INPUT = [(name, partial(scan_call, **change), words) for name, change, words in BAD_SCAN] + [
+    (f"step_{name}_{backend}", partial(step_call, backend, **change), words)
+    for backend in BACKENDS
+    for name, change, words in BAD_STEP
 ]
 
 
-@pytest.mark.parametrize("bad", range(len(BAD_SCAN)), ids=[f.__name__[1:] for f, _ in BAD_SCAN])
-def test_bad_scan_input(bad):
+@pytest.mark.parametrize("call,words", [pytest.param(call, words, id=i) for i, call, words in BAD_INPUT])
+def test_bad_input(call, words, monkeypatch):
     # each malformed input raises one ValueError that names the problem
-    change, words = BAD_SCAN[bad]
-    args = change(dict(f32(case(T=20, h=4, groups=(2, 2, 4))), chunk_size=16, backend="triton"))
-    with pytest.raises(ValueError, match=words):
-        ssd(**args)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_step_input_writes_nothing(backend, monkeypatch):
-    # a rejected decode step raises before touching the state; A's sign is checked under ZEBRA_DEBUG only
     monkeypatch.setattr(S, "DEBUG", True)
-    inp = f32(case(T=1, h=4, groups=(2, 2, 4)))
-    state = inp["initial_state"].clone()
-    args = dict(
-        x=inp["x"][:, 0], dt=inp["dt"][:, 0], A=inp["A"], B=inp["B"][:, 0], C=inp["C"][:, 0], backend=backend
-    )
-    for state_, change, words in [
-        (state[:, :2], {}, "state must have shape"),
-        (state, dict(x=inp["x"]), "expected x"),
-        (state, dict(C=inp["C"][:, 0, :3]), "not divisible by C's 3"),
-        (state, dict(A=inp["A"].abs()), "strictly negative"),
-    ]:
-        with pytest.raises(ValueError, match=words):
-            ssm_step(state_, **dict(args, **change))
-    assert torch.equal(state, inp["initial_state"])
+    with pytest.raises(ValueError, match=words):
+        call()
 
 
 @pytest.mark.skipif(not COMPILED, reason="compiled kernels: needs CUDA and TRITON_INTERPRET=0")
