@@ -496,9 +496,12 @@ def run_init(r):
     """All-MLA (SVD) and all-Mamba2 (attention-seeded) students from the teacher's weights."""
     # training tokens choose the MLA rope pairs and set the Mamba2 output norms; 4 rows are enough
     calib = r.first_batches("ild", 1)[0][:4]  # the global batch's, whatever the ranks
-    for kind in ("mla", "m2"):
-        student = convert.make_student(r.teacher, kind, r.cfg.rope_rule, calib)
-        r.save(f"init_{kind}.pt", student.to(weights_dtype(r.cfg)), 0, done=True)
+    with r.host_memory():  # the students are built in host memory: the device holds the teachers only
+        calib, teacher = r.on_host(calib), r.on_host(r.teacher)
+        for kind in ("mla", "m2"):
+            r.save(
+                f"init_{kind}.pt", convert.make_student(teacher, kind, r.cfg.rope_rule, calib), 0, done=True
+            )
 
 
 def run_ild(r, kind):
@@ -537,8 +540,10 @@ def run_smart(r):
 def run_hybrid(r):
     """The hybrid: SMART's layers from the MLA student, the others from the Mamba2 student, embeddings, final
     norm and head from the teacher (convert.compose_hybrid)."""
-    hybrid = convert.compose_hybrid(r.teacher, r.load("ild_mla.pt"), r.load("ild_m2.pt"), r.mla_layers())
-    r.save("hybrid_init.pt", hybrid, 0, done=True)
+    with r.host_memory():
+        mla, m2 = r.load("ild_mla.pt", device=r.HOST), r.load("ild_m2.pt", device=r.HOST)
+        hybrid = convert.compose_hybrid(r.on_host(r.teacher), mla, m2, r.mla_layers())
+        r.save("hybrid_init.pt", hybrid, 0, done=True)
 
 
 def run_kd(r):
@@ -568,11 +573,10 @@ def run_dpo(r):
         print(f"DPO skipped: {why}")
         return why
     idx, mask = pair_batch(r.tok, pairs, cfg.device, cfg.seq_len)  # (2 * pairs, T): chosen, then rejected
-    ref, rows = r.load("kd.pt"), 2 * r.micro["dpo"]
-    with torch.no_grad(), autocast(cfg):  # the policy's autocast: at step 0 the two log-probs are equal
-        ref_lp = torch.cat([seq_logprobs(ref, i, m) for i, m in zip(idx.split(rows), mask.split(rows))])
-    del ref
-    n = len(pairs)
+    policy, rows, n = r.load("kd.pt"), 2 * r.micro["dpo"], len(pairs)
+    # the reference is the KD model: the policy itself before its first step, under its own autocast
+    with torch.no_grad(), autocast(cfg):
+        ref_lp = torch.cat([seq_logprobs(policy, i, m) for i, m in zip(idx.split(rows), mask.split(rows))])
 
     def step_loss(m, step, micro, n_micro):
         sel = batch_rows(step, cfg.dpo_batch_size, n, r.rank, r.world, micro, n_micro)
@@ -581,7 +585,7 @@ def run_dpo(r):
         margin = (lp[:k] - ref[:k]) - (lp[k:] - ref[k:])
         return dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], cfg.dpo_beta), dict(margin=margin.mean().item())
 
-    train(r, "dpo", r.load("kd.pt"), step_loss, cfg.dpo_steps, cfg.dpo_lr, cfg.dpo_warmup, cfg.dpo_batch_size)
+    train(r, "dpo", policy, step_loss, cfg.dpo_steps, cfg.dpo_lr, cfg.dpo_warmup, cfg.dpo_batch_size)
     return ""
 
 
@@ -637,9 +641,14 @@ def run_eval(r):
     models = {"teacher": lambda: r.teacher}
     if r.kd_teacher is not r.teacher:
         models["KD teacher"] = lambda: r.kd_teacher
-    models["hybrid (no training)"] = lambda: convert.compose_hybrid(
-        r.teacher, r.load("init_mla.pt", dtype), r.load("init_m2.pt", dtype), r.mla_layers()
-    )
+
+    def untrained():  # composed in host memory, then moved: the device holds one student at a time
+        with r.host_memory():
+            mla, m2 = r.load("init_mla.pt", dtype, r.HOST), r.load("init_m2.pt", dtype, r.HOST)
+            hybrid = convert.compose_hybrid(r.on_host(r.teacher), mla, m2, r.mla_layers())
+        return r.on_device(hybrid)
+
+    models["hybrid (no training)"] = untrained
     models["hybrid after ILD"] = lambda: r.load("hybrid_init.pt", dtype)
     models["after KD"] = lambda: r.load("kd.pt", dtype)
     skipped = {}
@@ -1169,9 +1178,25 @@ class Run:
             (rec["files"][name] for rec in self.records().values() if name in rec.get("files", {})), None
         )
 
-    def load(self, name, dtype=None):
+    HOST = "cpu"  # where stages that take no gradient build and compose models (SimRun: "meta")
+
+    def load(self, name, dtype=None, device=None):
         self.note(f"file {name}", self.written(name))
-        return load_checkpoint(self.path(name), self.cfg.device, dtype)[0].eval()
+        dtype = dtype or weights_dtype(self.cfg)
+        return load_checkpoint(self.path(name), device or self.cfg.device, dtype)[0].eval()
+
+    def on_host(self, x):
+        """A model or tensor in host memory (the same tensors where they are there already)."""
+        if isinstance(x, torch.Tensor):
+            return x.to(self.HOST)
+        sd = {k: v.to(self.HOST) for k, v in x.state_dict().items()}
+        return Model.from_state_dict(x.cfg, sd).requires_grad_(False)
+
+    def on_device(self, model):
+        return model.to(self.cfg.device)
+
+    def host_memory(self):  # where a stage works in host memory (SimRun counts it apart)
+        return contextlib.nullcontext()
 
     def save(self, name, model, step, **extra):
         """<name> from a model wrapped or not: every rank joins an FSDP2 gather, rank 0 writes. The teacher
@@ -1266,9 +1291,8 @@ class Run:
             return [], "the KD split has no chat with a user turn to take DPO prompts from"
         if self.rank == 0 and not os.path.isfile(path):
             prompts = self.meta["prompts"][: cfg.dpo_pairs]
-            pairs, dropped = build_dpo_pairs(
-                self.kd_teacher, self.load("kd.pt"), self.tok, prompts, cfg.dpo_max_new
-            )
+            student = self.load("kd.pt", teacher_dtype(cfg))  # no gradients: in the teacher's dtype
+            pairs, dropped = build_dpo_pairs(self.kd_teacher, student, self.tok, prompts, cfg.dpo_max_new)
             print(
                 f"DPO: {len(pairs)} pairs from {len(prompts)} prompts; {dropped} dropped "
                 "(both replies the same tokens, or the prompt too long)"
@@ -1462,22 +1486,32 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.now = self.peak = 0
-        self.live, self.share = {}, {}  # id(storage) -> bytes counted for it, share of its bytes
+        self.now = self.peak = self.host_now = self.host_peak = 0  # the device's bytes; the host's
+        self.live, self.share = {}, {}  # id(storage) -> (in host memory, bytes counted), share of its bytes
+        self.on_host = False  # tensors made now are in host memory (SimRun.on_host)
 
-    def count(self, t, share=1.0):
-        """Count t's storage at `share` of its bytes (an FSDP2 shard), from now until it is freed."""
+    def count(self, t, share=1.0, host=False):
+        """Count t's storage at `share` of its bytes (an FSDP2 shard), from now until it is freed, as host
+        memory or the device's."""
         st = t.untyped_storage()
         if id(st) not in self.live:
-            self.live[id(st)] = 0
+            self.live[id(st)] = (host, 0)
             weakref.finalize(st, self.free, id(st))
         n = int(st.nbytes() * share)
-        self.now += n - self.live[id(st)]
-        self.live[id(st)], self.share[id(st)] = n, share
-        self.peak = max(self.peak, self.now)
+        self.add(host, n - self.live[id(st)][1])
+        self.live[id(st)], self.share[id(st)] = (host, n), share
+
+    def add(self, host, n):
+        if host:
+            self.host_now += n
+            self.host_peak = max(self.host_peak, self.host_now)
+        else:
+            self.now += n
+            self.peak = max(self.peak, self.now)
 
     def free(self, key):
-        self.now -= self.live.pop(key)
+        host, n = self.live.pop(key)
+        self.add(host, -n)
         del self.share[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -1487,18 +1521,30 @@ class LiveBytes(TorchDispatchMode):
         # a tensor made like a shard (AdamW's state of a sharded parameter) is a shard too
         like = func in (torch.ops.aten.zeros_like.default, torch.ops.aten.empty_like.default)
         share = self.share.get(id(args[0].untyped_storage()), 1.0) if like else 1.0
+        # what is computed from host tensors is in host memory (a real run keeps each op on one device)
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        host = self.on_host or any(self.live.get(id(t.untyped_storage()), (False,))[0] for t in inputs)
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.live:
-                self.count(t, share)
+                self.count(t, share, host)
         return out
 
+    @contextlib.contextmanager
+    def host(self):
+        self.on_host = True
+        try:
+            yield
+        finally:
+            self.on_host = False
 
-def build(cfg, dtype):
+
+def build(cfg, dtype, device="cpu"):
     """A randomly initialised Model in dtype (the simulation's stand-in for a loaded one)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return Model(cfg).eval()
+        with torch.device(device):
+            return Model(cfg).eval()
     finally:
         torch.set_default_dtype(default)
 
@@ -1533,10 +1579,20 @@ class SimRun(Run):
         rows_per_forward = defaultdict(lambda: micro)
         return cls(cfg, 0, world, "(simulated)", tok, (teacher, kd_teacher), meta, rows_per_forward, lb=lb)
 
-    def load(self, name, dtype=None):  # init_mla.pt, ild_m2.pt, ...: one kind; hybrid_init.pt, kd.pt: both
+    def load(self, name, dtype=None, device=None):  # init_mla.pt, ild_m2.pt: one kind; hybrid_init.pt: both
         kind, L = name[:-3].split("_")[-1], self.teacher.cfg.n_layer
         kinds = [kind] * L if kind in ("mla", "m2") else convert.hybrid_kinds(L, self.teacher.cfg.mla_layers)
-        return build(dataclasses.replace(self.teacher.cfg, kinds=kinds), dtype or weights_dtype(self.cfg))
+        cfg = dataclasses.replace(self.teacher.cfg, kinds=kinds)
+        return build(cfg, dtype or weights_dtype(self.cfg))
+
+    def on_host(self, x):  # a copy (under host_memory)
+        return x.clone() if isinstance(x, torch.Tensor) else build(x.cfg, x.embed_tokens.weight.dtype)
+
+    def host_memory(self):
+        return self.lb.host()
+
+    def on_device(self, model):  # a copy on the device; the host's copy is dropped
+        return build(model.cfg, model.embed_tokens.weight.dtype)
 
     def save(self, name, model, step, **extra):
         pass
@@ -1566,9 +1622,9 @@ class SimRun(Run):
 
     def dpo_pairs(self):
         """The default pairs' generation at its batch, then pairs of seq_len tokens (the longest kept)."""
-        build_dpo_pairs(
-            self.kd_teacher, self.load("kd.pt"), self.tok, self.meta["prompts"], self.cfg.dpo_max_new
-        )
+        student = self.load("kd.pt", teacher_dtype(self.cfg))
+        build_dpo_pairs(self.kd_teacher, student, self.tok, self.meta["prompts"], self.cfg.dpo_max_new)
+        del student
         half = [1] * (self.cfg.seq_len // 2)
         pair = dict(prompt="", chosen="", rejected="", prompt_ids=half, chosen_ids=half, rejected_ids=half)
         return [pair] * self.cfg.dpo_batch_size, ""
@@ -1609,13 +1665,13 @@ def fsdp_shares(model, lb, world, dtype):
 
 
 def simulate(stage, cfg, tcfg, kd_tcfg, world, micro):
-    """(peak, start): bytes alive at the peak of one process running `stage` (a Stage) with `micro` rows
-    (DPO: pairs) per forward, and at its start (the teachers)."""
-    with FakeTensorMode(), LiveBytes() as lb, quiet():
+    """(peak, start, host): device bytes alive at the peak of one process running `stage` (a Stage) with
+    `micro` rows (DPO: pairs) per forward, and at its start (the teachers); host memory's peak."""
+    with FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as lb, quiet():
         r = SimRun.make(cfg, tcfg, kd_tcfg, world, micro, lb)
-        start = lb.now
+        start = lb.peak = lb.now  # not the transients of building the teachers
         stage.run(r)
-    return lb.peak, start
+    return lb.peak, start, lb.host_peak
 
 
 @contextlib.contextmanager
@@ -1658,27 +1714,29 @@ def memory_plan(cfg, tcfg, world, kd_tcfg=None, stages=STAGES):
     most rows whose peak stays within 90 % of the budget (the rest: allocator slack, CUDA context). Past
     what does not grow with the rows, the peak grows linearly in them, so the line through the peaks at 1
     row and at the whole batch never underestimates between them: the rows it allows fit. --micro-batch
-    fixes the split instead. -> {stage: dict(peak, start, micro, n_micro)}."""
+    fixes the split instead. -> {stage: dict(peak, start, host, micro, n_micro)}, host: host memory's peak."""
     room, plan = 0.9 * memory_budget(cfg)[0], {}
+    one_memory = not (cfg.memory_gb or cfg.device.startswith("cuda"))  # a CPU run: host is the device
 
     def sim(stage, micro):
-        return simulate(stage, cfg, tcfg, kd_tcfg, world, micro)
+        peak, start, host = simulate(stage, cfg, tcfg, kd_tcfg, world, micro)
+        return (peak + host, start, 0) if one_memory else (peak, start, host)
 
     for stage in tqdm(stages, desc="memory plan (simulated)", leave=False):
         rows = micro_rows(cfg, stage.name, world)
         if rows is None:  # no batches: the calibration rows of init
-            plan[stage.name] = dict(zip(("peak", "start"), sim(stage, 4)))
+            plan[stage.name] = dict(zip(("peak", "start", "host"), sim(stage, 4)))
             continue
         micro = min(rows, cfg.micro_batch or rows)
-        peak, start = sim(stage, micro)
+        peak, start, host = sim(stage, micro)
         if peak > room and micro > 1 and not cfg.micro_batch:
             one = sim(stage, 1)[0]
             micro = max(1, min(micro - 1, 1 + int((room - one) * (micro - 1) // (peak - one))))
         n_micro = math.ceil(rows / micro)
         if math.ceil(rows / n_micro) != rows:  # as even as the micro-batches go
             micro = math.ceil(rows / n_micro)
-            peak, start = sim(stage, micro)
-        plan[stage.name] = dict(peak=peak, start=start, micro=micro, n_micro=n_micro)
+            peak, start, host = sim(stage, micro)
+        plan[stage.name] = dict(peak=peak, start=start, host=host, micro=micro, n_micro=n_micro)
     return plan
 
 
@@ -1695,16 +1753,18 @@ def print_plan(cfg, plan, world):
         f"budget {where}, seq_len {cfg.seq_len}, autocast {dtype_name(amp_dtype(cfg))}, "
         f"teacher {dtype_name(teacher_dtype(cfg))}"
     )
-    print(f"{'stage':<13}{'peak GiB':>9}{'of budget':>10}{'at start':>9}  rows per forward x micro-batches")
+    head = f"{'stage':<13}{'peak GiB':>9}{'of budget':>10}{'at start':>9}{'host':>7}"
+    print(f"{head}  rows per forward x micro-batches")
     for name, p in plan.items():
         split = f"{p['micro']} x {p['n_micro']}" if "micro" in p else "-"
         ranks = " (rank 0)" if name in ("smart", "eval") else f" x {world} rank(s)" if "micro" in p else ""
         over = "  EXCEEDS 90 % OF THE BUDGET" if p["peak"] > 0.9 * budget else ""
         print(
             f"{name:<13}{p['peak'] / GiB:>9.2f}{100 * p['peak'] / budget:>9.1f}%{p['start'] / GiB:>9.2f}"
-            f"  {split}{ranks}{over}"
+            f"{p['host'] / GiB:>7.1f}  {split}{ranks}{over}"
         )
-    print("GiB per process: the tensors alive, simulated at the real shapes on tensors that hold no memory")
+    print("GiB per process: the tensors alive, simulated at the real shapes on tensors that hold no memory;")
+    print("host: the peak of what a stage builds in host memory (init, the compositions), not in the budget")
 
 
 def plan_micro_batches(cfg, tcfg, world, rank, kd_tcfg=None):

@@ -9,7 +9,9 @@ saying why, when lm-eval is not installed; the scoring helpers the adapter calls
 import importlib.util
 import json
 import os
+import sys
 import types
+from functools import partial
 
 import pytest
 import torch
@@ -151,14 +153,6 @@ def test_accuracy_table_gives_retention_of_each_task_and_of_the_mean():
     ]
 
 
-def test_adapter_without_lm_eval_says_how_to_install_it(monkeypatch):
-    # with lm-eval missing, asking for the adapter gives one error naming the pip command
-    for name in ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry"):
-        monkeypatch.setitem(__import__("sys").modules, name, None)
-    with pytest.raises(ValueError, match="pip install lm-eval"):
-        bench.zebra_lm_class.__wrapped__()
-
-
 # ----------------------------------------------------------------------------- the adapter inside lm-eval
 @pytest.fixture(scope="module")
 def zebra_mc(tmp_path_factory):
@@ -253,17 +247,36 @@ def test_tasks_score_against_the_teacher_the_checkpoint_records(zebra_mc, tmp_pa
     }
 
 
-def test_a_teacher_of_other_dims_is_refused_before_it_loads(monkeypatch):
-    # a tiny hybrid scored against the 135m teacher (a checkpoint that records none, default --size): one
-    # error naming the size that fits, and no teacher is loaded or downloaded
+# ----------------------------------------------------------------------------- bad input -> one clear error
+def without_lm_eval(monkeypatch):
+    for name in ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry"):
+        monkeypatch.setitem(sys.modules, name, None)
+    return bench.zebra_lm_class.__wrapped__
+
+
+def teacher_of_other_dims(monkeypatch):  # the 135m teacher (default --size) for a tiny hybrid: none may load
     teacher, _ = tiny_teacher()
     monkeypatch.setattr(generate, "load_teacher", lambda *a, **k: pytest.fail("a teacher was loaded"))
-    with pytest.raises(ValueError, match="pass that one with --size tiny"):
-        bench.load_teacher_for(tiny_hybrid(teacher).cfg, "dpo.pt", "135m", "cpu", torch.float32)
+    return partial(bench.load_teacher_for, tiny_hybrid(teacher).cfg, "dpo.pt", "135m", "cpu", torch.float32)
 
 
-@needs_lm_eval
-def test_unknown_task_is_refused_before_any_model_loads():
-    # a task name lm-eval does not know gives one error naming it
-    with pytest.raises(ValueError, match="unknown lm-eval tasks.*no_such_task"):
-        bench.task_manager(["zebra_mc", "no_such_task"], os.path.join(REPO, "tests", "evaltask"))
+def unknown_task(monkeypatch):
+    return partial(bench.task_manager, ["zebra_mc", "no_such_task"], os.path.join(REPO, "tests", "evaltask"))
+
+
+BAD_INPUTS = [  # (case, setup(monkeypatch) -> the call that must fail, error, message)
+    ("no lm-eval", without_lm_eval, ValueError, "pip install lm-eval"),
+    ("teacher of other dims", teacher_of_other_dims, ValueError, "pass that one with --size tiny"),
+    pytest.param(
+        ("unknown task", unknown_task, ValueError, "unknown lm-eval tasks.*no_such_task"), marks=needs_lm_eval
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case[0])
+def test_bad_input_gives_one_clear_error(case, monkeypatch):
+    # each bad input is refused with one error of the expected type whose message matches
+    _, setup, error, match = case
+    call = setup(monkeypatch)
+    with pytest.raises(error, match=match):
+        call()

@@ -760,7 +760,7 @@ def status(key):
 cfg = dataclasses.replace(distill.parse_args(["--size", size]), seq_len=seq, precision="fp32", device="cpu")
 tcfg = convert.with_hybrid_fields(M.size_config(size), size)
 st = next(s for s in distill.STAGES if s.name == stage)
-peak, start = distill.simulate(st, cfg, tcfg, None, 1, rows)
+peak, start, _ = distill.simulate(st, cfg, tcfg, None, 1, rows)
 r = distill.SimRun.make(cfg, tcfg, None, 1, rows, distill.LiveBytes())
 gc.collect()
 base = status("VmRSS:")
@@ -854,11 +854,25 @@ def test_plan_splits_each_global_batch_into_the_most_rows_that_fit():
     cfg = distill.parse_args(["--size", "tiny", "--kd-batch-size", "16", "--precision", "bf16"])
     tcfg = convert.with_hybrid_fields(M.size_config("tiny"), "tiny")
     kd = [s for s in distill.STAGES if s.name == "kd"]
-    (p1, _), (p2, _) = (distill.simulate(kd[0], cfg, tcfg, None, 2, m) for m in (1, 2))
+    (p1, *_), (p2, *_) = (distill.simulate(kd[0], cfg, tcfg, None, 2, m) for m in (1, 2))
     assert p2 > p1  # a row more holds more
     budget = (p1 + 1.5 * (p2 - p1)) / 0.9
     plan = distill.memory_plan(dataclasses.replace(cfg, memory_gb=budget / 2**30), tcfg, 2, None, kd)["kd"]
     assert (plan["micro"], plan["n_micro"]) == (2, 4) and plan["peak"] <= 0.9 * budget
+
+
+@pytest.mark.parametrize("stage", ["init", "hybrid_init"])
+def test_stages_that_build_models_build_them_in_host_memory(stage):
+    # init and the composition hold nothing on the device beyond the teachers (and init's calibration ids):
+    # the students they build and the files they read are counted as host memory
+    cfg = distill.parse_args(["--size", "tiny", "--memory-gb", "80"])
+    st = next(s for s in distill.STAGES if s.name == stage)
+    peak, start, host = distill.simulate(
+        st, cfg, convert.with_hybrid_fields(M.size_config("tiny"), "tiny"), None, 1, 4
+    )
+    n = M.Model(M.size_config("tiny")).num_params()
+    assert peak - start <= 4 * cfg.seq_len * 8  # at most init's calibration ids (4 rows of int64)
+    assert host >= 2 * 4 * n  # two fp32 students, or two students and a hybrid
 
 
 def test_a_stage_that_does_not_fit_stops_the_run_before_any_work():

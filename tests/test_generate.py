@@ -3,10 +3,14 @@ its Triton kernels is one graph, sampling uses its arguments, ids past the token
 chat keeps the newest turns, arguments are checked.
 Run: python -m pytest tests/test_generate.py"""
 
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -159,12 +163,6 @@ def test_stops_at_the_stop_token():
     assert len(list(G.generate(m, [[5, 6, 7]], max_new_tokens=50, stop_ids={first}))) == 1
 
 
-def test_prompt_plus_new_tokens_past_the_context_is_refused():
-    # the one length check of a generation names the context and the fix
-    with pytest.raises(ValueError, match="context of 512"):
-        next(G.generate(hybrid(), [[1] * 500], max_new_tokens=20))
-
-
 def test_ids_past_the_tokenizer_are_never_sampled():
     # tiny's model has 272 ids, its tokenizer 259: with the padded rows made the likeliest, sampling
     # without n_vocab picks them and with n_vocab=259 never does
@@ -262,14 +260,6 @@ def test_checkpoint_file_and_its_export_load_as_the_same_model(tmp_path):
             assert torch.equal(loaded(idx), m(idx)) and tok.spec() == Tokenizer.byte_level().spec()
 
 
-def test_damaged_checkpoint_is_refused_before_generating(tmp_path):
-    # one flipped weight byte stops the loader with an error naming the file, instead of a garbled model
-    _, path = saved_hybrid(tmp_path)
-    flip_weight_byte(path)
-    with pytest.raises(ValueError, match="kd.pt is damaged"):
-        G.load_model(ckpt=path)
-
-
 def test_several_prompts_print_every_reply(capsys):
     # the tiny teacher (272 ids, 259 in its tokenizer) answers two prompts in one batch, with a progress bar
     G.main("--teacher tiny --prompt hi --prompt hello --max-new-tokens 5 --device cpu".split())
@@ -277,33 +267,60 @@ def test_several_prompts_print_every_reply(capsys):
     assert "> hi\n" in out and "> hello\n" in out and "generating" in err
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--top-p", "0"],
-        ["--top-p", "1.5"],
-        ["--temperature", "nan"],
-        ["--temperature", "-1"],
-        ["--top-k", "-3"],
-        ["--max-new-tokens", "0"],
-        ["--device", "tpu"],
-        ["--chat", "false"],
-        ["--ckpt", "a.pt", "--teacher", "tiny"],
-    ]
-    + ([["--device", "cuda"]] if not torch.cuda.is_available() else []),
-)
-def test_bad_arguments_stop_at_parse_time_with_one_error_line(argv, capsys):
-    # each bad value exits 1 before any model loads, with one line starting "error:"
-    with pytest.raises(SystemExit) as e:
-        G.parse_args(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
-
-
 def test_boolean_options_are_flags():
     # --no-chat and --compile take no value
     a = G.parse_args(["--no-chat", "--compile"])
     assert a.chat is False and a.compile is True
+
+
+# ----------------------------------------------------------------------------- bad input -> one clear error
+def args(*argv):
+    """Setup: generate.py's argument check on argv; a bad argument stops it at parse time with exit status 1
+    and one stderr line "error: ...", which is raised again as SystemExit(that line)."""
+
+    def call():
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
+            G.parse_args(list(argv))
+        assert e.value.code == 1 and re.fullmatch("error: .*\n", err.getvalue()), err.getvalue()
+        raise SystemExit(err.getvalue())
+
+    return lambda tmp: call
+
+
+def too_long(tmp):
+    return partial(next, G.generate(hybrid(), [[1] * 500], max_new_tokens=20))
+
+
+def damaged(tmp):
+    _, path = saved_hybrid(tmp)
+    flip_weight_byte(path)
+    return partial(G.load_model, ckpt=path)
+
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
+BAD_INPUTS = [  # (case, setup(tmp_path) -> the call that must fail, error, message)
+    ("prompt past the context", too_long, ValueError, "context of 512"),
+    ("damaged checkpoint", damaged, ValueError, "kd.pt is damaged"),
+    ("--top-p 0", args("--top-p", "0"), SystemExit, "--top-p: must be a probability"),
+    ("--top-p 1.5", args("--top-p", "1.5"), SystemExit, "--top-p: must be a probability"),
+    ("--temperature nan", args("--temperature", "nan"), SystemExit, "--temperature: must be a finite number"),
+    ("--temperature -1", args("--temperature", "-1"), SystemExit, "--temperature: must be a finite number"),
+    ("--top-k -3", args("--top-k", "-3"), SystemExit, "--top-k: must be an integer >= 0"),
+    ("--max-new-tokens 0", args("--max-new-tokens", "0"), SystemExit, "--max-new-tokens: must be a positive"),
+    ("--device tpu", args("--device", "tpu"), SystemExit, "--device: unknown device 'tpu'"),
+    ("--chat false", args("--chat", "false"), SystemExit, "unrecognized arguments: false"),
+    ("--ckpt and --teacher", args("--ckpt", "a.pt", "--teacher", "tiny"), SystemExit, "not allowed with"),
+    pytest.param(("--device cuda", args("--device", "cuda"), SystemExit, "has no CUDA"), marks=no_cuda),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case[0])
+def test_bad_input_gives_one_clear_error(case, tmp_path):
+    # each bad input is refused with one error of the expected type whose message matches
+    _, setup, error, match = case
+    call = setup(tmp_path)
+    with pytest.raises(error, match=match):
+        call()
 
 
 if __name__ == "__main__":

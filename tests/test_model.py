@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_model.py"""
 import math
 import struct
 import zipfile
+from functools import partial
 
 import pytest
 import torch
@@ -48,14 +49,6 @@ def test_ragged_rows_decode_and_prefill_at_their_own_positions():
         chunk = m(torch.stack([idx[0, 6:9], idx[1, 12:15]]), cache=cache)
     got = torch.cat([step, chunk], 1)
     assert (got[0] - full[0, 5:9]).abs().max() <= 1e-4 and (got[1] - full[1, 11:15]).abs().max() <= 1e-4
-
-
-def test_prefill_past_the_cache_length_is_refused():
-    # 11 cached + 30 new tokens do not fit 32 rows: a clear error, not an index error
-    m = tiny(["mla", "m2", "attn", "m2"])
-    idx = torch.randint(0, 272, (2, 20))
-    with torch.no_grad(), pytest.raises(ValueError, match="cache overflow"):
-        m(torch.zeros(2, 30, dtype=torch.long), cache=ragged_cache(m, idx))
 
 
 def rope_complex(u, cos, sin, pairs):
@@ -163,42 +156,6 @@ def test_checkpoint_roundtrip_gives_the_same_model(tmp_path):
     assert torch.equal(m(idx), m2(idx))
 
 
-def test_truncated_checkpoint_is_named(tmp_path):
-    # a cut-off file gives one ValueError naming it, not a torch.load traceback
-    _, path = saved(tmp_path)
-    with open(path, "r+b") as f:
-        f.truncate(1000)
-    with pytest.raises(ValueError, match="not a readable zebra checkpoint"):
-        M.load_checkpoint(path)
-
-
-def test_missing_checkpoint_says_how_to_make_one(tmp_path):
-    # no file: FileNotFoundError pointing at the scripts that write checkpoints
-    with pytest.raises(FileNotFoundError, match="distill.py"):
-        M.load_checkpoint(str(tmp_path / "missing.pt"))
-
-
-def test_non_finite_weights_are_refused(tmp_path):
-    # a NaN anywhere in the weights stops the load, naming the file and the tensor
-    m = tiny(["mla", "m2", "attn", "m2"])
-    sd = m.state_dict()
-    sd["layers.2.mlp.up_proj.weight"][3, 4] = float("nan")
-    path = str(tmp_path / "nan.pt")
-    M.save_checkpoint(path, m, "kd", state_dict=sd)
-    with pytest.raises(ValueError, match="up_proj.weight holds NaN"):
-        M.load_checkpoint(path)
-
-
-def test_config_with_missing_keys_is_named(tmp_path):
-    # a config lacking fields names the file and the keys instead of a TypeError from the dataclass
-    _, path = saved(tmp_path)
-    ck = torch.load(path, weights_only=True)
-    del ck["config"]["d_ff"], ck["config"]["n_head"]
-    torch.save(ck, path)
-    with pytest.raises(ValueError, match="missing keys"):
-        M.load_checkpoint(path)
-
-
 def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     # a disk that fills up mid-write: OSError naming the folder, nothing left behind, the old file intact
     _, path = saved(tmp_path)
@@ -229,28 +186,6 @@ def flip_weight_byte(path):
         f.write(bytes([byte ^ 0x40]))
 
 
-def test_one_flipped_weight_byte_is_refused_as_damaged(tmp_path):
-    # the flipped file still unpickles, with a weight changed (so the byte was tensor data, not the pickle);
-    # reading it names the file as damaged
-    m, path = saved(tmp_path)
-    flip_weight_byte(path)
-    raw = torch.load(path, weights_only=True)["model"]
-    assert any(not torch.equal(v, raw[k]) for k, v in m.state_dict().items())
-    for read in (M.read_checkpoint, M.load_checkpoint):
-        with pytest.raises(ValueError, match="x.pt is damaged"):
-            read(path)
-
-
-def test_checkpoint_without_a_digest_is_refused(tmp_path):
-    # a checkpoint of the older format (no weights digest) is one error naming it, not accepted unchecked
-    _, path = saved(tmp_path)
-    ck = torch.load(path, weights_only=True)
-    del ck["weights_sha256"]
-    torch.save(ck, path)
-    with pytest.raises(ValueError, match="carries no weights digest"):
-        M.load_checkpoint(path)
-
-
 def test_weights_digest_changes_with_any_byte_name_dtype_or_shape():
     # the digest covers the bytes, the names, the dtypes and the shapes, and not the order of the entries
     sd = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.int64)}
@@ -263,12 +198,6 @@ def test_weights_digest_changes_with_any_byte_name_dtype_or_shape():
     ]
     assert M.weights_digest(dict(reversed(sd.items()))) == base
     assert len({base, *(M.weights_digest(c) for c in changed)}) == 5
-
-
-def test_a_folder_is_not_read_as_a_checkpoint(tmp_path):
-    # model.py reads its own checkpoint files only: a folder gives one error (export folders are convert's)
-    with pytest.raises(ValueError, match="is a folder, not a checkpoint file"):
-        M.read_checkpoint(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -291,21 +220,89 @@ def test_bf16_forward_stays_bf16():
     assert m(torch.randint(0, 272, (1, 9))).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(kinds=["attn", "gru", "attn", "attn"]),
-        dict(rope_pairs={0: [1, 2, 3]}),  # d_R/2 = 4 pairs needed
-        dict(rope_pairs={0: [1, 2, 3, 8]}),  # head_dim/2 = 8 teacher pairs exist
-    ],
-)
-def test_bad_config_is_refused(kw):
-    # each inconsistent config field gives a ValueError at construction
-    with pytest.raises(ValueError):
-        M.size_config("tiny", **kw)
+# ----------------------------------------------------------------------------- bad input -> one clear error
+def overfull_cache(tmp):
+    """Setup: 30 new tokens for a 32-row cache whose rows hold 5 and 11."""
+    m = tiny(["mla", "m2", "attn", "m2"])
+    with torch.no_grad():
+        cache = ragged_cache(m, torch.randint(0, 272, (2, 20)))
+
+    def call():
+        with torch.no_grad():
+            m(torch.zeros(2, 30, dtype=torch.long), cache=cache)
+
+    return call
 
 
-def test_unknown_size_is_named():
-    # a size key that does not exist lists the ones that do
-    with pytest.raises(ValueError, match="unknown size '2b'"):
-        M.size_config("2b")
+def truncated(tmp):
+    _, path = saved(tmp)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    return path
+
+
+def with_nan(tmp):
+    m = tiny(["mla", "m2", "attn", "m2"])
+    sd = m.state_dict()
+    sd["layers.2.mlp.up_proj.weight"][3, 4] = float("nan")
+    M.save_checkpoint(str(tmp / "nan.pt"), m, "kd", state_dict=sd)
+    return str(tmp / "nan.pt")
+
+
+def without(*keys, of=None):
+    """A saved checkpoint with keys deleted from it, or from its entry `of`."""
+
+    def make(tmp):
+        _, path = saved(tmp)
+        ck = torch.load(path, weights_only=True)
+        for k in keys:
+            del (ck[of] if of else ck)[k]
+        torch.save(ck, path)
+        return path
+
+    return make
+
+
+def flipped(tmp):
+    """A checkpoint with one weight byte flipped: it still unpickles, with a weight changed (so the byte was
+    tensor data, not the pickle)."""
+    m, path = saved(tmp)
+    flip_weight_byte(path)
+    raw = torch.load(path, weights_only=True)["model"]
+    assert any(not torch.equal(v, raw[k]) for k, v in m.state_dict().items())
+    return path
+
+
+def reading(make, read=M.load_checkpoint):
+    """Setup: the file make(tmp_path) writes (or names), given to read."""
+    return lambda tmp: partial(read, make(tmp))
+
+
+def config(size="tiny", **kw):
+    return lambda tmp: partial(M.size_config, size, **kw)
+
+
+BAD_INPUTS = [  # (case, setup(tmp_path) -> the call that must fail, error, message)
+    ("prefill past the cache", overfull_cache, ValueError, "cache overflow"),
+    ("missing checkpoint", reading(lambda tmp: str(tmp / "missing.pt")), FileNotFoundError, "distill.py"),
+    ("a folder", reading(str, M.read_checkpoint), ValueError, "is a folder, not a checkpoint file"),
+    ("truncated checkpoint", reading(truncated), ValueError, "not a readable zebra checkpoint"),
+    ("NaN weight", reading(with_nan), ValueError, "up_proj.weight holds NaN"),
+    ("config lacking keys", reading(without("d_ff", "n_head", of="config")), ValueError, "missing keys"),
+    ("no weights digest", reading(without("weights_sha256")), ValueError, "carries no weights digest"),
+    ("flipped byte, read_checkpoint", reading(flipped, M.read_checkpoint), ValueError, "x.pt is damaged"),
+    ("flipped byte, load_checkpoint", reading(flipped), ValueError, "x.pt is damaged"),
+    ("unknown layer kind", config(kinds=["attn", "gru", "attn", "attn"]), ValueError, "kinds must list one"),
+    ("3 of 4 rope pairs", config(rope_pairs={0: [1, 2, 3]}), ValueError, "must be 4 teacher pair indices"),
+    ("rope pair 8 past 0-7", config(rope_pairs={0: [1, 2, 3, 8]}), ValueError, r"indices in \[0, 8\); got"),
+    ("unknown size", config("2b"), ValueError, "unknown size '2b'"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case[0])
+def test_bad_input_gives_one_clear_error(case, tmp_path):
+    # each bad input is refused with one error of the expected type whose message matches
+    _, setup, error, match = case
+    call = setup(tmp_path)
+    with pytest.raises(error, match=match):
+        call()
