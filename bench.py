@@ -8,9 +8,13 @@ Peers, built from the same teacher weights by the same conversion (convert.py) a
   zebra         the size's MLA layers, the rest Mamba2
 As in the paper's benchmark, decode is timed over caches already filled to the context length with
 random contents (decode speed does not depend on the values); prefill is timed separately, for real.
+Each decode rate is printed beside its streaming limit: a step must read every weight and cache byte once,
+so it cannot beat batch × read bandwidth / those bytes, with the bandwidth measured here on a large sum.
 
-  python bench.py                          # 135m on CPU, fp32, contexts 512..16k, batch 1 and 8 (<= 10 min)
+  python bench.py                          # 135m on CPU, contexts 512..16k, batch 1 and 8 (<= 10 min)
   python bench.py --size 1b --teacher PATH # on a GPU, bf16, contexts up to 32k
+  python bench.py --precision fp32         # fp32 even where bf16 is native (default auto: bf16 on CUDA and
+                                           # on CPUs with AVX512-BF16 or AMX, else fp32)
   python bench.py --compile                # also time the decode step compiled by torch.compile
   python bench.py --plot bench.png         # also draw throughput and memory (needs matplotlib)
   python bench.py --tasks zebra_mc         # accuracy, teacher vs newest distilled model (pip install lm-eval)
@@ -94,10 +98,38 @@ def make_peers(teacher, folder):
     return paths
 
 
+def weight_bytes(model):
+    """Weight bytes one decode step reads: every parameter once (a tied head and embedding are one tensor);
+    an untied embedding table gives only the batch's rows, counted as nothing."""
+    embed = model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    return sum(p.nbytes for p in model.parameters() if tied or p is not embed)
+
+
+def read_bandwidth(nbytes=2**28, repeats=7, device="cpu"):
+    """Bytes per second this machine reads, from the best of `repeats` sums of an nbytes fp32 tensor (far
+    larger than any cache), with torch's current thread count."""
+    t = torch.ones(nbytes // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        t.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return t.nbytes / best
+
+
+def streaming_limit(batch, model_bytes, cache_bytes, bandwidth):
+    """Tokens/s of a decode step that did nothing but read its weights and caches once at `bandwidth`."""
+    return batch * bandwidth / (model_bytes + cache_bytes)
+
+
 @torch.no_grad()
 def time_decode(model, S, batch, steps, repeats, device, compiled=False):
     """Median seconds per decode step over a cache pre-filled with S random positions per sequence, with the
-    step eager or compiled by torch.compile (generate.decode_one, as generate.py --compile runs it)."""
+    step eager or compiled by torch.compile (generate.decode_one, as generate.py --compile runs it)
+    -> (seconds, KV bytes (attention and MLA), all cache bytes)."""
     cache = model.allocate_cache(batch, S + steps * (repeats + 1))
     for layer_cache in cache.layers:
         for t in layer_cache:
@@ -113,8 +145,7 @@ def time_decode(model, S, batch, steps, repeats, device, compiled=False):
             step(model, tok, cache)
         sync(device)
         times.append((time.perf_counter() - t0) / steps)
-    kv = cache.nbytes(("attn", "mla"))
-    return sorted(times[1:])[len(times[1:]) // 2], kv
+    return sorted(times[1:])[len(times[1:]) // 2], cache.nbytes(("attn", "mla")), cache.nbytes()
 
 
 def sync(device):
@@ -133,18 +164,19 @@ def time_prefill(model, T, device):
 
 
 def run_peer(path, contexts, batches, prefills, steps, repeats, device, dtype, compiled=False):
-    """One peer in this process: decode tokens/s per (context, batch) (also compiled with compiled=True),
-    prefill seconds, peak memory."""
-    model = load_checkpoint(path, device, dtype)[0].eval()
+    """One peer in this process, in dtype but Mamba2's per-head scalars (Model.cast): decode tokens/s per
+    (context, batch) (also compiled with compiled=True) with the bytes a step reads, prefill seconds, peak
+    memory."""
+    model = load_checkpoint(path, device)[0].cast(dtype, device).eval()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    out = dict(decode=[], prefill=[])
+    out = dict(decode=[], prefill=[], weight_bytes=weight_bytes(model))
     for S in contexts:
         for b in batches:
-            sec, kv = time_decode(model, S, b, steps, repeats, device)
+            sec, kv, cache_bytes = time_decode(model, S, b, steps, repeats, device)
             if kv != kv_cache_bytes(model.cfg, S + steps * (repeats + 1), b, dtype.itemsize):
                 raise RuntimeError(f"{path}: allocated KV cache bytes differ from the paper's formula")
-            row = dict(context=S, batch=b, tok_s=b / sec, kv_bytes=kv)
+            row = dict(context=S, batch=b, tok_s=b / sec, kv_bytes=kv, cache_bytes=cache_bytes)
             if compiled:
                 row["tok_s_compiled"] = b / time_decode(model, S, b, steps, repeats, device, compiled=True)[0]
             out["decode"].append(row)
@@ -478,7 +510,7 @@ def plot(path, results, contexts, batch):
     print(f"plot written to {path}")
 
 
-def throughput_section(a, contexts, batches, prefills, dtype):
+def throughput_section(a, contexts, batches, prefills):
     """Time the three peers, each in its own process so that peak memory is its own -> {peer: results}."""
     teacher, _ = convert.load_teacher(a.teacher or a.size)
     teacher.cfg = convert.with_hybrid_fields(teacher.cfg, a.size)
@@ -491,7 +523,8 @@ def throughput_section(a, contexts, batches, prefills, dtype):
             cmd = [sys.executable, __file__, "--peer", path, "--device", a.device, "--steps", str(a.steps)]
             cmd += ["--contexts", ",".join(map(str, contexts)), "--batches", ",".join(map(str, batches))]
             cmd += ["--prefills", ",".join(map(str, prefills)), "--repeats", str(a.repeats)]
-            cmd += ["--threads", str(a.threads)] + (["--compile"] if a.compile else [])
+            cmd += ["--threads", str(a.threads), "--precision", a.precision]
+            cmd += ["--compile"] if a.compile else []
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"timing {name} failed:\n{res.stderr[-2000:]}")
@@ -499,24 +532,34 @@ def throughput_section(a, contexts, batches, prefills, dtype):
     return results
 
 
-def print_throughput(results, gpu):
-    """The decode and prefill tables -> rows of tokens/s and zebra's speed-up per (context, batch)."""
+def print_throughput(results, gpu, bandwidth):
+    """The decode and prefill tables -> rows of tokens/s, each peer's streaming limit and zebra's speed-up per
+    (context, batch)."""
     print("\n== Decode throughput (tokens/s; caches pre-filled with random contents) ==")
-    names = "".join(f"{n:>14}" for n in results)
+    print(
+        f"each cell: tokens/s of its limit, batch × {bandwidth / 1e9:.1f} GB/s read (measured here) / the "
+        "bytes of weights and caches a step reads"
+    )
+    names = "".join(f"{n:>18}" for n in results)
     print(f"{'context':>8}{'batch':>6}{names}{'zebra/T':>9}{'zebra/MiL':>10}")
     ratios = []
     for i, d in enumerate(results["teacher"]["decode"]):
         tps = {n: r["decode"][i]["tok_s"] for n, r in results.items()}
+        limits = {
+            n: streaming_limit(d["batch"], r["weight_bytes"], r["decode"][i]["cache_bytes"], bandwidth)
+            for n, r in results.items()
+        }
         ratios.append(
             dict(
                 context=d["context"],
                 batch=d["batch"],
                 **{f"{n}_tok_s": v for n, v in tps.items()},
+                **{f"{n}_limit_tok_s": v for n, v in limits.items()},
                 zebra_vs_teacher=tps["zebra"] / tps["teacher"],
                 zebra_vs_mambainllama=tps["zebra"] / tps["mambainllama"],
             )
         )
-        cells = "".join(f"{v:>14.1f}" for v in tps.values())
+        cells = "".join(f"{f'{v:.1f} of {limits[n]:.1f}':>18}" for n, v in tps.items())
         r = ratios[-1]
         print(
             f"{d['context']:>8}{d['batch']:>6}{cells}"
@@ -579,6 +622,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds, the median is reported (default 3)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument(
+        "--precision",
+        choices=generate.PRECISIONS,
+        default="auto",
+        help="weights' dtype; auto (default): bf16 on CUDA and on CPUs with native bf16, else fp32",
+    )
+    p.add_argument(
         "--kernels", action=argparse.BooleanOptionalAction, default=True, help="run the kernel self-timings"
     )
     p.add_argument("--compile", action="store_true", help="also time decode with the step torch.compile'd")
@@ -602,7 +651,7 @@ def main(argv=None):
     gpu = a.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA build of torch and a GPU; use --device cpu")
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = generate.precision_dtype(a.precision, a.device)
     contexts = a.contexts or ([1024, 4096, 8192, 16384, 32768] if gpu else [512, 2048, 8192, 16384])
     prefills = a.prefills or ([1024, 4096] if gpu else [512, 2048])
     torch.set_num_threads(a.threads)
@@ -610,7 +659,7 @@ def main(argv=None):
         res = run_peer(a.peer, contexts, a.batches, prefills, a.steps, a.repeats, a.device, dtype, a.compile)
         print(json.dumps(res))
         return
-    print(f"device {a.device}, dtype {dtype}, torch threads {a.threads}")
+    print(f"device {a.device}, dtype {dtype} (--precision {a.precision}), torch threads {a.threads}")
     report = dict(size=a.size, device=a.device, dtype=str(dtype), threads=a.threads, kv=kv_section())
     if a.tasks:
         tasks = a.tasks.split(",")
@@ -624,8 +673,9 @@ def main(argv=None):
             teacher, (model, tok), tasks, a.limit, manager, a.eval_batch_size, a.chat_template
         )
     else:
-        results = throughput_section(a, contexts, a.batches, prefills, dtype)
-        report.update(decode=print_throughput(results, gpu), peers=results)
+        results = throughput_section(a, contexts, a.batches, prefills)
+        bandwidth = read_bandwidth(device=a.device)
+        report.update(decode=print_throughput(results, gpu, bandwidth), peers=results, read_bytes_s=bandwidth)
         if a.kernels:
             kernel_self_timings()
         if a.plot:

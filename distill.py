@@ -55,6 +55,7 @@ from model import (
     SIZES,
     Model,
     atomic_write,
+    cpu_has_bf16,
     load_checkpoint,
     read_checkpoint,
     read_json,
@@ -309,14 +310,6 @@ def smart_select(scores, n_mla):
 
 
 # ----------------------------------------------------------------------------- the training loop
-def cpu_has_bf16():
-    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    if not os.path.isfile("/proc/cpuinfo"):
-        return False
-    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def amp_dtype(cfg):
     """The autocast dtype of training, None for plain fp32: --precision bf16, or auto on CUDA (as the official
     runs) and on CPUs with native bf16. Under --dry-run the weights themselves are bf16: no autocast."""
@@ -573,10 +566,7 @@ def run_dpo(r):
         print(f"DPO skipped: {why}")
         return why
     idx, mask = pair_batch(r.tok, pairs, cfg.device, cfg.seq_len)  # (2 * pairs, T): chosen, then rejected
-    policy, rows, n = r.load("kd.pt"), 2 * r.micro["dpo"], len(pairs)
-    # the reference is the KD model: the policy itself before its first step, under its own autocast
-    with torch.no_grad(), autocast(cfg):
-        ref_lp = torch.cat([seq_logprobs(policy, i, m) for i, m in zip(idx.split(rows), mask.split(rows))])
+    n, rows = len(pairs), 2 * r.micro["dpo"]
 
     def step_loss(m, step, micro, n_micro):
         sel = batch_rows(step, cfg.dpo_batch_size, n, r.rank, r.world, micro, n_micro)
@@ -585,7 +575,14 @@ def run_dpo(r):
         margin = (lp[:k] - ref[:k]) - (lp[k:] - ref[k:])
         return dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], cfg.dpo_beta), dict(margin=margin.mean().item())
 
-    train(r, "dpo", policy, step_loss, cfg.dpo_steps, cfg.dpo_lr, cfg.dpo_warmup, cfg.dpo_batch_size)
+    with r.teachers_in_host_memory():  # DPO needs no teacher: their room on the device is the policy's
+        policy = r.load("kd.pt")
+        # the reference is the KD model: the policy itself before its first step, under its own autocast
+        with torch.no_grad(), autocast(cfg):
+            ref_lp = torch.cat(
+                [seq_logprobs(policy, i, m) for i, m in zip(idx.split(rows), mask.split(rows))]
+            )
+        train(r, "dpo", policy, step_loss, cfg.dpo_steps, cfg.dpo_lr, cfg.dpo_warmup, cfg.dpo_batch_size)
     return ""
 
 
@@ -817,7 +814,10 @@ def load_teachers(cfg):
         teacher, tok = random_teacher(cfg)
     else:
         teacher, tok = convert.load_teacher(cfg.teacher or cfg.size, cache)
-    teacher.cfg = convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layer_list(cfg))
+    # the same weights under a config that also holds the hybrid's fields (MLA ranks, the size's MLA layers)
+    teacher = Model.from_state_dict(
+        convert.with_hybrid_fields(teacher.cfg, cfg.size, mla_layer_list(cfg)), teacher.state_dict()
+    )
     kd_teacher, kd_tok = (teacher, tok) if not cfg.kd_teacher else convert.load_teacher(cfg.kd_teacher, cache)
     same_ids = (kd_tok.ranks, kd_tok.special) == (tok.ranks, tok.special)
     if not same_ids or kd_teacher.cfg.vocab_size != teacher.cfg.vocab_size:
@@ -1178,7 +1178,7 @@ class Run:
             (rec["files"][name] for rec in self.records().values() if name in rec.get("files", {})), None
         )
 
-    HOST = "cpu"  # where stages that take no gradient build and compose models (SimRun: "meta")
+    HOST = "cpu"  # host memory: where the stages that build or compose models do it
 
     def load(self, name, dtype=None, device=None):
         self.note(f"file {name}", self.written(name))
@@ -1197,6 +1197,21 @@ class Run:
 
     def host_memory(self):  # where a stage works in host memory (SimRun counts it apart)
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def teachers_in_host_memory(self):
+        """The teachers wait in host memory meanwhile, and come back to the device after."""
+        teachers = list({id(t): t for t in self.teachers}.values())
+        for t in teachers:
+            self.move(t, to_host=True)
+        try:
+            yield
+        finally:
+            for t in teachers:
+                self.move(t, to_host=False)
+
+    def move(self, model, to_host):
+        model.to(self.HOST if to_host else self.cfg.device)
 
     def save(self, name, model, step, **extra):
         """<name> from a model wrapped or not: every rank joins an FSDP2 gather, rank 0 writes. The teacher
@@ -1509,6 +1524,13 @@ class LiveBytes(TorchDispatchMode):
             self.now += n
             self.peak = max(self.peak, self.now)
 
+    def rehome(self, t, host):
+        """t's storage, counted, moves to host memory or the device."""
+        was, n = self.live[id(t.untyped_storage())]
+        self.add(was, -n)
+        self.add(host, n)
+        self.live[id(t.untyped_storage())] = (host, n)
+
     def free(self, key):
         host, n = self.live.pop(key)
         self.add(host, -n)
@@ -1590,6 +1612,10 @@ class SimRun(Run):
 
     def host_memory(self):
         return self.lb.host()
+
+    def move(self, model, to_host):
+        for t in [*model.parameters(), *model.buffers()]:
+            self.lb.rehome(t, to_host)
 
     def on_device(self, model):  # a copy on the device; the host's copy is dropped
         return build(model.cfg, model.embed_tokens.weight.dtype)

@@ -2,17 +2,20 @@
 
 Decoding uses each layer kind's own cache, as the official Zebra-Llama inference code does: a KV
 cache for attention, the latent [c ; k^R] rows for MLA, the constant conv + SSM state for Mamba2, with
-the Triton decode kernels on CUDA and the torch references elsewhere. Prompts of one batch may differ
+the Triton decode kernels on CUDA and plain torch elsewhere. Prompts of one batch may differ
 in length: each is prefilled into its own cache row and the rows then decode together at their own
 positions.
 A decode step makes no host synchronisation, so `--compile` can compile it with torch.compile
-(CUDA graphs on a GPU, as gpt-fast does).
+(CUDA graphs on a GPU, as gpt-fast does). Weights are bf16 where the hardware multiplies bf16 natively
+(`--precision auto`: CUDA, or a CPU with AVX512-BF16 or AMX), else fp32; Mamba2's per-head scalars and SSM
+state stay fp32 in both. A prompt of more than PREFILL_CHUNK tokens prefills in chunks, under a progress bar.
 
   python generate.py                              # newest distilled model of out/135m (run distill.py first)
   python generate.py --teacher 135m --prompt "What is the capital of France?"
   python generate.py --ckpt out/135m/kd.pt --prompt "Hi" --prompt "Name a color" --temperature 0.7 --top-p 0.9
   python generate.py --teacher 135m --no-chat --prompt "The capital of Spain is" --compile
   python generate.py --ckpt DIR                   # a directory written by `convert.py --export`
+  python generate.py --teacher 135m --precision fp32   # fp32 even where bf16 is native (default: auto)
 """
 
 import argparse
@@ -25,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from convert import Tokenizer, load_teacher, load_zebra
-from model import SIZES
+from model import SIZES, cpu_has_bf16
 
 STAGES_NEWEST_FIRST = ("dpo", "kd")
 
@@ -43,11 +46,12 @@ def newest_checkpoint(out_dir, size):
 
 
 def load_distilled(path, device="cpu", dtype=torch.float32):
-    """-> (model, tokenizer, checkpoint dict) from a checkpoint file or an exported directory."""
+    """-> (model, tokenizer, checkpoint dict) from a checkpoint file or an exported directory, in dtype but
+    Mamba2's per-head scalars (Model.cast)."""
     model, ckpt = load_zebra(path)
     if ckpt.get("tokenizer") is None:
         raise ValueError(f"{path} carries no tokenizer; rewrite it with convert.py or distill.py")
-    return model.to(device=device, dtype=dtype).eval(), Tokenizer.from_spec(ckpt["tokenizer"]), ckpt
+    return model.cast(dtype, device).eval(), Tokenizer.from_spec(ckpt["tokenizer"]), ckpt
 
 
 def load_model(ckpt=None, teacher=None, size="135m", out_dir="out", device="cpu", dtype=torch.float32):
@@ -56,7 +60,22 @@ def load_model(ckpt=None, teacher=None, size="135m", out_dir="out", device="cpu"
     if teacher is None:
         return load_distilled(ckpt or newest_checkpoint(out_dir, size), device, dtype)[:2]
     model, tok = load_teacher(teacher)
-    return model.to(device=device, dtype=dtype).eval(), tok
+    return model.cast(dtype, device).eval(), tok
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def precision_dtype(precision, device):
+    """--precision -> the weights' dtype. auto: bf16 where its matmuls are native (CUDA; a CPU with
+    AVX512-BF16 or AMX, model.cpu_has_bf16), fp32 elsewhere, where bf16 runs emulated and slower than fp32.
+    Mamba2's per-head scalars and SSM state stay fp32 in either (Model.cast, Model.allocate_cache)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        native = torch.device(device).type == "cuda" or cpu_has_bf16()
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 NUCLEUS = 1024  # the ids top-p reads first; a row whose best ids hold less than top_p sorts them all
@@ -90,15 +109,26 @@ def nucleus(probs, ids, top_p, generator):
     return ids.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
 
 
+PREFILL_CHUNK = 1024  # prompt tokens per prefill forward; a longer prompt goes in chunks, with a progress bar
+
+
 @torch.no_grad()
-def prefill(model, prompts, max_len):
-    """Prefill each prompt into its own row of one batch cache -> (cache, last-token logits (B, V))."""
+def prefill(model, prompts, max_len, chunk=PREFILL_CHUNK):
+    """Prefill each prompt into its own row of one batch cache -> (cache, last-token logits (B, V)). A prompt
+    of more than `chunk` tokens goes in chunks that each continue the row's cache (the logits of one
+    prefill, up to rounding), with a progress bar over its tokens; only the last chunk computes logits."""
     device = model.embed_tokens.weight.device
     cache = model.allocate_cache(len(prompts), max_len)
-    last = [
-        model(torch.tensor([p], device=device), cache=cache.rows(slice(b, b + 1)))[0, -1]
-        for b, p in enumerate(prompts)
-    ]
+    last = []
+    for b, p in enumerate(prompts):
+        row, ids = cache.rows(slice(b, b + 1)), torch.tensor([p], device=device)  # ids (1, T)
+        bar = tqdm(total=len(p), unit="tok", desc="prefill", leave=False, disable=len(p) <= chunk)
+        for start in range(0, len(p), chunk):
+            end = min(start + chunk, len(p))
+            logits = model(ids[:, start:end], cache=row, logits=end == len(p))  # None before the last chunk
+            bar.update(end - start)
+        bar.close()
+        last.append(logits[0, -1])
     return cache, torch.stack(last)
 
 
@@ -253,6 +283,12 @@ def parse_args(argv=None):
         "--device", type=device_arg, default=default_device, help="cpu or cuda[:N] (default: cuda if any)"
     )
     p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="weights' dtype; auto (default): bf16 on CUDA and on CPUs with native bf16, else fp32",
+    )
+    p.add_argument(
         "--compile",
         action=bool_flag,
         default=False,
@@ -301,7 +337,9 @@ def chat_loop(model, tok, encode_prompt, chat, kw):
 
 def main(argv=None):
     a = parse_args(argv)
-    dtype = torch.bfloat16 if a.device.type == "cuda" else torch.float32
+    dtype = precision_dtype(a.precision, a.device)
+    if dtype == torch.bfloat16 and a.device.type == "cpu" and not cpu_has_bf16():
+        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs emulated, slower than fp32")
     model, tok = load_model(a.ckpt, a.teacher, a.size, a.out_dir, a.device, dtype)
     if a.max_new_tokens >= model.cfg.max_seq_len:
         raise ValueError(

@@ -196,6 +196,16 @@ def size_config(size, **overrides):
 
 
 # ----------------------------------------------------------------------------- shared pieces
+def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX), from the flags of cpuinfo.
+    Without either, torch runs bf16 matmuls emulated, slower than fp32."""
+    if not os.path.isfile(cpuinfo):
+        return False
+    with open(cpuinfo) as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -430,6 +440,11 @@ class Mamba2(nn.Module):
     [x | B | C] before any repeat.
     """
 
+    # The per-head scalars, kept fp32 by Model.cast whatever the weights' dtype: they set every token's step
+    # Δ = softplus(dt + dt_bias) and decay exp(Δ·A), which compound over the sequence; bf16 keeps 8 bits of
+    # mantissa. mamba_ssm's Mamba2 builds D in fp32 whatever its dtype and reads A as -exp(A_log.float()).
+    FP32 = ("A_log", "dt_bias", "D")
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -455,6 +470,8 @@ class Mamba2(nn.Module):
 
     def forward(self, u, cos=None, sin=None, cache=None, pos=None):
         """u (B, T, D); cos/sin/pos unused (no positions in an SSM), the cache advances in place."""
+        if cache is not None and u.shape[1] == 1:
+            return self.step(u, cache)
         cfg = self.cfg
         B, T, _ = u.shape
         H, G, P, K = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_conv
@@ -465,33 +482,73 @@ class Mamba2(nn.Module):
         xpad = torch.cat([ctx.to(xBC.dtype), xBC], dim=-1)  # (B, C_conv, d_conv-1+T)
         if cache is not None:
             cache.conv.copy_(xpad[..., -(K - 1) :])
-        xBC = F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (B, C_conv, T)
+        # one multiply-add per tap from the bias up, as step() below and in oneDNN's order (fp32 gives
+        # F.conv1d's bits); unlike a depthwise F.conv1d it stays fast in bf16 on CPUs without native bf16
+        w, y = self.conv1d.weight[:, 0, :, None], self.conv1d.bias[:, None]  # (C_conv, K, 1), (C_conv, 1)
+        for k in range(K):
+            y = torch.addcmul(y, xpad[..., k : k + T], w[:, k])  # (B, C_conv, T)
+        xBC = y
         x, Bm, C = F.silu(xBC).transpose(1, 2).split([cfg.d_xb, cfg.d_xb, cfg.d_inner], dim=-1)
         x, Bm, C = x.view(B, T, G, P), Bm.view(B, T, G, P), C.view(B, T, H, P)
         A = -torch.exp(self.A_log.float())  # (H,) < 0
-        if cache is not None and T == 1:
-            y = ssm_scan.ssm_step(
-                cache.ssm, x[:, 0], dt[:, 0], A, Bm[:, 0], C[:, 0], D=self.D, dt_bias=self.dt_bias
-            )[:, None]  # (B, 1, H, P)
-        else:
-            y, final = ssm_scan.ssd(
-                x,
-                dt,
-                A,
-                Bm,
-                C,
-                chunk_size=cfg.chunk_size,
-                D=self.D,
-                dt_bias=self.dt_bias,
-                initial_state=cache.ssm if cache is not None else None,
-                return_final_state=True,
-            )  # (B, T, H, P)
-            if cache is not None:
-                cache.ssm.copy_(final)
-        # gate before the norm (norm_before_gate=False), then RMSNorm per head group of P channels
+        y, final = ssm_scan.ssd(
+            x,
+            dt,
+            A,
+            Bm,
+            C,
+            chunk_size=cfg.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            initial_state=cache.ssm if cache is not None else None,
+            return_final_state=True,
+        )  # (B, T, H, P)
+        if cache is not None:
+            cache.ssm.copy_(final)
+        return self.gate_norm_out(y, z, u.dtype)
+
+    def gate_norm_out(self, y, z, dtype):
+        """y, z (B, T, H·P) -> out_proj of the gated RMSNorm: the gate before the norm
+        (norm_before_gate=False), then RMSNorm per head group of P channels, in fp32."""
+        B, T, H, P = *z.shape[:2], self.cfg.n_head, self.cfg.head_dim
         y = y.reshape(B, T, H, P).float() * F.silu(z.float()).view(B, T, H, P)
         y = F.rms_norm(y, (P,), eps=self.norm.eps).reshape(B, T, -1)
-        return self.out_proj((y * self.norm.weight.float()).to(u.dtype))
+        return self.out_proj((y * self.norm.weight.float()).to(dtype))
+
+    def step(self, u, cache):
+        """One decode token: u (B, 1, D) -> (B, 1, D), the conv and SSM states advanced in place. The forward
+        for T = 1 in fewer, larger ops, as mamba_ssm's Mamba2.step (its torch path without causal_conv1d and
+        selective_state_update): a decode token is a few thousand numbers per layer, so its time goes to the
+        count of ops, not to their size. In fp32 it rounds as the forward's conv and ssm_scan.ssm_step_ref do
+        (the same products and sums, in the same order); the conv and the SSM run in fp32 whatever the
+        weights' dtype."""
+        cfg = self.cfg
+        B, H, G, P = u.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        rep = H // G  # heads per x/B group
+        z, xBC, dt = self.in_proj(u[:, 0]).split([cfg.d_inner, self.conv_dim, H], dim=-1)  # (B, ·)
+        # the conv over the window [kept inputs ; new input], one multiply-add per tap from the bias up, in
+        # the order of oneDNN's depthwise conv1d, so fp32 gives the prefill's bits
+        window = torch.cat([cache.conv, xBC[..., None].to(cache.conv.dtype)], -1)  # (B, C_conv, d_conv)
+        cache.conv.copy_(window[..., 1:])
+        xBC = self.conv1d.bias.float()  # (C_conv,)
+        for x_k, w_k in zip(window.float().unbind(-1), self.conv1d.weight[:, 0].float().unbind(-1)):
+            xBC = torch.addcmul(xBC, x_k, w_k)  # (B, C_conv)
+        x, Bm, C = F.silu(xBC).split([cfg.d_xb, cfg.d_xb, cfg.d_inner], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (H,) < 0
+        if ssm_scan.use_triton("auto", (x, dt, A)):  # the fused kernel (mamba_ssm's selective_state_update)
+            x, Bm, C = x.view(B, G, P), Bm.view(B, G, P), C.view(B, H, P)
+            y = ssm_scan.ssm_step(cache.ssm, x, dt, A, Bm, C, D=self.D, dt_bias=self.dt_bias)  # (B, H, P)
+            return self.gate_norm_out(y[:, None], z[:, None], u.dtype)
+        # S <- exp(Δ·A)·S + outer(Δ·x, B), head h reading x/B group h // rep without repeating them in
+        # memory: the state seen as (B·G, rep·P, N) takes a group's outer products as one batched matmul
+        delta = F.softplus(dt.float() + self.dt_bias.float())  # (B, H)
+        x = x.view(B, G, 1, P)
+        dx = delta.view(B, G, rep, 1) * x  # (B, G, rep, P)
+        S = cache.ssm.mul_(torch.exp(delta * A)[..., None, None])  # (B, H, P, N)
+        S.view(B * G, rep * P, P).baddbmm_(dx.reshape(B * G, rep * P, 1), Bm.reshape(B * G, 1, P))
+        y = torch.einsum("bhpn,bhn->bhp", S, C.reshape(B, H, P))  # (B, H, P)
+        y = y.view(B, G, rep, P) + self.D.float().view(G, rep, 1) * x  # the skip D·x
+        return self.gate_norm_out(y, z[:, None], u.dtype)
 
 
 # ----------------------------------------------------------------------------- blocks and the model
@@ -611,6 +668,17 @@ class Model(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+    def cast(self, dtype=None, device=None):
+        """-> self moved to device and cast to dtype for decoding (generate.py, bench.py), except Mamba2's
+        per-head scalars (Mamba2.FP32), which stay fp32, converted from the source values, not from a bf16
+        rounding of them. load_checkpoint's dtype casts every tensor alike (.to()), as training wants."""
+        keep = [(m, name) for m in self.modules() if isinstance(m, Mamba2) for name in Mamba2.FP32]
+        fp32 = [getattr(m, name).detach().to(device=device, dtype=torch.float32) for m, name in keep]
+        self.to(device=device, dtype=dtype)
+        for (m, name), t in zip(keep, fp32):
+            getattr(m, name).data = t
+        return self
 
 
 # ----------------------------------------------------------------------------- checkpoints and side files

@@ -78,6 +78,35 @@ def test_time_decode_runs_a_saved_peer_over_a_prefilled_cache(tmp_path):
     assert res["decode"][0]["kv_bytes"] == bench.kv_cache_bytes(peer.cfg, 64 + 2 * 2, 2, elt=4)
 
 
+def test_a_bf16_peer_reports_the_bytes_a_step_reads(tmp_path):
+    # a zebra peer timed in bf16: its weights are 2 bytes per parameter but Mamba2's fp32 scalars (3 per head
+    # of each m2 layer) and each decode row's caches are the KV formula plus the constant Mamba2 state
+    teacher, _ = tiny_teacher()
+    path = bench.make_peers(teacher, str(tmp_path))["zebra"]
+    res = bench.run_peer(path, [32], [1, 3], [8], steps=1, repeats=1, device="cpu", dtype=torch.bfloat16)
+    cfg = M.load_checkpoint(path)[0].cfg
+    n_params, scalars = M.Model(cfg).num_params(), 3 * cfg.n_head * cfg.kinds.count("m2")
+    assert cfg.tie_embeddings and res["weight_bytes"] == 2 * (n_params - scalars) + 4 * scalars
+    for row in res["decode"]:
+        b, S = row["batch"], 32 + 1 * 2
+        assert row["cache_bytes"] == bench.kv_cache_bytes(cfg, S, b, 2) + bench.mamba_state_bytes(cfg, b, 2)
+
+
+def test_an_untied_embedding_table_is_not_read_by_a_step():
+    # untied, a step reads only the batch's rows of the embedding table: its bytes are not counted
+    tied, untied = (M.Model(M.size_config("tiny", tie_embeddings=t)) for t in (True, False))
+    table = 4 * tied.cfg.vocab_size * tied.cfg.d_model
+    assert bench.weight_bytes(tied) == 4 * tied.num_params()
+    assert bench.weight_bytes(untied) == 4 * untied.num_params() - table == bench.weight_bytes(tied)
+
+
+def test_streaming_limit_is_batch_times_bandwidth_over_the_bytes_read():
+    # 1 GB of weights and caches read at 20 GB/s: 20 steps/s, 160 tokens/s at batch 8; the measured
+    # bandwidth of this machine is a positive rate
+    assert bench.streaming_limit(8, 0.9e9, 0.1e9, 20e9) == pytest.approx(160.0)
+    assert 0 < bench.read_bandwidth(nbytes=2**20, repeats=2) < float("inf")
+
+
 # ----------------------------------------------------------------------------- scoring (no lm-eval needed)
 def test_encode_pair_moves_trailing_spaces_to_the_continuation():
     # "Answer: " + "Paris" scores " Paris": the context loses its trailing space, the continuation is the tail

@@ -875,6 +875,16 @@ def test_stages_that_build_models_build_them_in_host_memory(stage):
     assert host >= 2 * 4 * n  # two fp32 students, or two students and a hybrid
 
 
+def test_dpo_trains_with_the_teachers_in_host_memory_and_gives_them_back():
+    # the simulated DPO counts the teachers as host memory while it trains, and a real run has them back
+    # on the device afterwards (eval reads them)
+    cfg = distill.parse_args(["--size", "tiny", "--memory-gb", "80"])
+    tcfg = convert.with_hybrid_fields(M.size_config("tiny"), "tiny")
+    dpo = next(s for s in distill.STAGES if s.name == "dpo")
+    peak, start, host = distill.simulate(dpo, cfg, tcfg, None, 1, 2)
+    assert host == start >= 4 * M.Model(tcfg).num_params()  # all that was alive at the start: the teacher
+
+
 def test_a_stage_that_does_not_fit_stops_the_run_before_any_work():
     # a budget too small for one row: the error names the stage and the fixes
     cfg = distill.parse_args(["--size", "tiny", "--memory-gb", "0.0001"])

@@ -220,6 +220,35 @@ def test_bf16_forward_stays_bf16():
     assert m(torch.randint(0, 272, (1, 9))).dtype == torch.bfloat16
 
 
+def test_cast_to_bf16_keeps_the_mamba2_scalars_fp32_and_exact():
+    # cast(bf16): A_log, dt_bias and D of each Mamba2 layer stay fp32 with the source's very bits (no bf16
+    # rounding on the way), every other weight is bf16, the head stays tied; the SSM state is fp32, the
+    # other caches bf16, and prefill + decode run
+    src = tiny(["mla", "m2", "attn", "m2"])
+    m = tiny(["mla", "m2", "attn", "m2"]).cast(torch.bfloat16)
+    scalars = {f"layers.{i}.mamba.{n}" for i in (1, 3) for n in ("A_log", "dt_bias", "D")}
+    for name, p in m.named_parameters():
+        want = src.get_parameter(name) if name in scalars else src.get_parameter(name).bfloat16()
+        assert p.dtype == want.dtype and torch.equal(p, want), name
+    assert len(scalars) == 6 and m.lm_head.weight is m.embed_tokens.weight
+    cache = m.allocate_cache(1, 12)
+    assert {t.dtype for c in cache.layers for t in c} == {torch.bfloat16, torch.float32}
+    assert all(c.ssm.dtype == torch.float32 for k, c in zip(cache.kinds, cache.layers) if k == "m2")
+    with torch.no_grad():
+        m(torch.randint(0, 272, (1, 9)), cache=cache)
+        assert m(torch.randint(0, 272, (1, 1)), cache=cache).dtype == torch.bfloat16
+
+
+def test_cpu_has_bf16_reads_the_cpu_flags(tmp_path):
+    # avx512_bf16 or amx_bf16 among the flags of a cpuinfo file make it True; AVX2 alone or no file does not
+    def has(flags):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n")
+        return M.cpu_has_bf16(str(tmp_path / "cpuinfo"))
+
+    assert [has(f) for f in ("avx512f", "avx512_bf16", "amx_bf16 amx_tile")] == [False, True, True]
+    assert not M.cpu_has_bf16(str(tmp_path / "missing"))
+
+
 # ----------------------------------------------------------------------------- bad input -> one clear error
 def overfull_cache(tmp):
     """Setup: 30 new tokens for a 32-row cache whose rows hold 5 and 11."""
